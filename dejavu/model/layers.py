@@ -1,0 +1,175 @@
+"""Building blocks shared by the model families: norms, rotary embedding, attention over the KV cache.
+
+Tensor parallelism is Megatron-style: the fused QKV and the FFN's first projection are split by output
+columns (heads / FFN units), the output projections by input rows, and their partial sums meet in one
+all-reduce per sub-block through the injected communicator. Biases of row-split projections are added
+once, after the all-reduce.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .kv_cache import KVCache
+from .tp import Communicator
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 and cast back before the scale, as Llama's reference does.
+        xf = x.float() if x.dtype != torch.float64 else x
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def layer_norm(dim: int, eps: float, affine: bool = True) -> nn.LayerNorm:
+    return nn.LayerNorm(dim, eps=eps, elementwise_affine=affine)
+
+
+# ---- rotary position embedding ----------------------------------------------------------------------
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
+    # float32 throughout, as the reference computes it: the tables must match it bit for bit.
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+        old_ctx = scaling["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(medium, smoothed, scaled)
+    raise ValueError(f"rope_scaling type {kind!r} is not supported; supported: default, linear, llama3")
+
+
+class Rotary(nn.Module):
+    """cos/sin tables for every position, indexed by each token's absolute position."""
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None) -> None:
+        super().__init__()
+        inv_freq = rope_inv_freq(head_dim, theta, scaling)
+        t = torch.arange(max_positions, dtype=torch.float32)
+        freqs = torch.outer(t, inv_freq)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
+        # q, k: [batch, heads, T, head_dim]; positions: [batch, T]
+        cos = self.cos[positions].unsqueeze(1).to(q.dtype)
+        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+# ---- attention --------------------------------------------------------------------------------------
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query attention of one TP shard, reading and writing the stage's cache."""
+
+    def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, *, qkv_bias: bool,
+                 out_bias: bool, comm: Communicator, rotary: Rotary | None = None,
+                 alibi_slopes: torch.Tensor | None = None) -> None:
+        super().__init__()
+        tp = comm.size
+        self.heads, self.kv_heads, self.head_dim = heads // tp, kv_heads // tp, head_dim
+        self.qkv = nn.Linear(hidden, (self.heads + 2 * self.kv_heads) * head_dim, bias=qkv_bias)
+        self.out = nn.Linear(self.heads * head_dim, hidden, bias=False)
+        self.out_bias = nn.Parameter(torch.zeros(hidden)) if out_bias else None
+        self.comm, self.rotary = comm, rotary
+        if alibi_slopes is not None:
+            self.register_buffer("alibi_slopes", alibi_slopes, persistent=False)
+        else:
+            self.alibi_slopes = None
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, layer: int) -> torch.Tensor:
+        b, t, _ = x.shape
+        qkv = self.qkv(x).view(b, t, self.heads + 2 * self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = qkv.split([self.heads, self.kv_heads, self.kv_heads], dim=1)
+        if self.rotary is not None:
+            q, k = self.rotary(q, k, positions)
+        cache.write(layer, k, v, positions)
+        span = int(positions.max()) + 1
+        keys, values = cache.layer(layer)
+        keys, values = keys[:, :, :span], values[:, :, :span]
+        if self.kv_heads != self.heads:
+            group = self.heads // self.kv_heads
+            keys = keys.repeat_interleave(group, dim=1)
+            values = values.repeat_interleave(group, dim=1)
+        key_pos = torch.arange(span, device=x.device)
+        visible = key_pos.view(1, 1, 1, span) <= positions.view(b, 1, t, 1)
+        if self.alibi_slopes is not None:
+            bias = self.alibi_slopes.view(1, -1, 1, 1) * key_pos.view(1, 1, 1, span).to(self.alibi_slopes.dtype)
+            mask = bias.to(q.dtype).masked_fill(~visible, float("-inf"))
+        else:
+            mask = visible
+        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        o = self.out(o.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+        o = self.comm.all_reduce_(o)
+        return o + self.out_bias if self.out_bias is not None else o
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU: down(act(gate(x)) * up(x)), gate and up fused into one column-split projection."""
+
+    def __init__(self, hidden: int, inner: int, comm: Communicator, act: str = "silu") -> None:
+        super().__init__()
+        self.inner = inner // comm.size
+        self.gate_up = nn.Linear(hidden, 2 * self.inner, bias=False)
+        self.down = nn.Linear(self.inner, hidden, bias=False)
+        self.act, self.comm = activation(act), comm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).split(self.inner, dim=-1)
+        return self.comm.all_reduce_(self.down(self.act(gate) * up))
+
+
+class MLP(nn.Module):
+    """Two-layer FFN (OPT, GPT-2, BLOOM): fc_in column-split, fc_out row-split."""
+
+    def __init__(self, hidden: int, inner: int, comm: Communicator, act: str, bias: bool = True) -> None:
+        super().__init__()
+        self.fc_in = nn.Linear(hidden, inner // comm.size, bias=bias)
+        self.fc_out = nn.Linear(inner // comm.size, hidden, bias=False)
+        self.fc_out_bias = nn.Parameter(torch.zeros(hidden)) if bias else None
+        self.act, self.comm = activation(act), comm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        o = self.comm.all_reduce_(self.fc_out(self.act(self.fc_in(x))))
+        return o + self.fc_out_bias if self.fc_out_bias is not None else o
+
+
+def activation(name: str):
+    table = {
+        "silu": F.silu,
+        "swish": F.silu,
+        "relu": F.relu,
+        "gelu": F.gelu,
+        "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+        "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+        "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
+    }
+    if name not in table:
+        raise ValueError(f"activation {name!r} is not supported; supported: {sorted(table)}")
+    return table[name]
