@@ -55,3 +55,34 @@ def hf_greedy(folder: Path, prompts: list[list[int]], new_tokens: int, dtype=tor
                            min_new_tokens=new_tokens, pad_token_id=0, eos_token_id=None)
         outs.append(y[0, len(ids):].tolist())
     return outs
+
+
+# ---- GPT-2 and BLOOM -----------------------------------------------------------------------------------
+
+def gpt2(folder: Path, *, layers: int = 4, heads: int = 4, hidden: int = 64) -> Path:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=96, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=128,
+                     activation_function="gelu_new", bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return _save_with_norms(GPT2LMHeadModel(cfg), folder)
+
+
+def bloom(folder: Path, *, layers: int = 4, heads: int = 4, hidden: int = 64, post_ln_residual: bool = False) -> Path:
+    from transformers import BloomConfig, BloomForCausalLM
+
+    cfg = BloomConfig(vocab_size=96, hidden_size=hidden, n_layer=layers, n_head=heads,
+                      apply_residual_connection_post_layernorm=post_ln_residual,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return _save_with_norms(BloomForCausalLM(cfg), folder)
+
+
+def _save_with_norms(model, folder: Path) -> Path:
+    # _save's init gives LayerNorm gains near 1 only to names containing "norm"; GPT-2 and BLOOM call some
+    # of theirs ln_1 / ln_2 / ln_f, which would otherwise get gains near 0 and a flat, near-tie output.
+    _save(model, folder)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".ln_" in f".{name}" and name.endswith("weight"):
+                p.uniform_(0.8, 1.2)
+    model.save_pretrained(folder)
+    return Path(folder)

@@ -191,11 +191,81 @@ def _opt(hf: dict[str, Any]) -> ModelConfig:
     )
 
 
+def _gpt2(hf: dict[str, Any]) -> ModelConfig:
+    # Variants whose attention our shared Attention cannot express must fail here, not give wrong tokens.
+    if hf.get("scale_attn_by_inverse_layer_idx", False):
+        raise ValueError("config.json sets scale_attn_by_inverse_layer_idx=true (attention scaled by "
+                         "1/(layer+1)), which this engine's GPT-2 blocks do not support; expected false")
+    if not hf.get("scale_attn_weights", True):
+        raise ValueError("config.json sets scale_attn_weights=false (unscaled attention), which this engine's "
+                         "GPT-2 blocks do not support; expected true")
+    # reorder_and_upcast_attn only changes the precision of the score matmul (fp32), not the maths: accepted.
+    heads = hf["n_head"]
+    hidden = hf["n_embd"]
+    return ModelConfig(
+        family="gpt2",
+        vocab_size=hf["vocab_size"],
+        hidden_size=hidden,
+        num_layers=hf["n_layer"],
+        num_heads=heads,
+        num_kv_heads=heads,
+        head_dim=hidden // heads,
+        intermediate_size=hf.get("n_inner") or 4 * hidden,
+        max_positions=hf.get("n_positions", 1024),
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        tie_word_embeddings=hf.get("tie_word_embeddings", True),
+        qkv_bias=True,
+        out_bias=True,
+        activation=hf.get("activation_function", "gelu_new"),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_ids=_eos_ids(hf),
+        pad_token_id=hf.get("pad_token_id"),
+    )
+
+
+def _bloom(hf: dict[str, Any]) -> ModelConfig:
+    # Hub BLOOM configs spell the sizes n_embed / num_attention_heads / n_layer; save_pretrained writes
+    # hidden_size / n_head. n_embed wins when both are present, as in BloomConfig.
+    hidden = hf.get("n_embed") or hf.get("hidden_size")
+    heads = hf.get("n_head") or hf.get("num_attention_heads")
+    layers = hf.get("n_layer") or hf.get("num_hidden_layers")
+    for key, value in (("n_embed/hidden_size", hidden), ("n_head/num_attention_heads", heads),
+                       ("n_layer/num_hidden_layers", layers)):
+        if not value:
+            raise ValueError(f"BLOOM config.json has no {key}")
+    if hidden % heads:
+        raise ValueError(f"BLOOM config.json: hidden size {hidden} is not a multiple of n_head={heads}")
+    return ModelConfig(
+        family="bloom",
+        vocab_size=hf["vocab_size"],
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=heads,
+        head_dim=hidden // heads,
+        intermediate_size=4 * hidden,
+        # ALiBi has no position table; seq_length is the training context, the cache's size limit here.
+        max_positions=hf.get("seq_length") or 2048,
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        tie_word_embeddings=hf.get("tie_word_embeddings", True),
+        qkv_bias=True,
+        out_bias=True,
+        activation="bloom_gelu",
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_ids=_eos_ids(hf),
+        pad_token_id=hf.get("pad_token_id"),
+        extra={"apply_residual_connection_post_layernorm":
+               bool(hf.get("apply_residual_connection_post_layernorm", False))},
+    )
+
+
 _READERS = {
     "llama": _llama,
     "mistral": _llama,
     "qwen2": _llama,
     "opt": _opt,
+    "gpt2": _gpt2,
+    "bloom": _bloom,
 }
 
 
