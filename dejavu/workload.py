@@ -166,10 +166,12 @@ def build_workload(spec: WorkloadSpec, *, vocab_size: int | None = None, max_pos
     if text is not None:
         if tokenizer is None:
             raise WorkloadError(f"{_key(spec, 'prompts')}: text prompts need a tokenizer (pass tokenizer=)")
-        encoded = [_encode(tokenizer, t, spec.chat_template) for t in text]
-        for i, ids in enumerate(encoded):
-            if not ids:
-                raise WorkloadError(f"{_key(spec, 'prompts')}: prompt {i} ({text[i]!r:.40}) tokenizes to no tokens")
+        from .model.tokenizer import encode_prompts  # the project's one text -> ids path (chat template too)
+
+        try:
+            encoded = encode_prompts(tokenizer, text, chat=spec.chat_template)
+        except ValueError as e:
+            raise WorkloadError(f"{_key(spec, 'prompts')}: {e}") from None
         prompt_ids = [encoded[i % len(encoded)] for i in range(n)]
         texts: list[str | None] = [text[i % len(text)] for i in range(n)]
         sizes = [(len(p), out) for p, (_, out) in zip(prompt_ids, sizes)]
@@ -302,17 +304,6 @@ def _random_prompts(spec: WorkloadSpec, lengths: list[int], vocab_size: int | No
                             f"all of them special")
     rng = np.random.default_rng(spec.prompt_seed)
     return [allowed[rng.integers(0, allowed.size, size=n)].tolist() for n in lengths]
-
-
-def _encode(tokenizer: Any, text: str, chat: bool) -> list[int]:
-    if chat:
-        if not getattr(tokenizer, "chat_template", None):
-            raise WorkloadError("workload.chat_template=true but the tokenizer has no chat template")
-        # Render to text, then encode without adding specials again: the template already holds them.
-        rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                 add_generation_prompt=True)
-        return list(tokenizer.encode(rendered, add_special_tokens=False))
-    return list(tokenizer.encode(text))
 
 
 def _check_positions(spec: WorkloadSpec, sizes: list[tuple[int, int]], max_positions: int, text: bool) -> None:
