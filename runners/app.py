@@ -1,0 +1,163 @@
+"""`dejavu-run`: compose a config with Hydra, check it, start the processes, report and log the run.
+
+    dejavu-run                                   # SmolLM2, one CPU worker, a few real prompts
+    dejavu-run topology=disagg                   # 1 prompt + 1 token worker, KV cache streamed
+    dejavu-run -m topology=baseline,disagg workload=poisson workload.rps=1,2
+    dejavu-run runner=ssh cluster=ip_info cluster.ssh.user=me   # the seed's /tmp/ip_info hosts
+    dejavu-run runner=mpirun backend=mpi topology=baseline
+    dejavu-run +experiment=disagg_vs_baseline    # Figure 8 style sweep
+    dejavu-run --cfg job                         # print the composed config and exit
+
+The run folder is Hydra's output dir (results/<time>/, or results/multirun/<time>/<n>_<overrides>/):
+the controller writes the results there; the runner adds logs/, inputs/ and launch.json.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from . import conf_dir
+from . import schema  # noqa: F401  (registers the structured config)
+from .plan import Plan
+from .schema import Config, LoggerKind, RunnerKind
+from .supervise import Outcome, failure_report, sigterm_as_interrupt
+from .validate import Checked, ConfigError, check
+
+
+def launch(checked: Checked, run_dir: Path) -> tuple[Outcome, Any, Plan]:
+    kind = checked.cfg.runner.kind
+    if kind == RunnerKind.local:
+        from .local import prepare_local, run_local
+
+        plan = prepare_local(checked, run_dir)
+        outcome, procs = run_local(plan, run_dir, checked.cfg.runner)
+    elif kind == RunnerKind.mpirun:
+        from .mpirun import prepare_mpirun, run_mpirun
+
+        plan = prepare_mpirun(checked, run_dir)
+        outcome, procs = run_mpirun(plan, checked, run_dir)
+    else:
+        from .ssh import SSHRunner
+
+        runner = SSHRunner(checked, run_dir)
+        plan = runner.prepare()
+        outcome, procs = runner.run(plan), runner
+    return outcome, procs, plan
+
+
+def write_launch_record(plan: Plan, run_dir: Path, outcome: Outcome | None = None) -> None:
+    """launch.json: every process's host, command line and our environment variables, and how it ended."""
+    from dejavu.results.scrub import scrub
+
+    rec = {"entry": plan.entry, "proc_dir": plan.proc_dir,
+           "procs": [{"name": p.name, "host": p.host, "rank": p.rank, "args": p.args, "env": p.env}
+                     for p in plan.procs]}
+    if outcome is not None:
+        rec["exit_codes"] = outcome.exit_codes
+        rec["problems"] = outcome.problems
+    (run_dir / "launch.json").write_text(json.dumps(scrub(rec), indent=1) + "\n")
+
+
+def print_report(cfg: Config, run_dir: Path) -> None:
+    from dejavu.results.compare import load_runs, render_table
+    from dejavu.results.writer import load_records
+
+    if cfg.print_answers:
+        prompts = cfg.workload.prompts or []
+        for r in load_records(run_dir):
+            q = prompts[r.id % len(prompts)] if prompts else f"<{len(r.prompt_ids)} prompt tokens>"
+            a = r.text if r.text is not None else f"<{len(r.output_ids)} tokens: {r.output_ids[:8]}...>"
+            print(f"[{r.id}] {q}\n    -> {a.strip() if isinstance(a, str) else a}")
+        print()
+    print(render_table(load_runs(run_dir)))
+    print(f"\nresults: {run_dir}")
+
+
+def wandb_group() -> str | None:
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return None
+    return f"sweep-{Path(hc.sweep.dir).name}"
+
+
+def log_to_wandb(cfg: Config, raw: DictConfig, run_dir: Path) -> None:
+    if cfg.logger.kind == LoggerKind.none or not (run_dir / "summary.json").exists():
+        return
+    from dejavu.results.wandb_log import log_run
+
+    group = wandb_group()
+    tags = [*cfg.logger.tags, cfg.topology.name, cfg.runner.kind.value] + ([cfg.experiment] if cfg.experiment else [])
+    info = log_run(run_dir, config=OmegaConf.to_container(raw, resolve=True), mode=cfg.logger.mode.value,
+                   project=cfg.logger.project, entity=cfg.logger.entity, group=group,
+                   name=run_dir.name if group is None else f"{group}/{run_dir.name}", tags=tags)
+    if info is not None:
+        where = info.url or info.dir
+        print(f"W&B ({info.mode}): run {info.id}" + (f" in group {group}" if group else "") + f" -> {where}")
+
+
+def run_bench(cfg: Config, run_dir: Path) -> int:
+    """Presets like streaming_microbench run a benchmark script's main(argv) in this process."""
+    script = Path(__file__).resolve().parents[1] / cfg.bench.script
+    spec = importlib.util.spec_from_file_location(f"dejavu_bench_{script.stem}", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = [str(a).replace("{run_dir}", str(run_dir)) for a in cfg.bench.args]
+    print(f"dejavu-run: {cfg.bench.script} {' '.join(args)}  (run folder {run_dir})", flush=True)
+    return int(module.main(args) or 0)
+
+
+def run(raw: DictConfig) -> dict[str, Any] | None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        checked = check(raw)
+    except ConfigError as e:
+        print(f"dejavu-run: {e}", file=sys.stderr)
+        sys.exit(2)
+    cfg = checked.cfg
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.bench is not None:
+        code = run_bench(cfg, run_dir)
+        if code:
+            sys.exit(code)
+        return None
+
+    plan = None
+    with sigterm_as_interrupt():
+        try:
+            outcome, procs, plan = launch(checked, run_dir)
+        except ConfigError as e:  # found while preparing (e.g. on a remote host): still before launch
+            print(f"dejavu-run: {e}", file=sys.stderr)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            print("dejavu-run: interrupted while starting; every process started was stopped", file=sys.stderr)
+            sys.exit(130)
+    write_launch_record(plan, run_dir, outcome)
+    if not (run_dir / "config.yaml").exists():
+        from dejavu.results.writer import write_config
+
+        write_config(run_dir, raw)
+    if not outcome.ok:
+        print(failure_report(outcome, procs, run_dir), file=sys.stderr)
+        sys.exit(130 if outcome.interrupted else 1)
+    print_report(cfg, run_dir)
+    log_to_wandb(cfg, raw, run_dir)
+    return json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else None
+
+
+@hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
+def main(cfg: DictConfig) -> Any:
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    main()
