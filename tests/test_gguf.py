@@ -338,6 +338,9 @@ def test_smollm2_tokenizer_and_chat_template(smollm2_dir):
     texts = ["What is the capital of France?", "  spaces\tand\nnewlines ", "héllo wörld 123 <|im_end|>"]
     assert [tok(t)["input_ids"] for t in texts] == [ref(t)["input_ids"] for t in texts]
     assert has_chat_template(tok) and tok.chat_template == ref.chat_template
+    # loadable by transformers 4 too: the class under its old name, the template inside the config
+    tcfg = json.loads((smollm2_dir / "tokenizer_config.json").read_text())
+    assert tcfg["tokenizer_class"] == "PreTrainedTokenizerFast" and tcfg["chat_template"] == ref.chat_template
 
     plain, chat = encode_prompts(tok, ["What is the capital of France?"] * 2, chat=False)[0], \
         encode_prompts(tok, ["What is the capital of France?"], chat=True)[0]

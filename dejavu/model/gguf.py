@@ -33,7 +33,7 @@ from typing import Any, Iterator
 import numpy as np
 
 # Bump when the output of the conversion changes, so stale cache folders are not reused.
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2
 
 # Shards of at most this many bytes, so converting a large GGUF never holds all of it in memory.
 SHARD_BYTES = 2 * 1024**3
@@ -311,6 +311,18 @@ def _write_tokenizer(reader, path: Path, out: Path) -> None:
     if tok.chat_template is None and "tokenizer.chat_template" in reader.fields:
         tok.chat_template = _meta(reader, "tokenizer.chat_template")
     tok.save_pretrained(str(out))
+    # transformers 5 names the class TokenizersBackend and keeps the template in chat_template.jinja;
+    # transformers 4 knows neither. PreTrainedTokenizerFast is the same class under its old name, and a
+    # template inside tokenizer_config.json is read by both, so the folder loads under either version.
+    cfg_path = out / "tokenizer_config.json"
+    tcfg = json.loads(cfg_path.read_text())
+    if tcfg.get("tokenizer_class") == "TokenizersBackend":
+        tcfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    if tok.chat_template and "chat_template" not in tcfg:
+        tcfg["chat_template"] = tok.chat_template
+    tcfg.pop("local_files_only", None)
+    tcfg.pop("is_local", None)
+    cfg_path.write_text(json.dumps(tcfg, indent=2, ensure_ascii=False) + "\n")
 
 
 # ---- the cache ----------------------------------------------------------------------------------------
@@ -355,7 +367,11 @@ def convert_gguf_info(path: str | os.PathLike, cache_dir: str | os.PathLike | No
     final = cache_dir_for(path, cache_dir)
     if final.is_dir():
         return Converted(final, False)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"cannot create the GGUF cache folder {final.parent} ({e.strerror}); set "
+                      "DEJAVU_CACHE_DIR to a writable folder") from None
     with _locked(final.parent / f".{final.name}.lock"):
         if final.is_dir():  # another process converted it while we waited for the lock
             return Converted(final, False)
