@@ -143,15 +143,18 @@ def test_entries_of_every_source_and_their_errors(tmp_path, tiny_checkpoint, mon
     assert "mine" in known_models() and "smollm2-135m" not in known_models()
 
 
-def test_entries_compose_as_a_hydra_group():
+@pytest.mark.parametrize("name", known_models())
+def test_every_entry_composes_as_a_hydra_group_and_resolves(name):
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        for name in ("opt-13b", "llama-1b", "smollm2-135m"):
-            cfg = compose(config_name=None, overrides=[f"+model={name}"])
-            assert cfg.model.name == name
-            if cfg.model.source == "shape_only":
-                assert resolve_entry(cfg.model).config == resolve_model(name).config
-            else:
-                assert resolve_entry(cfg.model, weights=False).config.num_layers == 30
+        cfg = compose(config_name=None, overrides=[f"+model={name}"])
+    assert cfg.model.name == name
+    r = resolve_entry(cfg.model, weights=False)  # what the launcher's validation does
+    assert r.name == name and r.config == resolve_model(name, weights=False).config
+    if r.source == "shape_only":
+        from transformers import AutoConfig
 
+        hf = AutoConfig.for_model(**r.hf_config)
+        assert (r.config.num_layers, r.config.hidden_size, r.config.num_heads) == \
+            (hf.num_hidden_layers, hf.hidden_size, hf.num_attention_heads)
