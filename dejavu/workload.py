@@ -63,14 +63,12 @@ class WorkloadSpec:
     seed: int = 0
     min_new_tokens: int = 0
     stop_token_ids: list[int] = field(default_factory=list)  # e.g. the tokenizer's EOS; empty: never stop early
-    key_prefix: str = "workload"  # how error messages name the keys (the Hydra group by default)
 
 
 # ---------------------------------------------------------------------------------------------- files
 
-def _key(spec: WorkloadSpec | None, name: str) -> str:
-    prefix = spec.key_prefix if spec is not None else "workload"
-    return f"{prefix}.{name}" if prefix else name
+def _key(name: str) -> str:
+    return f"workload.{name}"  # the Hydra group's keys; build_workload(key_prefix=) renames them
 
 
 def _read_json(path: str | Path, key: str) -> Any:
@@ -150,13 +148,25 @@ def _kind_of(x: Any) -> str:
 # ------------------------------------------------------------------------------------------- building
 
 def build_workload(spec: WorkloadSpec, *, vocab_size: int | None = None, max_positions: int | None = None,
-                   tokenizer: Any = None, special_ids: Iterable[int] = ()) -> list[Request]:
+                   tokenizer: Any = None, special_ids: Iterable[int] = (),
+                   key_prefix: str = "workload") -> list[Request]:
     """The requests of a run, ids 0..n-1 in arrival order.
 
     ``vocab_size`` is needed for random-id prompts (ids are drawn from ``[0, vocab_size)`` minus
     ``special_ids``, e.g. BOS/EOS/PAD); ``tokenizer`` for text prompts; ``max_positions`` (the model's
-    context length), when given, bounds every prompt + generated tokens.
+    context length), when given, bounds every prompt + generated tokens. Errors name keys as
+    ``workload.<key>``; ``key_prefix`` renames them (e.g. to the controller's flags' namespace).
     """
+    try:
+        return _build(spec, vocab_size, max_positions, tokenizer, special_ids)
+    except WorkloadError as e:
+        if key_prefix == "workload":
+            raise
+        raise WorkloadError(str(e).replace("workload.", f"{key_prefix}." if key_prefix else "")) from None
+
+
+def _build(spec: WorkloadSpec, vocab_size: int | None, max_positions: int | None, tokenizer: Any,
+           special_ids: Iterable[int]) -> list[Request]:
     _check_spec(spec)
     text = _text_prompts(spec)
     sizes = _sizes(spec, text)
@@ -165,13 +175,13 @@ def build_workload(spec: WorkloadSpec, *, vocab_size: int | None = None, max_pos
 
     if text is not None:
         if tokenizer is None:
-            raise WorkloadError(f"{_key(spec, 'prompts')}: text prompts need a tokenizer (pass tokenizer=)")
+            raise WorkloadError(f"{_key('prompts')}: text prompts need a tokenizer (pass tokenizer=)")
         from .model.tokenizer import encode_prompts  # the project's one text -> ids path (chat template too)
 
         try:
             encoded = encode_prompts(tokenizer, text, chat=spec.chat_template)
         except ValueError as e:
-            raise WorkloadError(f"{_key(spec, 'prompts')}: {e}") from None
+            raise WorkloadError(f"{_key('prompts')}: {e}") from None
         prompt_ids = [encoded[i % len(encoded)] for i in range(n)]
         texts: list[str | None] = [text[i % len(text)] for i in range(n)]
         sizes = [(len(p), out) for p, (_, out) in zip(prompt_ids, sizes)]
@@ -197,7 +207,7 @@ def group_into_microbatches(requests: Sequence[Request], ubatch_size: int) -> li
 
 
 def _check_spec(spec: WorkloadSpec) -> None:
-    k = lambda name: _key(spec, name)  # noqa: E731
+    k = _key
     if spec.kind not in KINDS:
         raise WorkloadError(f"{k('kind')} must be one of {', '.join(KINDS)}; got {spec.kind!r}")
     if spec.num_requests is not None and (not _is_int(spec.num_requests) or spec.num_requests < 1):
@@ -245,24 +255,24 @@ def _check_spec(spec: WorkloadSpec) -> None:
 
 def _text_prompts(spec: WorkloadSpec) -> list[str] | None:
     if spec.prompts_file:
-        return load_prompts_file(spec.prompts_file, _key(spec, "prompts_file"))
+        return load_prompts_file(spec.prompts_file, _key("prompts_file"))
     if spec.prompts is None:
         return None
     prompts = list(spec.prompts)
     if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
-        raise WorkloadError(f"{_key(spec, 'prompts')} must be a non-empty list of non-empty strings")
+        raise WorkloadError(f"{_key('prompts')} must be a non-empty list of non-empty strings")
     return prompts
 
 
 def _sizes(spec: WorkloadSpec, text: list[str] | None) -> list[tuple[int, int]]:
     """(prompt_size, new_tokens) per request; a text prompt's size is replaced once it is tokenized."""
     if spec.input_sizes_file:
-        trace = load_trace(spec.input_sizes_file, _key(spec, "input_sizes_file"))
+        trace = load_trace(spec.input_sizes_file, _key("input_sizes_file"))
         if spec.num_requests is None:
             return trace
         if spec.num_requests > len(trace):
-            raise WorkloadError(f"{_key(spec, 'num_requests')}={spec.num_requests} but "
-                                f"{_key(spec, 'input_sizes_file')} '{spec.input_sizes_file}' has only "
+            raise WorkloadError(f"{_key('num_requests')}={spec.num_requests} but "
+                                f"{_key('input_sizes_file')} '{spec.input_sizes_file}' has only "
                                 f"{len(trace)} entries; lower num_requests or set it to null for all")
         return trace[:spec.num_requests]
     n = spec.num_requests
@@ -270,16 +280,16 @@ def _sizes(spec: WorkloadSpec, text: list[str] | None) -> list[tuple[int, int]]:
         if text is not None:
             n = len(text)  # a text prompt list is a pool: null takes each once, more cycles through it
         elif spec.input_timestamps_file:
-            n = len(load_timestamps(spec.input_timestamps_file, _key(spec, "input_timestamps_file")))
+            n = len(load_timestamps(spec.input_timestamps_file, _key("input_timestamps_file")))
         else:
-            raise WorkloadError(f"{_key(spec, 'num_requests')} must be set for kind={spec.kind} "
+            raise WorkloadError(f"{_key('num_requests')} must be set for kind={spec.kind} "
                                 f"(null means 'the whole trace' and needs a trace, timestamps or prompt file)")
     return [(spec.input_len, spec.output_len)] * n
 
 
 def _arrivals(spec: WorkloadSpec, n: int) -> list[float]:
     if spec.input_timestamps_file:
-        key = _key(spec, "input_timestamps_file")
+        key = _key("input_timestamps_file")
         ts = load_timestamps(spec.input_timestamps_file, key)
         if len(ts) < n:
             raise WorkloadError(f"{key} '{spec.input_timestamps_file}' has {len(ts)} timestamps but the "
@@ -296,7 +306,7 @@ def _random_prompts(spec: WorkloadSpec, lengths: list[int], vocab_size: int | No
                     special_ids: Iterable[int]) -> list[list[int]]:
     if vocab_size is None or not _is_int(vocab_size) or vocab_size < 1:
         raise WorkloadError(f"random-id prompts need the model's vocab_size (got {vocab_size!r}); "
-                            f"or give text via {_key(spec, 'prompts')} / {_key(spec, 'prompts_file')}")
+                            f"or give text via {_key('prompts')} / {_key('prompts_file')}")
     special = np.array(sorted({int(s) for s in special_ids if s is not None}), dtype=np.int64)
     allowed = np.setdiff1d(np.arange(vocab_size, dtype=np.int64), special)
     if allowed.size == 0:
@@ -310,10 +320,10 @@ def _check_positions(spec: WorkloadSpec, sizes: list[tuple[int, int]], max_posit
     for i, (p, g) in enumerate(sizes):
         if p + g > max_positions:
             if spec.input_sizes_file:
-                where = f"{_key(spec, 'input_sizes_file')} '{spec.input_sizes_file}' entry {i} [{p}, {g}]"
+                where = f"{_key('input_sizes_file')} '{spec.input_sizes_file}' entry {i} [{p}, {g}]"
             elif text:
-                where = f"text prompt {i} ({p} tokens) + {_key(spec, 'output_len')}={g}"
+                where = f"text prompt {i} ({p} tokens) + {_key('output_len')}={g}"
             else:
-                where = f"{_key(spec, 'input_len')}={p} + {_key(spec, 'output_len')}={g}"
+                where = f"{_key('input_len')}={p} + {_key('output_len')}={g}"
             raise WorkloadError(f"{where}: {p + g} positions exceed the model's max positions "
                                 f"({max_positions}); prompt + generated tokens must be <= {max_positions}")

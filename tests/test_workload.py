@@ -186,7 +186,15 @@ def test_missing_context_errors(tmp_path):
         build_workload(WorkloadSpec(prompts_file=_write(tmp_path / "blank.txt", "\n  \n")))
     with pytest.raises(WorkloadError, match="no token ids left"):
         build_workload(WorkloadSpec(), vocab_size=2, special_ids=[0, 1])
-    spec = WorkloadSpec(key_prefix="controller")
-    with pytest.raises(WorkloadError, match=r"controller.input_len=120"):
-        spec.input_len = 120
-        build_workload(spec, vocab_size=10, max_positions=64)
+    with pytest.raises(WorkloadError, match=r"^controller.input_len=120 \+ controller.output_len=16: "):
+        build_workload(WorkloadSpec(input_len=120), vocab_size=10, max_positions=64, key_prefix="controller")
+
+
+def test_spec_is_a_hydra_structured_config():
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.structured(WorkloadSpec)
+    cfg.merge_with_dotlist(["kind=poisson", "rps=4", "num_requests=3", "stop_token_ids=[2]"])
+    spec = OmegaConf.to_object(cfg)
+    reqs = build_workload(spec, vocab_size=10)
+    assert len(reqs) == 3 and reqs[2].arrival_s > 0 and reqs[0].stop_token_ids == [2]
