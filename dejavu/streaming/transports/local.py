@@ -1,0 +1,91 @@
+"""Local host memory: chunks copied device -> (pinned) host and back, keyed in a dict.
+
+This is the swap space of a token stage and the in-process replica store. On a GPU the copies run on
+a side CUDA stream, ordered after the work already queued on the caller's stream (so the cache rows
+being copied are written) and signalled by an event, so they overlap later compute. On the CPU they
+are plain copies. Buffers are kept per key and reused when the same key is flushed again with the
+same size (a microbatch swapped out every round lands in the same pinned buffer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import DONE, Blob, ChunkError, Pending, Transport, nbytes
+
+
+@dataclass
+class _Entry:
+    buf: torch.Tensor  # flat uint8 host buffer
+    meta: dict
+
+
+class LocalTransport(Transport):
+    name = "local"
+
+    def __init__(self, pin_memory: bool = True) -> None:
+        self.pin_memory = pin_memory and torch.cuda.is_available()
+        self._store: dict[str, _Entry] = {}
+        self._stream = None  # created on first GPU use
+
+    def _side_stream(self, device: torch.device):
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device=device)
+        # Copies must see everything queued before them on the caller's stream.
+        self._stream.wait_stream(torch.cuda.current_stream(device))
+        return self._stream
+
+    def flush(self, key: str, src: torch.Tensor, *, peer: int = -1, tag: int = 0,
+              meta: dict | None = None) -> Pending:
+        size = nbytes(src)
+        entry = self._store.get(key)
+        if entry is None or entry.buf.numel() != size:
+            entry = _Entry(torch.empty(size, dtype=torch.uint8, pin_memory=self.pin_memory and src.is_cuda), {})
+            self._store[key] = entry
+        entry.meta = dict(meta or {}, dtype=str(src.dtype).removeprefix("torch."), shape=list(src.shape))
+        host = entry.buf.view(src.dtype).view(src.shape)
+        if not src.is_cuda:
+            host.copy_(src)
+            return DONE
+        stream = self._side_stream(src.device)
+        src.record_stream(stream)  # src may be freed by its owner before the copy runs
+        with torch.cuda.stream(stream):
+            host.copy_(src, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(stream)
+        return Pending(event.synchronize, keep=(src,))
+
+    def fetch(self, key: str, out: torch.Tensor, *, peer: int = -1, tag: int = 0) -> Pending:
+        entry = self._store.get(key)
+        if entry is None:
+            raise ChunkError(f"chunk {key!r} is not in local host memory (was it flushed, or dropped?)")
+        if entry.buf.numel() != nbytes(out):
+            raise ChunkError(f"chunk {key!r} holds {entry.buf.numel()} bytes but the destination needs {nbytes(out)}")
+        host = entry.buf.view(out.dtype).view(out.shape)
+        if not out.is_cuda:
+            out.copy_(host)
+            return DONE
+        stream = self._side_stream(out.device)
+        out.record_stream(stream)
+        with torch.cuda.stream(stream):
+            out.copy_(host, non_blocking=entry.buf.is_pinned())
+            event = torch.cuda.Event()
+            event.record(stream)
+        return Pending(event.synchronize, keep=(entry.buf,))
+
+    def fetch_all(self, prefix: str, *, peer: int = -1) -> list[Blob]:
+        return [Blob(k, e.meta, e.buf) for k, e in self._store.items() if k.startswith(prefix)]
+
+    def drop(self, prefix: str, *, peer: int = -1) -> int:
+        keys = [k for k in self._store if k.startswith(prefix)]
+        for k in keys:
+            del self._store[k]
+        return len(keys)
+
+    def keys(self) -> list[str]:
+        return list(self._store)
+
+    def nbytes(self) -> int:
+        return sum(e.buf.numel() for e in self._store.values())
