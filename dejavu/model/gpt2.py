@@ -32,7 +32,7 @@ def _conv1d_layout(param: torch.Tensor, shard: Shard | None):
 
     def transform(name: str, t: torch.Tensor) -> torch.Tensor:
         if tuple(t.shape) != want:
-            where = f" (tensor-parallel slice {shard.rank}/{shard.size} along dim {shard.dim})" if shard else ""
+            where = f" (slice {shard.rank} of {shard.size} along dim {shard.dim})" if shard and shard.size > 1 else ""
             raise CheckpointError(f"tensor {name} has shape {tuple(t.shape)}{where} but the model expects "
                                   f"{want} (GPT-2 Conv1D layout [in, out])")
         return t.t()
