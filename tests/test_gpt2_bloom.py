@@ -252,10 +252,13 @@ def test_bloom_reader_takes_hub_spellings(checkpoint):
     assert ModelConfig.from_hf(hub) == ModelConfig.from_hf(hf)
 
 
-SHAPES = {  # name: (hidden, layers, heads)
-    "gpt2": (768, 12, 12), "gpt2-medium": (1024, 24, 16), "gpt2-large": (1280, 36, 20), "gpt2-xl": (1600, 48, 25),
-    "bloom-560m": (1024, 24, 16), "bloom-1b1": (1536, 24, 16), "bloom-1b7": (2048, 24, 16),
-    "bloom-3b": (2560, 30, 32), "bloom-7b1": (4096, 30, 32), "bloom-176b": (14336, 70, 112),
+# name: (hidden, layers, heads, published parameter count — the model cards' / BLOOM paper's, tied head once)
+SHAPES = {
+    "gpt2": (768, 12, 12, 124_439_808), "gpt2-medium": (1024, 24, 16, 354_823_168),
+    "gpt2-large": (1280, 36, 20, 774_030_080), "gpt2-xl": (1600, 48, 25, 1_557_611_200),
+    "bloom-560m": (1024, 24, 16, 559_214_592), "bloom-1b1": (1536, 24, 16, 1_065_314_304),
+    "bloom-1b7": (2048, 24, 16, 1_722_408_960), "bloom-3b": (2560, 30, 32, 3_002_557_440),
+    "bloom-7b1": (4096, 30, 32, 7_069_016_064), "bloom-176b": (14336, 70, 112, 176_247_271_424),
 }
 
 
@@ -268,11 +271,13 @@ def test_registry_entries_have_the_published_shapes(name):
 
     resolved = resolve_model(name, weights=False)
     cfg = resolved.config
-    assert (cfg.hidden_size, cfg.num_layers, cfg.num_heads) == SHAPES[name]
+    hidden, layers, heads, published = SHAPES[name]
+    assert (cfg.hidden_size, cfg.num_layers, cfg.num_heads) == (hidden, layers, heads)
     assert cfg.vocab_size == (50257 if name.startswith("gpt2") else 250880)
     hf = dict(resolved.hf_config)
     with torch.device("meta"):
         reference = AutoModelForCausalLM.from_config(AutoConfig.for_model(hf.pop("model_type"), **hf))
     ours = StageModel(cfg, device="meta")
     tied_head = cfg.vocab_size * cfg.hidden_size  # our last stage holds its own copy of the tied matrix
-    assert sum(p.numel() for p in ours.parameters()) - tied_head == sum(p.numel() for p in reference.parameters())
+    assert sum(p.numel() for p in ours.parameters()) - tied_head == published
+    assert sum(p.numel() for p in reference.parameters()) == published
