@@ -12,10 +12,10 @@ from .staging import StagingPool, StepSlice, gather, gather_step, region, scatte
 from .stats import StreamStats
 from .stream import (LADDER, Handle, LayerwiseStreamer, Message, StreamOptions, messages, replicate_box,
                      replicate_step, restore, stream_in, stream_out, swap_in, swap_out)
-from .transports import ChunkError, Pending, Transport, make_transport
+from .transports import ChunkError, DiskTransport, LocalTransport, Pending, Transport, make_transport
 
 __all__ = [
-    "Box", "Chunk", "ChunkError", "Handle", "LADDER", "LayerwiseStreamer", "Message", "Partition", "Pending", "Plan",
+    "Box", "Chunk", "ChunkError", "DiskTransport", "LocalTransport", "Handle", "LADDER", "LayerwiseStreamer", "Message", "Partition", "Pending", "Plan",
     "StagingPool", "StepSlice", "StreamOptions", "StreamStats", "Transport", "gather", "gather_step", "make_plan",
     "make_transport", "messages", "pipeline", "region", "replicate_box", "replicate_step", "restore", "scatter",
     "scatter_step", "stream_in", "stream_out", "swap_in", "swap_out",

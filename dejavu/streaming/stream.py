@@ -153,6 +153,8 @@ class LayerwiseStreamer:
         self.stream = torch.cuda.Stream(device=cache.device) if cache.is_cuda else None
 
     def on_layer_done(self, local_layer: int) -> None:
+        if not self.options.layerwise and local_layer < self.part.layers[1] - self.part.layers[0] - 1:
+            return  # below the top of the ladder, nothing moves until the stage's last layer is written
         done = self.part.layers[0] + local_layer + 1  # global layers [.., done) are written
         ready = [m for m in self.todo if m.box.layers[1] <= done]
         if not ready:
