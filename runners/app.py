@@ -30,7 +30,7 @@ from . import conf_dir
 from . import schema  # noqa: F401  (registers the structured config)
 from .plan import Plan
 from .schema import Config, LoggerKind, RunnerKind
-from .supervise import Outcome, failure_report, sigterm_as_interrupt
+from .supervise import LaunchError, Outcome, failure_report, sigterm_as_interrupt
 from .validate import Checked, ConfigError, check
 
 
@@ -50,7 +50,11 @@ def launch(checked: Checked, run_dir: Path) -> tuple[Outcome, Any, Plan]:
         from .ssh import SSHRunner
 
         runner = SSHRunner(checked, run_dir)
-        plan = runner.prepare()
+        try:
+            plan = runner.prepare()
+        except BaseException:
+            runner.close()
+            raise
         outcome, procs = runner.run(plan), runner
     return outcome, procs, plan
 
@@ -135,9 +139,12 @@ def run(raw: DictConfig) -> dict[str, Any] | None:
     with sigterm_as_interrupt():
         try:
             outcome, procs, plan = launch(checked, run_dir)
-        except ConfigError as e:  # found while preparing (e.g. on a remote host): still before launch
+        except ConfigError as e:  # found while preparing: still before launch
             print(f"dejavu-run: {e}", file=sys.stderr)
             sys.exit(2)
+        except LaunchError as e:  # a host unreachable or unprepared: nothing was started
+            print(f"dejavu-run: cannot launch, nothing was started:\n{e}", file=sys.stderr)
+            sys.exit(3)
         except KeyboardInterrupt:
             print("dejavu-run: interrupted while starting; every process started was stopped", file=sys.stderr)
             sys.exit(130)
@@ -147,7 +154,7 @@ def run(raw: DictConfig) -> dict[str, Any] | None:
 
         write_config(run_dir, raw)
     if not outcome.ok:
-        print(failure_report(outcome, procs, run_dir), file=sys.stderr)
+        print(failure_report(outcome, procs, run_dir, echoed=cfg.runner.echo), file=sys.stderr)
         sys.exit(130 if outcome.interrupted else 1)
     print_report(cfg, run_dir)
     log_to_wandb(cfg, raw, run_dir)

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 from .plan import Plan, Proc
@@ -112,7 +113,8 @@ def prepare_local(checked, run_dir: Path) -> Plan:
     inputs = write_inputs(checked, run_dir)
     ip = cfg.cluster.controller_ip or "127.0.0.1"
     env = {
-        "DEJAVU_RUN_ID": run_dir.name,
+        # Marks every process of this run (unique even when run folder names repeat across sweeps).
+        "DEJAVU_RUN_ID": f"{run_dir.name}-{uuid.uuid4().hex[:8]}",
         # The processes run in the run folder; this tree must be importable there even when not installed.
         "PYTHONPATH": os.pathsep.join([str(repo_root()), *filter(None, [os.environ.get("PYTHONPATH")])]),
         "DEJAVU_CONF_DIR": str(_conf_dir()),

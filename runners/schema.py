@@ -59,6 +59,8 @@ class SSHConf:
     port: int = 22
     key_file: Optional[str] = None  # None: ssh-agent / default keys
     connect_timeout: float = 10.0  # seconds; an unreachable host fails after this
+    # Fabric accepts unknown host keys by default; true: only hosts in ~/.ssh/known_hosts are accepted.
+    strict_host_keys: bool = False
 
 
 @dataclass
@@ -159,6 +161,7 @@ class RunnerConf:
     controller_host: Optional[str] = None
     # mpirun
     mpirun: str = "mpirun"
+    bind_to: str = "none"  # --bind-to: python workers gain nothing from core binding, and it fails on small machines
     oversubscribe: bool = False
     extra_args: list[str] = field(default_factory=list)
 
@@ -184,7 +187,7 @@ class Config:
     bench: Optional[BenchConf] = None
     # The program that provides `controller` and `worker`; runners.standin is a model-free stand-in
     # that checks a cluster's wiring (hosts, ranks, environment, logs) in seconds.
-    entry: str = "dejavu.cli_serving"
+    entry: str = "dejavu"  # python -m dejavu {controller,worker} (the `dejavu` console script)
     experiment: Optional[str] = None  # the preset's name, for the results and W&B
     print_answers: bool = True
 

@@ -29,8 +29,9 @@ class ProcessSet(Protocol):
     def log_tail(self, name: str, lines: int = 20) -> str: ...
 
 
-class RunFailed(RuntimeError):
-    """The run did not complete; the message says which process failed and shows the end of its log."""
+class LaunchError(RuntimeError):
+    """Nothing could be started: a host unreachable, its Python missing, its environment setup failed.
+    The message names the host's address."""
 
 
 @dataclass
@@ -38,6 +39,7 @@ class Outcome:
     controller_rc: int | None = None
     exit_codes: dict[str, int | None] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)  # processes that exited with an error on their own
     interrupted: bool = False
 
     @property
@@ -102,11 +104,13 @@ def supervise(procs: ProcessSet, rc: RunnerConf, *, controller: str = "controlle
                 ended_at = ended_at or now
                 if ctl != 0:
                     out.problems.append(f"the controller exited with code {ctl}")
+                    out.failed.append(controller)
             failed = {n: c for n, c in workers.items() if c not in (None, 0)}
             for n, c in failed.items():
                 msg = f"{n} exited with code {c}" + (" before the controller finished" if ctl is None else "")
-                if not any(p.startswith(f"{n} ") for p in out.problems):
+                if n not in out.failed:
                     out.problems.append(msg)
+                    out.failed.append(n)
                     ended_at = ended_at or now
             if ctl is None and workers and all(c is not None for c in workers.values()):
                 ended_at = ended_at or now  # every worker is gone: the controller cannot finish
@@ -118,7 +122,7 @@ def supervise(procs: ProcessSet, rc: RunnerConf, *, controller: str = "controlle
                     # not end after a failure is stopped too, and that is a problem of its own.
                     if out.controller_rc is None:
                         out.problems.append(f"the controller did not exit within runner.grace_s={rc.grace_s}s "
-                                            f"after its workers ended; stopped it")
+                                            f"after that; stopped it")
                     break
             if now - start > rc.timeout_s:
                 out.problems.append(f"the run exceeded runner.timeout_s={rc.timeout_s}s; stopped every process")
@@ -137,11 +141,12 @@ def supervise(procs: ProcessSet, rc: RunnerConf, *, controller: str = "controlle
     return out
 
 
-def failure_report(out: Outcome, procs: ProcessSet, run_dir) -> str:
+def failure_report(out: Outcome, procs: ProcessSet, run_dir, *, echoed: bool = True) -> str:
+    """The problems, then the end of the log of each process that failed on its own (and the controller's,
+    when its output was not already echoed)."""
     lines = [f"the run failed (run folder: {run_dir}):"] + [f"  - {p}" for p in out.problems]
-    for name, code in sorted(out.exit_codes.items()):
-        if code not in (0, None) and not out.interrupted:
-            tail = procs.log_tail(name)
-            if tail.strip():
-                lines.append(f"--- last lines of {name}'s log (logs/{name}.log) ---\n{tail.rstrip()}")
+    for name in dict.fromkeys([*out.failed, *([] if echoed else ["controller"])]):
+        tail = procs.log_tail(name, 20 if name in out.failed else 8)
+        if tail.strip():
+            lines.append(f"--- last lines of {name}'s log (logs/{name}.log) ---\n{tail.rstrip()}")
     return "\n".join(lines)
