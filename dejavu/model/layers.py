@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kv_cache import KVCache
+from . import fused
+from .kv_cache import KVCache, StepPlan
 from .tp import Communicator
 
 
@@ -25,10 +26,21 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused.enabled(x):
+            return fused.add_norm(x, None, None, self)[1]
         # Normalise in fp32 and cast back before the scale, as Llama's reference does.
         xf = x.float() if x.dtype != torch.float64 else x
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
+
+
+def add_norm(h: torch.Tensor, delta: torch.Tensor | None, bias: torch.Tensor | None, norm: nn.Module):
+    """``h + (delta + bias)`` and its normalisation, as one kernel on the GPU: (new h, norm(new h))."""
+    if fused.enabled(h):
+        return fused.add_norm(h, delta, bias, norm)
+    if delta is not None:
+        h = h + (delta + bias if bias is not None else delta)
+    return h, norm(h)
 
 
 def layer_norm(dim: int, eps: float, affine: bool = True) -> nn.LayerNorm:
@@ -71,10 +83,15 @@ class Rotary(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
-        # q, k: [batch, heads, T, head_dim]; positions: [batch, T]
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, memo: dict | None = None):
+        # q, k: [batch, heads, T, head_dim]; positions: [batch, T]. ``memo`` (the step plan's) shares the
+        # gathered tables between the layers of one forward.
+        tables = memo.get(("rope", id(self), q.dtype)) if memo is not None else None
+        if tables is None:
+            tables = self.cos[positions].unsqueeze(1).to(q.dtype), self.sin[positions].unsqueeze(1).to(q.dtype)
+            if memo is not None:
+                memo[("rope", id(self), q.dtype)] = tables
+        cos, sin = tables
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
@@ -104,30 +121,90 @@ class Attention(nn.Module):
             self.alibi_slopes = None
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, layer: int) -> torch.Tensor:
+        o = self.core(x, cache.plan_for(positions), cache, layer)
+        return o + self.out_bias if self.out_bias is not None else o
+
+    def core(self, x: torch.Tensor, plan: StepPlan, cache: KVCache, layer: int) -> torch.Tensor:
+        """Attention and output projection, all-reduced; the output bias is left to the caller (so that
+        a fused kernel can add it together with the residual)."""
         b, t, _ = x.shape
-        qkv = self.qkv(x).view(b, t, self.heads + 2 * self.kv_heads, self.head_dim).transpose(1, 2)
+        qkv = self.qkv(x)
+        if self.alibi_slopes is None and fused.enabled(qkv):
+            o = self._attend_fused(qkv, plan, cache, layer)
+        else:
+            o = self._attend_torch(qkv, plan, cache, layer)
+        o = self.out(o.reshape(b, t, self.heads * self.head_dim))
+        return self.comm.all_reduce_(o)
+
+    def _attend_fused(self, qkv: torch.Tensor, plan: StepPlan, cache: KVCache, layer: int) -> torch.Tensor:
+        b, t, _ = qkv.shape
+        rot = self.rotary
+        q = fused.rope_write(qkv, plan.positions, rot.cos if rot is not None else None,
+                             rot.sin if rot is not None else None, cache.data[layer], self.heads,
+                             self.kv_heads, self.head_dim)
+        keys, values = cache.layer(layer)
+        if t == 1:
+            # Decode: reads keys 0..pos of each slot, whatever the span (static shapes for CUDA graphs).
+            return fused.decode_attention(q.view(b, self.heads, self.head_dim), keys, values, plan.positions)
+        keys, values = keys[:, :, :plan.span], values[:, :, :plan.span]
+        return self._sdpa(q.transpose(1, 2), keys, values, plan).transpose(1, 2)
+
+    def _attend_torch(self, qkv: torch.Tensor, plan: StepPlan, cache: KVCache, layer: int) -> torch.Tensor:
+        b, t, _ = qkv.shape
+        qkv = qkv.view(b, t, self.heads + 2 * self.kv_heads, self.head_dim).transpose(1, 2)
         q, k, v = qkv.split([self.heads, self.kv_heads, self.kv_heads], dim=1)
         if self.rotary is not None:
-            q, k = self.rotary(q, k, positions)
-        cache.write(layer, k, v, positions)
-        span = int(positions.max()) + 1
-        keys, values = cache.layer(layer)
-        keys, values = keys[:, :, :span], values[:, :, :span]
-        if self.kv_heads != self.heads:
-            group = self.heads // self.kv_heads
-            keys = keys.repeat_interleave(group, dim=1)
-            values = values.repeat_interleave(group, dim=1)
-        key_pos = torch.arange(span, device=x.device)
-        visible = key_pos.view(1, 1, 1, span) <= positions.view(b, 1, t, 1)
+            q, k = self.rotary(q, k, plan.positions, plan.memo)
+        cache.write(layer, k, v, plan.positions, plan)
+        if plan.from_start and self.alibi_slopes is None:
+            keys, values = k, v  # exactly what was just stored at 0..T-1
+        else:
+            keys, values = cache.layer(layer)
+            keys, values = keys[:, :, :plan.span], values[:, :, :plan.span]
+        return self._sdpa(q, keys, values, plan).transpose(1, 2)
+
+    def _sdpa(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, plan: StepPlan) -> torch.Tensor:
+        """q [b, H, T, d] over keys/values [b, KV, span, d] -> [b, H, T, d]."""
+        b, _, t, _ = q.shape
+        group = self.heads // self.kv_heads
+        if plan.from_start and self.alibi_slopes is None:
+            # Prefill from an empty cache: causal alone is right, and lets SDPA pick flash attention.
+            return _sdpa_gqa(q, keys, values, group, is_causal=True)
+        visible = plan.visible()
         if self.alibi_slopes is not None:
-            bias = self.alibi_slopes.view(1, -1, 1, 1) * key_pos.view(1, 1, 1, span).to(self.alibi_slopes.dtype)
+            key_pos = torch.arange(plan.span, device=q.device)
+            bias = self.alibi_slopes.view(1, -1, 1, 1) * key_pos.view(1, 1, 1, plan.span).to(self.alibi_slopes.dtype)
             mask = bias.to(q.dtype).masked_fill(~visible, float("-inf"))
         else:
             mask = visible
-        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-        o = self.out(o.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
-        o = self.comm.all_reduce_(o)
-        return o + self.out_bias if self.out_bias is not None else o
+        if group > 1 and t == 1 and self.alibi_slopes is None:
+            # One query per slot: fold the query group into the query axis, so each KV head is read once
+            # (no repeat_interleave copy of the cache) and the [b, 1, 1, span] mask still broadcasts.
+            o = F.scaled_dot_product_attention(q.reshape(b, self.kv_heads, group, -1), keys, values, attn_mask=mask)
+            return o.view(b, self.heads, 1, -1)
+        return _sdpa_gqa(q, keys, values, group, attn_mask=mask)
+
+
+def _sdpa_gqa(q, keys, values, group: int, **kw) -> torch.Tensor:
+    if group > 1:
+        if _HAS_GQA:
+            return F.scaled_dot_product_attention(q, keys, values, enable_gqa=True, **kw)
+        keys = keys.repeat_interleave(group, dim=1)
+        values = values.repeat_interleave(group, dim=1)
+    return F.scaled_dot_product_attention(q, keys, values, **kw)
+
+
+def _probe_gqa() -> bool:
+    # enable_gqa arrived in torch 2.5; the package supports 2.4.
+    try:
+        x = torch.zeros(1, 2, 1, 4)
+        F.scaled_dot_product_attention(x, x[:, :1], x[:, :1], enable_gqa=True)
+        return True
+    except TypeError:
+        return False
+
+
+_HAS_GQA = _probe_gqa()
 
 
 class GatedMLP(nn.Module):
@@ -141,8 +218,16 @@ class GatedMLP(nn.Module):
         self.act, self.comm = activation(act), comm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).split(self.inner, dim=-1)
-        return self.comm.all_reduce_(self.down(self.act(gate) * up))
+        return self.core(x)
+
+    def core(self, x: torch.Tensor) -> torch.Tensor:
+        gu = self.gate_up(x)
+        if self.act is F.silu and fused.enabled(gu):
+            a = fused.silu_mul(gu)
+        else:
+            gate, up = gu.split(self.inner, dim=-1)
+            a = self.act(gate) * up
+        return self.comm.all_reduce_(self.down(a))
 
 
 class MLP(nn.Module):
@@ -156,8 +241,12 @@ class MLP(nn.Module):
         self.act, self.comm = activation(act), comm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        o = self.comm.all_reduce_(self.fc_out(self.act(self.fc_in(x))))
+        o = self.core(x)
         return o + self.fc_out_bias if self.fc_out_bias is not None else o
+
+    def core(self, x: torch.Tensor) -> torch.Tensor:
+        """The FFN all-reduced, without the output bias (a fused kernel adds it with the residual)."""
+        return self.comm.all_reduce_(self.fc_out(self.act(self.fc_in(x))))
 
 
 def activation(name: str):

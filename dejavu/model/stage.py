@@ -12,6 +12,7 @@ import importlib
 import torch
 from torch import nn
 
+from . import fused_blocks
 from .config import ModelConfig, parse_dtype
 from .kv_cache import CacheShape, KVCache
 from .tp import Communicator, SingleProcess
@@ -52,6 +53,9 @@ class StageModel(nn.Module):
         self.to_empty(device=self.device)
         self.to(self.dtype)
         self._init_buffers(shared)
+        # Pre-norm families run as one fused pass (dejavu/model/fused_blocks.py); same arithmetic on the
+        # CPU, fewer kernels on the GPU. Set False to run the blocks one by one.
+        self.fused = fused_blocks.supports(self)
 
     def _init_buffers(self, shared: dict) -> None:
         # Non-persistent buffers (RoPE tables, ALiBi slopes) were lost on meta; rebuild them for real.
@@ -97,16 +101,25 @@ class StageModel(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-                logits_index: torch.Tensor | None = None, on_layer_done=None) -> torch.Tensor:
+                logits_index: torch.Tensor | None = None, on_layer_done=None, *, static: bool = False
+                ) -> torch.Tensor:
         """Run the stage.
 
         x: token ids [batch, T] on the first stage, hidden states [batch, T, hidden] after it.
-        positions: absolute position of every token, [batch, T]; keys/values are stored there.
+        positions: absolute position of every token, [batch, T]; keys/values are stored there. Pass them
+            on the CPU where you have them there: the stage then plans the step without a device sync.
         logits_index: on the last stage, which of the T tokens of each slot to return logits for
             ([batch]); returns [batch, vocab]. Other stages return hidden states [batch, T, hidden].
         on_layer_done: called with the local layer index after each layer's cache is written, so the
             streaming library can ship that layer while the next one computes.
+        static: static shapes and no host reads (attention over the whole cache, masked by position), so
+            that the call can be captured in a CUDA graph (see ``dejavu.model.cuda_graphs``).
         """
+        host = positions if positions.device.type == "cpu" else None
+        positions = positions.to(self.device, non_blocking=True)
+        plan = cache.begin(positions, host, static=static)
+        if self.fused:
+            return fused_blocks.forward(self, x, plan, cache, logits_index, on_layer_done)
         h = self.embed(x, positions) if self.embed is not None else x.to(self.dtype)
         for i, block in enumerate(self.layers):
             h = block(h, positions, cache, i)
@@ -115,5 +128,11 @@ class StageModel(nn.Module):
         if self.head is None:
             return h
         if logits_index is not None:
-            h = h[torch.arange(h.shape[0], device=h.device), logits_index.to(h.device)]
+            h = fused_blocks._pick(h, logits_index)
         return self.head(h)
+
+    def capture_decode(self, cache: KVCache):
+        """A CUDA graph of one decode step of this stage over ``cache`` (see DecodeGraph)."""
+        from .cuda_graphs import DecodeGraph
+
+        return DecodeGraph(self, cache)

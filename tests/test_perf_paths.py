@@ -1,0 +1,247 @@
+"""The fast paths give the plain path's tokens: the fused pre-norm pass, the static (CUDA-graph) decode
+step, the step plan's slice writes and causal prefill, and the Triton kernels (in Triton's CPU
+interpreter when Triton is installed; on the GPU when there is one). The reference is transformers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import tiny_models as tm
+from dejavu.engine import Engine, build_stages
+from dejavu.model.config import ModelConfig
+from dejavu.model.kv_cache import CacheShape, KVCache
+from dejavu.model.weights import HFCheckpoint
+from dejavu.sampling import SamplingParams
+
+PROMPTS = [[5, 7, 9, 11, 3], [4, 8], [10, 20, 30, 40, 50, 60, 70]]
+NEW = 20
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("perf")
+    folders = {
+        "llama": tm.llama(d / "llama"),  # GQA 4/2, q/k/v bias
+        "opt": tm.opt(d / "opt"),
+        "gpt2": tm.gpt2(d / "gpt2"),
+    }
+    return {name: (f, tm.hf_greedy(f, PROMPTS, NEW)) for name, f in folders.items()}
+
+
+def _stages(folder, n=1, dtype="fp64", device="cpu"):
+    return build_stages(ModelConfig.from_folder(folder), HFCheckpoint(folder), n, dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("name", ["llama", "opt", "gpt2"])
+@pytest.mark.parametrize("num_stages", [1, 2])
+def test_fused_pass_and_plain_blocks_match_transformers(models, name, num_stages):
+    folder, ref = models[name]
+    for fused in (True, False):
+        stages = _stages(folder, num_stages)
+        assert stages[0].fused, "these families should take the fused pass"
+        for s in stages:
+            s.fused = fused
+        out = Engine(stages).generate(PROMPTS, SamplingParams(max_new_tokens=NEW))
+        assert [g.output_ids for g in out] == ref, f"fused={fused}"
+
+
+def _static_greedy(stages, prompts, new_tokens):
+    """Greedy decoding through the static (graph-shaped) step, eagerly, by hand."""
+    eng = Engine(stages, cuda_graphs=False)
+    batch = len(prompts)
+    slab = eng._slab_for(batch, max(map(len, prompts)) + new_tokens + 9)  # spare room must stay unread
+    for c in slab.caches:
+        c.data.normal_()  # garbage beyond each slot's length must not leak into attention
+    logits = eng.prefill(prompts, slab)
+    lengths = torch.tensor([len(p) for p in prompts])
+    outs = [[] for _ in prompts]
+    for step in range(new_tokens):
+        tok = logits.argmax(-1)
+        for i in range(batch):
+            outs[i].append(int(tok[i]))
+        x = tok.view(batch, 1).to(stages[0].device)
+        pos = (lengths + step).view(batch, 1).to(stages[0].device)
+        for stage, cache in zip(stages, slab.caches):
+            x = stage(x, pos, cache, torch.zeros(batch, dtype=torch.long) if stage.is_last else None, static=True)
+        logits = x
+    return outs
+
+
+@pytest.mark.parametrize("name", ["llama", "opt"])
+def test_static_decode_step_matches_transformers(models, name):
+    folder, ref = models[name]
+    assert _static_greedy(_stages(folder, 2), PROMPTS, NEW) == ref
+
+
+def test_step_plan():
+    cache = KVCache(CacheShape(layers=1, batch=2, kv_heads=1, max_seq=8, head_dim=2), torch.float32)
+    plan = cache.begin(torch.arange(3).expand(2, -1))
+    assert plan.from_start and plan.span == 3
+    assert cache.plan_for(plan.positions) is plan  # shared by the stage's layers
+    plan = cache.begin(torch.tensor([[4], [2]]))
+    assert not plan.from_start and plan.span == 5
+    assert plan.visible()[1, 0, 0].tolist() == [True, True, True, False, False]
+    assert cache.begin(torch.tensor([[0], [0]]), static=True).span == 8
+    with pytest.raises(ValueError, match="outside the cache's 8 positions"):
+        cache.begin(torch.tensor([[8], [1]]))
+    # Slice writes (prefill from 0) and scatter writes store the same thing.
+    k = torch.randn(2, 1, 3, 2)
+    a = KVCache(cache.shape, torch.float32)
+    b = KVCache(cache.shape, torch.float32)
+    a.write(0, k, -k, torch.arange(3).expand(2, -1), a.begin(torch.arange(3).expand(2, -1)))
+    b.write(0, k, -k, torch.arange(3).expand(2, -1))
+    assert torch.equal(a.data, b.data)
+
+
+def test_engine_reuses_caches_between_calls(models):
+    folder, ref = models["llama"]
+    eng = Engine(_stages(folder), cache_len=64)
+    first = eng.generate(PROMPTS, SamplingParams(max_new_tokens=NEW))
+    slab = eng._slab
+    again = eng.generate(PROMPTS[::-1], SamplingParams(max_new_tokens=NEW))
+    assert eng._slab is slab and slab.max_seq == 64
+    assert [g.output_ids for g in first] == ref
+    assert [g.output_ids for g in again] == ref[::-1]
+
+
+_INTERPRETER_SCRIPT = textwrap.dedent("""
+    import os, sys
+    os.environ["TRITON_INTERPRET"] = "1"
+    import triton.runtime.interpreter as I
+    _orig = I._patch_lang_tensor
+    def _patched(tensor, scope):  # triton 3.6 + numpy >= 2.4: int() of a 1-element array
+        _orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+    I._patch_lang_tensor = _patched
+    sys.path[:0] = [{root!r}, {tests!r}]
+    import torch
+    import tiny_models as tm
+    from dejavu.engine import Engine, build_stages
+    from dejavu.model import fused
+    from dejavu.model.config import ModelConfig
+    from dejavu.model.weights import HFCheckpoint
+    from dejavu.sampling import SamplingParams
+    prompts = [[5, 7, 9, 11, 3], [4, 8]]
+    for name in ("llama", "opt"):
+        folder = getattr(tm, name)(sys.argv[1] + "/" + name, layers=2)
+        cfg, src = ModelConfig.from_folder(folder), HFCheckpoint(folder)
+        outs = []
+        for on in ("1", "0"):
+            os.environ["DEJAVU_TRITON"] = on
+            stages = build_stages(cfg, src, 1, dtype="fp32")
+            assert fused.enabled(torch.zeros(1)) == (on == "1")
+            outs.append([g.output_ids for g in Engine(stages).generate(prompts, SamplingParams(max_new_tokens=6))])
+        assert outs[0] == outs[1], (name, outs)
+    print("ok")
+""")
+
+
+def test_triton_kernels_in_interpreter_give_the_same_tokens(tmp_path):
+    pytest.importorskip("triton")
+    script = _INTERPRETER_SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests"))
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-3000:]
+
+
+# ---- on a GPU (skipped in CI) -----------------------------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("name", ["llama", "opt", "gpt2"])
+def test_cuda_graph_engine_matches_transformers(models, name):
+    folder, ref = models[name]
+    stages = _stages(folder, 2, dtype="fp32", device="cuda")
+    eng = Engine(stages)
+    assert eng.cuda_graphs
+    out = eng.generate(PROMPTS, SamplingParams(max_new_tokens=NEW))
+    assert [g.output_ids for g in out] == ref
+    # Sampling (host-side) through the graphs is the eager path's too.
+    params = SamplingParams(max_new_tokens=NEW, temperature=0.8, top_k=20, seed=3)
+    eager = Engine(_stages(folder, 2, dtype="fp32", device="cuda"), cuda_graphs=False)
+    assert [g.output_ids for g in eng.generate(PROMPTS, params)] == \
+        [g.output_ids for g in eager.generate(PROMPTS, params)]
+
+
+@cuda
+def test_capture_keeps_cache_contents(models):
+    folder, _ = models["opt"]
+    stage = _stages(folder, dtype="fp16", device="cuda")[0]
+    cache = stage.new_cache(3, 32)
+    cache.data.normal_()
+    before = cache.data.clone()
+    stage.capture_decode(cache)
+    assert torch.equal(cache.data, before)
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_cuda_kernels_against_torch(dtype):
+    import torch.nn.functional as F
+
+    from dejavu.model import fused
+    from dejavu.model.layers import RMSNorm, Rotary, _rotate_half
+
+    if not fused.HAVE_TRITON:
+        pytest.skip("no triton")
+    torch.manual_seed(0)
+    dev = "cuda"
+    tol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5}[dtype]
+    x, d, bias = (torch.randn(7, 2048, dtype=dtype, device=dev) for _ in range(2)), None, None
+    x, d = x
+    bias = torch.randn(2048, dtype=dtype, device=dev)
+    n = RMSNorm(2048, 1e-5).to(dev, dtype)
+    n.weight.data.uniform_(0.5, 1.5)
+    h, y = fused.add_norm(x, d, bias, n)
+    href = x + (d + bias)
+    xf = href.float()
+    yref = n.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+    assert torch.equal(h, href) and _rel(y, yref) < tol
+    ln = torch.nn.LayerNorm(2048).to(dev, dtype)
+    ln.weight.data.uniform_(0.5, 1.5)
+    ln.bias.data.normal_()
+    assert _rel(fused.add_norm(x, d, None, ln)[1], ln(x + d)) < tol
+    g = torch.randn(5, 2, 4096, dtype=dtype, device=dev)
+    a, u = g.split(2048, -1)
+    assert _rel(fused.silu_mul(g), F.silu(a) * u) < tol
+    b, t, H, KV, hd, S = 3, 5, 32, 8, 64, 40
+    rot = Rotary(hd, 64, 10000.0, None).to(dev)
+    qkv = torch.randn(b, t, (H + 2 * KV) * hd, dtype=dtype, device=dev)
+    pos = torch.tensor([[0, 1, 2, 3, 4], [9, 10, 11, 12, 13], [30, 31, 32, 33, 34]], device=dev)
+    cache = torch.zeros(2, b, KV, S, hd, dtype=dtype, device=dev)
+    q = fused.rope_write(qkv, pos, rot.cos, rot.sin, cache, H, KV, hd)
+    qq, kk, vv = qkv.view(b, t, H + 2 * KV, hd).split([H, KV, KV], 2)
+    cos, sin = rot.cos[pos].unsqueeze(2).to(dtype), rot.sin[pos].unsqueeze(2).to(dtype)
+    assert _rel(q, qq * cos + _rotate_half(qq) * sin) < tol
+    ref = torch.zeros_like(cache)
+    for i in range(b):
+        ref[0, i, :, pos[i]] = (kk[i] * cos[i] + _rotate_half(kk[i]) * sin[i]).transpose(0, 1)
+        ref[1, i, :, pos[i]] = vv[i].transpose(0, 1)
+    assert _rel(cache, ref) < tol
+    for (b, H, KV, hd, S) in [(1, 32, 8, 64, 576), (3, 8, 2, 64, 200), (32, 32, 32, 64, 576), (4, 6, 2, 48, 100)]:
+        q = torch.randn(b, H, hd, dtype=dtype, device=dev)
+        kc, vc = (torch.randn(b, KV, S, hd, dtype=dtype, device=dev) for _ in range(2))
+        pos = torch.randint(0, S, (b, 1), device=dev)
+        pos[0] = S - 1
+        o = fused.decode_attention(q, kc, vc, pos)
+        refs = []
+        for i in range(b):
+            L = int(pos[i]) + 1
+            k = kc[i, :, :L].double().repeat_interleave(H // KV, 0)
+            v = vc[i, :, :L].double().repeat_interleave(H // KV, 0)
+            refs.append(F.scaled_dot_product_attention(q[i].double().unsqueeze(1), k, v).squeeze(1))
+        assert _rel(o, torch.stack(refs)) < tol, (b, H, KV, hd, S)
