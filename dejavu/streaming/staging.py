@@ -71,8 +71,8 @@ class StepSlice:
         if not part.holds(box):
             raise ValueError(f"step slice {self} is not inside partition {part}")
         lo, ho = self.layers[0] - part.layers[0], self.heads[0] - part.heads[0]
-        s = torch.tensor([x - part.slots[0] for x in self.slots], device=data.device)
-        p = torch.tensor(self.positions, device=data.device)
+        s = _index_tensor([x - part.slots[0] for x in self.slots], data.device)
+        p = _index_tensor(self.positions, data.device)
         # Two index tensors separated by a slice: advanced indexing puts the paired (slot, position)
         # dimension first, giving [n, layers, kv, heads, head_dim] in one gather kernel.
         return (slice(lo, lo + self.layers[1] - self.layers[0]), slice(None), s,
@@ -85,6 +85,15 @@ class StepSlice:
     @classmethod
     def from_meta(cls, meta: dict) -> "StepSlice":
         return cls(tuple(meta["layers"]), tuple(meta["heads"]), tuple(meta["slots"]), tuple(meta["positions"]))
+
+
+def _index_tensor(values, device: torch.device) -> torch.Tensor:
+    t = torch.tensor(values, dtype=torch.long)
+    if device.type != "cuda":
+        return t
+    # Through pinned memory and non-blocking: a pageable copy would make the host wait for the GPU,
+    # and a token step must never stall the stage's queued work.
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def gather_step(data: torch.Tensor, part: Partition, step: StepSlice) -> torch.Tensor:
@@ -108,7 +117,7 @@ class StagingPool:
         self._slots: list[torch.Tensor] = []
 
     def take(self, index: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        nbytes = torch.Size(shape).numel() * dtype.itemsize
         while len(self._slots) <= index:
             self._slots.append(torch.empty(0, dtype=torch.uint8, device=self.device))
         if self._slots[index].numel() < nbytes:

@@ -24,6 +24,7 @@ Functions a worker calls:
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -33,7 +34,7 @@ import torch
 from .plan import Box, Chunk, Partition, Plan
 from .staging import StagingPool, StepSlice, gather, gather_step, region, scatter, scatter_step
 from .stats import StreamStats
-from .transports.base import ChunkError, Pending, Transport, nbytes
+from .transports.base import ChunkError, Pending, Transport, nbytes, side_stream
 
 LADDER = ("naive", "buffered", "layerwise")
 
@@ -68,8 +69,10 @@ class Message:
     key: str
 
 
-def messages(plan: Plan, options: StreamOptions, prefix: str) -> list[Message]:
-    """The plan's chunks cut into transfers, in the order both sides issue them."""
+@functools.lru_cache(maxsize=1024)
+def messages(plan: Plan, options: StreamOptions, prefix: str) -> tuple[Message, ...]:
+    """The plan's chunks cut into transfers, in the order both sides issue them (cached: a token step
+    replays the same plan every step)."""
     items: list[tuple[int, Box]] = []
     for ci, chunk in enumerate(plan.chunks):
         boxes = chunk.box.split_layers() if options.layerwise or not options.buffered else [chunk.box]
@@ -78,7 +81,7 @@ def messages(plan: Plan, options: StreamOptions, prefix: str) -> list[Message]:
         items += [(ci, b) for b in boxes]
     if options.layerwise:
         items.sort(key=lambda it: (it[1].layers[0], it[0]))  # stable: k before v within a layer
-    return [Message(plan.chunks[ci], box, tag, f"{prefix}/{box.name()}") for tag, (ci, box) in enumerate(items)]
+    return tuple(Message(plan.chunks[ci], box, tag, f"{prefix}/{box.name()}") for tag, (ci, box) in enumerate(items))
 
 
 class Handle:
@@ -150,7 +153,7 @@ class LayerwiseStreamer:
         self.handle = Handle(transport, stats, path)
         pool = staging or StagingPool(cache.device)
         self.slots = _Slots(pool, options.staging_slots or len(self.todo))
-        self.stream = torch.cuda.Stream(device=cache.device) if cache.is_cuda else None
+        self.stream = side_stream(cache.device) if cache.is_cuda else None
 
     def on_layer_done(self, local_layer: int) -> None:
         if not self.options.layerwise and local_layer < self.part.layers[1] - self.part.layers[0] - 1:

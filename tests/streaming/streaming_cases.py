@@ -65,15 +65,15 @@ def block(g: torch.Tensor, part: Partition) -> torch.Tensor:
     return g[WHOLE.local(part.box((0, MAX_SEQ)))]
 
 
-def sender_caches(plan, dtype, seed=0) -> list[torch.Tensor]:
+def sender_caches(plan, dtype, seed=0, device="cpu") -> list[torch.Tensor]:
     g = global_cache(dtype, seed)
-    return [block(g, p).clone() for p in plan.senders]
+    return [block(g, p).clone().to(device) for p in plan.senders]
 
 
-def receiver_caches(plan, dtype) -> list[torch.Tensor]:
+def receiver_caches(plan, dtype, device="cpu") -> list[torch.Tensor]:
     out = []
     for p in plan.receivers:
-        c = torch.empty(p.cache_shape(MAX_SEQ, HEAD_DIM), dtype=dtype)
+        c = torch.empty(p.cache_shape(MAX_SEQ, HEAD_DIM), dtype=dtype, device=device)
         c.view(torch.uint8).fill_(SENTINEL)
         out.append(c)
     return out
@@ -84,6 +84,7 @@ def check_received(plan, caches, dtype, seed=0) -> None:
     bits = BITS[dtype]
     lo, hi = plan.positions
     for j, (p, c) in enumerate(zip(plan.receivers, caches)):
+        c = c.cpu()
         want = block(g, p)
         inside_ok = torch.equal(c[..., lo:hi, :].view(bits), want[..., lo:hi, :].view(bits))
         outside = torch.cat([c[..., :lo, :].reshape(-1), c[..., hi:, :].reshape(-1)]).view(torch.uint8)

@@ -23,16 +23,21 @@ def partition(stage, batch) -> Partition:
     return Partition((stage.first, stage.last), (0, stage.cfg.num_kv_heads), (0, batch))
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", LADDER)
-def test_disaggregated_generation_with_replication_and_recovery(tiny_checkpoint, mode):
+def test_disaggregated_generation_with_replication_and_recovery(tiny_checkpoint, mode, device):
     folder = tiny_checkpoint("llama-gqa-bias")
     cfg, src = ModelConfig.from_folder(folder), HFCheckpoint(folder)
-    reference = [g.output_ids for g in Engine(build_stages(cfg, src, 1)).generate(
+    reference = [g.output_ids for g in Engine(build_stages(cfg, src, 1, device=device)).generate(
         PROMPTS, SamplingParams(max_new_tokens=NEW))]
 
     batch, lengths = len(PROMPTS), torch.tensor([len(p) for p in PROMPTS])
     prompt_len, max_seq = int(lengths.max()), int(lengths.max()) + NEW
-    prompt_stages, token_stages = build_stages(cfg, src, 3), build_stages(cfg, src, 2)
+    prompt_stages = build_stages(cfg, src, 3, device=device)
+    token_stages = build_stages(cfg, src, 2, device=device)
     plan = make_plan([partition(s, batch) for s in prompt_stages], [partition(s, batch) for s in token_stages],
                      (0, prompt_len))
     opts, stats = StreamOptions.named(mode), StreamStats()
@@ -43,7 +48,7 @@ def test_disaggregated_generation_with_replication_and_recovery(tiny_checkpoint,
     for i, ids in enumerate(PROMPTS):
         tokens[i, : len(ids)] = torch.tensor(ids)
     positions = torch.arange(prompt_len).expand(batch, -1)
-    x = tokens
+    x = tokens.to(device)
     for i, stage in enumerate(prompt_stages):
         cache = stage.new_cache(batch, max_seq)
         streamer = LayerwiseStreamer(cache.data, plan, i, link, prefix="mb0", options=opts, stats=stats)
@@ -68,7 +73,7 @@ def test_disaggregated_generation_with_replication_and_recovery(tiny_checkpoint,
             caches[1].data.zero_()
             assert restore(caches[1].data, partition(token_stages[1], batch), replicas, prefix="rep/s1/mb0/") == 1 + step
         pos = (lengths + step).view(batch, 1)
-        x = torch.tensor([o[-1] for o in outputs]).view(batch, 1)
+        x = torch.tensor([o[-1] for o in outputs]).view(batch, 1).to(device)
         for j, (s, c) in enumerate(zip(token_stages, caches)):
             x = s(x, pos, c, torch.zeros(batch, dtype=torch.long) if s.is_last else None)
             replicate_step(c.data, partition(s, batch), range(batch), pos[:, 0].tolist(), replicas,

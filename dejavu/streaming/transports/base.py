@@ -72,6 +72,23 @@ def nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+_SIDE_STREAMS: dict = {}
+
+
+def side_stream(device: torch.device) -> "torch.cuda.Stream":
+    """The one side stream per GPU that streaming copies and gathers run on (creating streams costs).
+
+    Work put on it must first wait for the caller's stream (``wait_stream``), so it sees the cache
+    rows the compute just wrote; the compute stream itself never waits for it.
+    """
+    device = torch.device(device)
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device=device)
+    return _SIDE_STREAMS[device]
+
+
 def host_copy(src: torch.Tensor) -> tuple[torch.Tensor, Pending]:
     """A contiguous host copy of ``src``: itself on the CPU, else an async copy into pinned memory."""
     if src.device.type == "cpu":

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import DONE, Blob, ChunkError, Pending, Transport, nbytes
+from .base import DONE, Blob, ChunkError, Pending, Transport, nbytes, side_stream
 
 
 @dataclass
@@ -25,24 +25,50 @@ class _Entry:
 class LocalTransport(Transport):
     name = "local"
 
-    def __init__(self, pin_memory: bool = True) -> None:
+    def __init__(self, pin_memory: bool = True, pinned_batch_bytes: int = 64 << 20) -> None:
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self._store: dict[str, _Entry] = {}
-        self._stream = None  # created on first GPU use
+        # Pinned buffers by size. Pinning is slow (a cudaHostAlloc per call, ~ms), and replication
+        # keeps one buffer per token step, so buffers are carved out of larger pinned blocks, and
+        # dropped ones are reused.
+        self._free: dict[int, list[torch.Tensor]] = {}
+        self.pinned_batch_bytes = pinned_batch_bytes
+
+    def reserve(self, size: int, count: int) -> None:
+        """Pin ``count`` buffers of ``size`` bytes now (e.g. one per step a replica will hold)."""
+        if not self.pin_memory or count < 1:
+            return
+        block = torch.empty(size * count, dtype=torch.uint8, pin_memory=True)
+        self._free.setdefault(size, []).extend(block[i * size:(i + 1) * size] for i in range(count))
+
+    def _buffer(self, size: int, pinned: bool) -> torch.Tensor:
+        if not pinned:
+            return torch.empty(size, dtype=torch.uint8)
+        free = self._free.get(size)
+        if not free:
+            self.reserve(size, max(1, self.pinned_batch_bytes // max(size, 1)))
+            free = self._free[size]
+        return free.pop()
+
+    def _release(self, entry: _Entry) -> None:
+        if entry.buf.is_pinned():
+            self._free.setdefault(entry.buf.numel(), []).append(entry.buf)
 
     def _side_stream(self, device: torch.device):
-        if self._stream is None:
-            self._stream = torch.cuda.Stream(device=device)
-        # Copies must see everything queued before them on the caller's stream.
-        self._stream.wait_stream(torch.cuda.current_stream(device))
-        return self._stream
+        stream = side_stream(device)
+        # Copies must see everything queued before them on the caller's stream (a no-op when the
+        # caller is already on the side stream, as the layerwise streamer is).
+        stream.wait_stream(torch.cuda.current_stream(device))
+        return stream
 
     def flush(self, key: str, src: torch.Tensor, *, peer: int = -1, tag: int = 0,
               meta: dict | None = None) -> Pending:
         size = nbytes(src)
         entry = self._store.get(key)
         if entry is None or entry.buf.numel() != size:
-            entry = _Entry(torch.empty(size, dtype=torch.uint8, pin_memory=self.pin_memory and src.is_cuda), {})
+            if entry is not None:
+                self._release(entry)
+            entry = _Entry(self._buffer(size, self.pin_memory and src.is_cuda), {})
             self._store[key] = entry
         entry.meta = dict(meta or {}, dtype=str(src.dtype).removeprefix("torch."), shape=list(src.shape))
         host = entry.buf.view(src.dtype).view(src.shape)
@@ -81,7 +107,7 @@ class LocalTransport(Transport):
     def drop(self, prefix: str, *, peer: int = -1) -> int:
         keys = [k for k in self._store if k.startswith(prefix)]
         for k in keys:
-            del self._store[k]
+            self._release(self._store.pop(k))
         return len(keys)
 
     def keys(self) -> list[str]:
