@@ -1,0 +1,125 @@
+"""The worker's end of the control plane: a ZeroMQ DEALER to the controller, plus a heartbeat thread.
+
+The main socket carries hello/ready/tokens/stats/errors; only the main thread touches it. The heartbeat
+thread owns a second socket: it proves the worker alive even while the main thread sits in a long
+forward pass or a blocking receive, takes the controller's Abort (and exits the process at once, since
+the main thread may be stuck in a collective with a dead peer), and exits the worker when the controller
+has been silent past its deadline, so no worker outlives a dead controller.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import threading
+import time
+
+import zmq
+
+from ..protocol import (Abort, Error, Heartbeat, HeartbeatAck, Hello, ProtocolError, Welcome, from_msg,
+                        to_msg)
+
+EXIT_ABORTED = 3
+EXIT_CONTROLLER_LOST = 4
+
+
+class ControllerUnreachable(RuntimeError):
+    pass
+
+
+class ControlClient:
+    def __init__(self, address: str, rank: int, world_size: int, *, connect_timeout_s: float = 120.0) -> None:
+        self.address, self.rank = address, rank
+        self.ctx = zmq.Context.instance()
+        self.main = self.ctx.socket(zmq.DEALER)
+        self.main.setsockopt(zmq.IDENTITY, f"w{rank}".encode())
+        self.main.setsockopt(zmq.LINGER, 2000)
+        self.main.connect(address)
+        self.offset = 0.0  # worker clock + offset = controller clock
+        self.progress = 0  # work items done; the heartbeat reports it
+        self._hb_thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._hello(world_size, connect_timeout_s)
+
+    # ---- clock ----------------------------------------------------------------------------------------
+    def now(self) -> float:
+        """Seconds on the controller's clock."""
+        return time.perf_counter() + self.offset
+
+    def _hello(self, world_size: int, timeout_s: float) -> None:
+        sent = time.perf_counter()
+        self.main.send(to_msg(Hello(self.rank, world_size, os.getpid(), socket.gethostname(), sent)))
+        if not self.main.poll(int(timeout_s * 1000)):
+            raise ControllerUnreachable(
+                f"no answer from the controller at {self.address} within {timeout_s:.0f} s; is it running, and "
+                f"do DEJAVU_CONTROLLER_IP / --controller_ip and --port point at it?")
+        msg = from_msg(self.main.recv())
+        if isinstance(msg, Abort):
+            raise ControllerUnreachable(f"the controller refused this worker: {msg.reason}")
+        if not isinstance(msg, Welcome):
+            raise ProtocolError(f"expected Welcome from the controller, got {type(msg).__name__}")
+        got = time.perf_counter()
+        # NTP-style: the controller read its clock halfway through the round trip.
+        self.offset = msg.controller_time_s - (sent + got) / 2
+        self.rtt_s = got - sent
+        self.heartbeat_interval_s = msg.heartbeat_interval_s
+        self.controller_timeout_s = msg.controller_timeout_s
+        self._hb_thread = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
+        self._hb_thread.start()
+
+    # ---- main socket ----------------------------------------------------------------------------------
+    def send(self, msg) -> None:
+        self.main.send(to_msg(msg))
+
+    def poll(self, timeout_ms: int) -> list:
+        """Messages waiting on the main socket, waiting up to ``timeout_ms`` for the first."""
+        out = []
+        if self.main.poll(timeout_ms):
+            while True:
+                try:
+                    out.append(from_msg(self.main.recv(zmq.NOBLOCK)))
+                except zmq.Again:
+                    break
+        return out
+
+    def report_error(self, message: str, where: str = "", tb: str = "") -> None:
+        try:
+            self.send(Error(self.rank, message, where, tb))
+        except Exception:
+            pass
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._hb_thread is not None:
+            self._hb_thread.join(timeout=2)
+        self.main.close()
+
+    # ---- heartbeat thread -----------------------------------------------------------------------------
+    def _heartbeat(self) -> None:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, f"hb{self.rank}".encode())
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.address)
+        heard, seq = time.perf_counter(), 0
+        interval_ms = max(1, int(self.heartbeat_interval_s * 1000))
+        while not self._stop.is_set():
+            seq += 1
+            sock.send(to_msg(Heartbeat(self.rank, seq, self.now(), self.progress)))
+            deadline = time.perf_counter() + self.heartbeat_interval_s
+            while (left := deadline - time.perf_counter()) > 0 and not self._stop.is_set():
+                if not sock.poll(min(interval_ms, max(1, int(left * 1000)))):
+                    continue
+                try:
+                    msg = from_msg(sock.recv())
+                except ProtocolError:
+                    continue
+                heard = time.perf_counter()
+                if isinstance(msg, Abort):
+                    print(f"[worker {self.rank}] aborted by the controller: {msg.reason}", file=sys.stderr, flush=True)
+                    os._exit(EXIT_ABORTED)
+            if time.perf_counter() - heard > self.controller_timeout_s:
+                print(f"[worker {self.rank}] the controller has been silent for {self.controller_timeout_s:.0f} s; "
+                      f"exiting", file=sys.stderr, flush=True)
+                os._exit(EXIT_CONTROLLER_LOST)
+        sock.close()

@@ -1,0 +1,283 @@
+"""The data plane between workers: messages of (small msgpack header, tensors) over torch.distributed or MPI.
+
+A message is a header (a msgpack map: what the tensors are for, plus their dtypes and shapes) and zero
+or more tensors. Headers always travel on the CPU — gloo, or MPI — so a receiver learns what comes next
+without touching the device; the tensors travel on the device backend (NCCL for CUDA tensors; gloo or
+MPI otherwise). Channels keep unrelated streams of messages between the same two ranks apart (tags).
+
+Besides the in-order stage-to-stage messages, a few *side channels* carry small headers that a stage
+must be able to wait for while it waits for other things too (the next-token feedback into the entry
+stage, the prompt pipeline's hand-over notices into the token pipeline). Those are received by a
+listener thread (``side_recv``), so they get their own communicator (a gloo pair group, or a duplicated
+MPI communicator) that the main thread's traffic never shares.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import Counter
+from datetime import timedelta
+
+import msgpack
+import torch
+
+from .topology import Topology
+
+# Channel -> tag. Tags only need to be distinct per (sender, receiver) pair.
+ACT, TP, KV, FEEDBACK, HANDOVER = 1, 2, 3, 4, 5
+CHANNEL_NAMES = {ACT: "act", TP: "tp", KV: "kv", FEEDBACK: "feedback", HANDOVER: "handover"}
+
+_DTYPES = {str(d).removeprefix("torch."): d for d in
+           (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.uint8,
+            torch.bool)}
+
+
+def dtype_name(d: torch.dtype) -> str:
+    return str(d).removeprefix("torch.")
+
+
+def _pack(meta: dict, tensors) -> bytes:
+    meta = dict(meta)
+    meta["_t"] = [[dtype_name(t.dtype), list(t.shape)] for t in tensors]
+    return msgpack.packb(meta, use_bin_type=True)
+
+
+def _unpack(buf: bytes) -> tuple[dict, list]:
+    meta = msgpack.unpackb(buf, raw=False, strict_map_key=False)
+    specs = meta.pop("_t", [])
+    return meta, [(_DTYPES[d], tuple(shape)) for d, shape in specs]
+
+
+class Pending:
+    """An asynchronous send; keeps its buffer alive until ``wait`` returns."""
+
+    def __init__(self, handle, buffer, on_wait=None) -> None:
+        self.handle, self.buffer, self.on_wait = handle, buffer, on_wait
+
+    def wait(self) -> None:
+        if self.handle is not None:
+            self.handle.wait()
+            if self.on_wait is not None:
+                self.on_wait()
+            self.handle = self.buffer = None
+
+
+class DataPlane:
+    """What every backend provides; counters of bytes and seconds per channel live here."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    def __init__(self) -> None:
+        self.bytes_sent: Counter = Counter()
+        self.bytes_received: Counter = Counter()
+        self.seconds: Counter = Counter()
+
+    def _count(self, counter: Counter, channel: int, tensors) -> None:
+        counter[CHANNEL_NAMES[channel]] += sum(t.numel() * t.element_size() for t in tensors)
+
+    # -- provided by backends
+    def send(self, dst: int, meta: dict, tensors=(), channel: int = ACT) -> None: ...
+    def recv(self, src: int, channel: int = ACT) -> tuple[dict, list[torch.Tensor]]: ...
+    def isend(self, dst: int, tensor: torch.Tensor, channel: int = KV) -> Pending: ...
+    def recv_into(self, src: int, out: torch.Tensor, channel: int = KV) -> None: ...
+    def side_send(self, dst: int, meta: dict, channel: int) -> None: ...
+    def side_recv(self, src: int, channel: int) -> dict: ...
+    def tp_comm(self): ...
+    def close(self) -> None: ...
+
+
+# ---- torch.distributed (gloo on CPU; gloo for headers + NCCL for CUDA tensors) ---------------------------
+
+class TorchDataPlane(DataPlane):
+    def __init__(self, topo: Topology, rank: int, backend: str, device: torch.device,
+                 timeout_s: float = 24 * 3600) -> None:
+        super().__init__()
+        import torch.distributed as dist
+
+        self.dist, self.topo, self.rank, self.world_size = dist, topo, rank, topo.world_size
+        self.device = device
+        # One group, two transports: CPU tensors (headers) go over gloo, CUDA tensors over NCCL.
+        spec = "gloo" if backend == "gloo" else "cpu:gloo,cuda:nccl"
+        for var in ("MASTER_ADDR", "MASTER_PORT"):
+            if not os.environ.get(var):
+                raise RuntimeError(f"{var} is not set; the {backend} data plane rendezvous needs MASTER_ADDR "
+                                   f"and MASTER_PORT (the address and a free port of rank 0)")
+        dist.init_process_group(spec, init_method="env://", rank=rank, world_size=self.world_size,
+                                timeout=timedelta(seconds=timeout_s))
+        # Every rank must create every group, in the same order.
+        self._tp_group = None
+        for pipeline, n in (("prompt", topo.prompt_stages), ("token", topo.token_stages)):
+            for s in range(n):
+                ranks = topo.stage_ranks(pipeline, s)
+                g = dist.new_group(ranks, backend=spec) if topo.tp > 1 else None
+                if rank in ranks:
+                    self._tp_group = g
+        self._side: dict[tuple[int, int], object] = {}
+        for a, b in side_pairs(topo):
+            g = dist.new_group(sorted({a, b}), backend="gloo")
+            if rank in (a, b):
+                self._side[(a, b)] = g
+
+    def _send_header(self, dst: int, buf: bytes, channel: int, group=None) -> None:
+        payload = torch.frombuffer(bytearray(buf), dtype=torch.uint8)
+        self.dist.send(torch.tensor([len(buf)], dtype=torch.int64), dst, group=group, tag=channel)
+        self.dist.send(payload, dst, group=group, tag=channel)
+
+    def _recv_header(self, src: int, channel: int, group=None) -> bytes:
+        n = torch.zeros(1, dtype=torch.int64)
+        self.dist.recv(n, src, group=group, tag=channel)
+        payload = torch.empty(int(n), dtype=torch.uint8)
+        self.dist.recv(payload, src, group=group, tag=channel)
+        return payload.numpy().tobytes()
+
+    def send(self, dst, meta, tensors=(), channel=ACT):
+        t0 = time.perf_counter()
+        self._send_header(dst, _pack(meta, tensors), channel)
+        for t in tensors:
+            self.dist.send(t.contiguous(), dst, tag=channel)
+        self._count(self.bytes_sent, channel, tensors)
+        self.seconds[CHANNEL_NAMES[channel] + "_send"] += time.perf_counter() - t0
+
+    def recv(self, src, channel=ACT):
+        t0 = time.perf_counter()
+        meta, specs = _unpack(self._recv_header(src, channel))
+        tensors = []
+        for dtype, shape in specs:
+            t = torch.empty(shape, dtype=dtype, device=self.device)
+            self.dist.recv(t, src, tag=channel)
+            tensors.append(t)
+        self._count(self.bytes_received, channel, tensors)
+        self.seconds[CHANNEL_NAMES[channel] + "_recv"] += time.perf_counter() - t0
+        return meta, tensors
+
+    def isend(self, dst, tensor, channel=KV):
+        tensor = tensor.contiguous()
+        self._count(self.bytes_sent, channel, [tensor])
+        on_wait = torch.cuda.current_stream(tensor.device).synchronize if tensor.is_cuda else None
+        return Pending(self.dist.isend(tensor, dst, tag=channel), tensor, on_wait)
+
+    def recv_into(self, src, out, channel=KV):
+        t0 = time.perf_counter()
+        self.dist.recv(out, src, tag=channel)
+        self._count(self.bytes_received, channel, [out])
+        self.seconds[CHANNEL_NAMES[channel] + "_recv"] += time.perf_counter() - t0
+
+    def side_send(self, dst, meta, channel):
+        self._send_header(dst, msgpack.packb(meta, use_bin_type=True), channel, group=self._side[(self.rank, dst)])
+
+    def side_recv(self, src, channel):
+        buf = self._recv_header(src, channel, group=self._side[(src, self.rank)])
+        return msgpack.unpackb(buf, raw=False, strict_map_key=False)
+
+    def tp_comm(self):
+        from ..model.tp import SingleProcess, TorchDistributed
+
+        return TorchDistributed(self._tp_group) if self._tp_group is not None else SingleProcess()
+
+    def close(self) -> None:
+        try:
+            self.dist.destroy_process_group()
+        except Exception:
+            pass
+
+
+# ---- MPI (mpi4py; rank and size from mpirun) ----------------------------------------------------------
+
+class MPIDataPlane(DataPlane):
+    """Host buffers over MPI; device tensors are staged through the host. bf16 travels as raw bytes."""
+
+    def __init__(self, topo: Topology, device: torch.device) -> None:
+        super().__init__()
+        from mpi4py import MPI
+
+        self.MPI, self.comm, self.topo, self.device = MPI, MPI.COMM_WORLD, topo, device
+        self.rank, self.world_size = self.comm.Get_rank(), self.comm.Get_size()
+        if self.world_size != topo.world_size:
+            raise RuntimeError(f"mpirun started {self.world_size} processes but the topology needs "
+                               f"{topo.world_size}; use mpirun -n {topo.world_size}")
+        role = topo.role(self.rank)
+        color = (0 if role.pipeline == "prompt" else topo.prompt_stages) + role.stage
+        self._tp = self.comm.Split(color, role.tp_rank)
+        # The listener threads receive on their own communicator (needs MPI_THREAD_MULTIPLE).
+        if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
+            raise RuntimeError("the MPI library does not provide MPI_THREAD_MULTIPLE, which the side-channel "
+                               "listener threads need")
+        self._side = self.comm.Dup()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _bytes(t: torch.Tensor):
+        return t.detach().to("cpu").contiguous().view(torch.uint8).numpy()
+
+    def _recv_bytes(self, comm, src: int, tag: int) -> bytearray:
+        status = self.MPI.Status()
+        msg = comm.Mprobe(src, tag, status)  # matched probe: safe with other threads receiving
+        buf = bytearray(status.Get_count(self.MPI.BYTE))
+        msg.Recv([buf, self.MPI.BYTE])
+        return buf
+
+    def send(self, dst, meta, tensors=(), channel=ACT):
+        t0 = time.perf_counter()
+        self.comm.Send([_pack(meta, tensors), self.MPI.BYTE], dst, channel)
+        for t in tensors:
+            self.comm.Send([self._bytes(t), self.MPI.BYTE], dst, channel)
+        self._count(self.bytes_sent, channel, tensors)
+        self.seconds[CHANNEL_NAMES[channel] + "_send"] += time.perf_counter() - t0
+
+    def recv(self, src, channel=ACT):
+        t0 = time.perf_counter()
+        meta, specs = _unpack(bytes(self._recv_bytes(self.comm, src, channel)))
+        tensors = []
+        for dtype, shape in specs:
+            host = torch.empty(shape, dtype=dtype)
+            self.comm.Recv([host.view(torch.uint8).numpy(), self.MPI.BYTE], src, channel)
+            tensors.append(host.to(self.device))
+        self._count(self.bytes_received, channel, tensors)
+        self.seconds[CHANNEL_NAMES[channel] + "_recv"] += time.perf_counter() - t0
+        return meta, tensors
+
+    def isend(self, dst, tensor, channel=KV):
+        buf = self._bytes(tensor)
+        self._count(self.bytes_sent, channel, [tensor])
+        return Pending(self.comm.Isend([buf, self.MPI.BYTE], dst, channel), buf)
+
+    def recv_into(self, src, out, channel=KV):
+        t0 = time.perf_counter()
+        host = out if out.device.type == "cpu" and out.is_contiguous() else torch.empty_like(out, device="cpu")
+        self.comm.Recv([host.view(torch.uint8).numpy(), self.MPI.BYTE], src, channel)
+        if host is not out:
+            out.copy_(host)
+        self._count(self.bytes_received, channel, [out])
+        self.seconds[CHANNEL_NAMES[channel] + "_recv"] += time.perf_counter() - t0
+
+    def side_send(self, dst, meta, channel):
+        self._side.Send([msgpack.packb(meta, use_bin_type=True), self.MPI.BYTE], dst, channel)
+
+    def side_recv(self, src, channel):
+        return msgpack.unpackb(bytes(self._recv_bytes(self._side, src, channel)), raw=False, strict_map_key=False)
+
+    def tp_comm(self):
+        from ..model.tp import MPIAllReduce, SingleProcess
+
+        return MPIAllReduce(self._tp) if self.topo.tp > 1 else SingleProcess()
+
+    def close(self) -> None:
+        pass  # mpi4py finalizes at exit
+
+
+def side_pairs(topo: Topology) -> list[tuple[int, int]]:
+    """(sender, receiver) of every side channel; a pair with itself is handled in-process."""
+    pairs = [(topo.sampler_rank, topo.token_leader)]  # next-token feedback
+    if topo.disaggregated:
+        pairs.append((topo.prompt_sampler_rank, topo.token_leader))  # hand-over notices
+    return [(a, b) for a, b in pairs if a != b]
+
+
+def make_dataplane(backend: str, topo: Topology, rank: int, device: torch.device) -> DataPlane:
+    if backend == "mpi":
+        return MPIDataPlane(topo, device)
+    return TorchDataPlane(topo, rank, backend, device)

@@ -1,0 +1,218 @@
+"""One worker process: connect to the controller, load this rank's layers, join the data plane, serve.
+
+Order matters for failure reports: the worker says hello to the controller first (so even a bad flag
+or a missing checkpoint reaches the controller as an Error naming the cause), then checks its options,
+joins the data plane (the rendezvous waits for every rank), loads only its own layers, says Ready and
+runs its pipeline loop until a stop comes down the pipeline. Then it sends its timeline and counters.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..protocol import Ready, Stats
+from .control import ControlClient
+from .topology import BACKENDS, TopologyError, make_topology
+
+DEFAULT_PORT = 5600
+REFUSED = {
+    "swapping": "--swapping (microbatch swapping) is not yet supported; it comes with the swapping issue",
+    "restart": "--restart is not yet supported; it comes with the fault-tolerance issue",
+    "failures": "--failures is not yet supported; it comes with the fault-tolerance issue",
+}
+
+
+@dataclass
+class WorkerOptions:
+    ckpt_path: str
+    tensor_para_size: int = 1
+    prompt_pipeline_para_size: int = 0
+    token_pipeline_para_size: int = 1
+    backend: str = "gloo"
+    weights_data_type: str = "fp32"
+    inference_data_type: str = "auto"  # auto: fp16 on CUDA, fp32 on the CPU
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    ubatch_size: int = 8
+    num_requests: Optional[int] = None  # the seed's sizing hints; the controller sends the real requests
+    input_len: Optional[int] = None
+    rank: Optional[int] = None  # default: $RANK, or MPI's rank under mpirun
+    world_size: Optional[int] = None  # default: $WORLD_SIZE, or MPI's size
+    controller_ip: Optional[str] = None  # default: $DEJAVU_CONTROLLER_IP, else 127.0.0.1
+    port: Optional[int] = None  # default: $DEJAVU_CONTROLLER_PORT, else 5600
+    kv_window: int = 2
+    connect_timeout_s: float = 120.0
+    swapping: bool = False
+    restart: bool = False
+    failures: Optional[int] = None
+
+
+def _env_int(name: str) -> int | None:
+    v = os.environ.get(name)
+    if v is None or v == "":
+        return None
+    try:
+        return int(v)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={v!r} is not an integer") from None
+
+
+def resolve_rank(opts: WorkerOptions) -> tuple[int, int | None]:
+    if opts.backend == "mpi":
+        from mpi4py import MPI  # initializes MPI; under mpirun rank and size come from it
+
+        rank, size = MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
+        for flag, given, actual in (("--rank", opts.rank, rank), ("--world_size", opts.world_size, size)):
+            if given is not None and given != actual:
+                raise ValueError(f"{flag}={given} disagrees with MPI ({actual}); under mpirun leave it out")
+        return rank, size
+    rank = opts.rank if opts.rank is not None else _env_int("RANK")
+    if rank is None:
+        raise ValueError("no rank: pass --rank (or set RANK), or use --backend mpi under mpirun")
+    return rank, opts.world_size if opts.world_size is not None else _env_int("WORLD_SIZE")
+
+
+def controller_address(opts: WorkerOptions) -> str:
+    ip = opts.controller_ip or os.environ.get("DEJAVU_CONTROLLER_IP") or "127.0.0.1"
+    port = opts.port if opts.port is not None else (_env_int("DEJAVU_CONTROLLER_PORT") or DEFAULT_PORT)
+    return f"tcp://{ip}:{port}"
+
+
+def pick_device(opts: WorkerOptions, rank: int) -> torch.device:
+    want = opts.device
+    if want == "auto":
+        want = "cuda" if opts.backend == "nccl" or (opts.backend == "mpi" and torch.cuda.is_available()) else "cpu"
+    if want == "cpu":
+        if opts.backend == "nccl":
+            raise ValueError("--backend nccl needs CUDA devices; use --backend gloo (or mpi) on the CPU")
+        return torch.device("cpu")
+    if not want.startswith("cuda"):
+        raise ValueError(f"--device {opts.device!r} is not one of auto, cpu, cuda, cuda:N")
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {want} but no CUDA device is visible; use --device cpu --backend gloo")
+    if want != "cuda":
+        return torch.device(want)
+    local = _env_int("LOCAL_RANK")
+    if local is None:
+        local = _env_int("OMPI_COMM_WORLD_LOCAL_RANK")
+    if local is None:
+        local = rank
+    dev = torch.device("cuda", local % torch.cuda.device_count())
+    torch.cuda.set_device(dev)
+    return dev
+
+
+def peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def check_options(opts: WorkerOptions) -> None:
+    for key, why in REFUSED.items():
+        if getattr(opts, key):
+            raise ValueError(why)
+    if opts.backend not in BACKENDS:
+        raise ValueError(f"--backend {opts.backend!r} is unknown; expected one of {', '.join(BACKENDS)}")
+    if opts.ubatch_size < 1:
+        raise ValueError(f"--ubatch_size must be >= 1, got {opts.ubatch_size}")
+    from ..model.config import parse_dtype
+
+    for flag in ("weights_data_type", "inference_data_type"):
+        value = getattr(opts, flag)
+        if value != "auto":
+            try:
+                parse_dtype(value)
+            except ValueError as e:
+                raise ValueError(f"--{flag}: {e}") from None
+
+
+def run_worker(opts: WorkerOptions) -> int:
+    """Run one worker to the end; returns the process exit code."""
+    from . import faults
+
+    try:
+        rank, world = resolve_rank(opts)
+    except Exception as e:
+        print(f"dejavu worker: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    log = lambda msg: print(f"[worker {rank}] {msg}", flush=True)  # noqa: E731
+    try:
+        ctl = ControlClient(controller_address(opts), rank, world or -1, connect_timeout_s=opts.connect_timeout_s)
+    except Exception as e:
+        print(f"[worker {rank}] error: {e}", file=sys.stderr, flush=True)
+        return 2
+    where = "startup"
+    try:
+        fault = faults.from_env(rank)
+        check_options(opts)
+        if fault is not None:
+            fault.check("startup")
+        t_load = time.perf_counter()
+        cfg, folder = resolve_checkpoint(opts.ckpt_path)
+        topo = make_topology(tp=opts.tensor_para_size, prompt_stages=opts.prompt_pipeline_para_size,
+                             token_stages=opts.token_pipeline_para_size, world_size=world, cfg=cfg,
+                             backend=opts.backend)
+        role = topo.role(rank)
+        device = pick_device(opts, rank)
+        dtype = opts.inference_data_type
+        if dtype == "auto":
+            dtype = "fp16" if device.type == "cuda" else "fp32"
+        log(f"{role.name} tp {role.tp_rank}/{topo.tp}, layers [{role.layers[0]}, {role.layers[1]}) of {cfg.num_layers}, "
+            f"{opts.backend} on {device}, {dtype}")
+        where = "joining the data plane"
+        from .dataplane import make_dataplane
+
+        dp = make_dataplane(opts.backend, topo, rank, device)
+        where = "loading weights"
+        from ..model.stage import StageModel
+        from ..model.weights import HFCheckpoint
+
+        model = StageModel(cfg, *role.layers, comm=dp.tp_comm(), dtype=dtype, device=device)
+        model.load_weights(HFCheckpoint(folder))
+        load_s = time.perf_counter() - t_load
+        ctl.send(Ready(rank, role.kind, role.stage, role.tp_rank, list(role.layers), str(device), load_s,
+                       peak_memory(device), ctl.offset))
+        from .pipeline import StageWorker
+
+        worker = StageWorker(role, topo, model, dp, ctl, ubatch_size=opts.ubatch_size, fault=fault,
+                             kv_window=opts.kv_window)
+        where = "serving"
+        try:
+            worker.run()
+        finally:
+            where = worker.where
+        ctl.send(Stats(rank, role.kind, role.stage, role.tp_rank, [e.to_dict() for e in worker.events],
+                       peak_memory(device), dict(dp.bytes_sent), dict(dp.bytes_received), dict(dp.seconds),
+                       items=ctl.progress))
+        log(f"done: {ctl.progress} work items")
+        dp.close()
+        ctl.close()
+        return 0
+    except (TopologyError, ValueError, FileNotFoundError) as e:
+        print(f"[worker {rank}] error: {e}", file=sys.stderr, flush=True)
+        ctl.report_error(str(e), where)
+        return 2
+    except BaseException as e:  # noqa: BLE001 - report anything, then exit non-zero
+        tb = traceback.format_exc()
+        print(f"[worker {rank}] failed during {where}: {e}\n{tb}", file=sys.stderr, flush=True)
+        ctl.report_error(f"{type(e).__name__}: {e}", where, tb)
+        time.sleep(0.2)  # let the message leave before the process (and its socket) goes
+        return 1
+
+
+def resolve_checkpoint(name_or_path: str):
+    """(ModelConfig, checkpoint folder) of a registered model name, a HF folder or a .gguf file."""
+    from ..model.registry import resolve_model
+
+    model = resolve_model(name_or_path)
+    if not model.has_weights:
+        raise ValueError(f"--ckpt_path {name_or_path!r} is a shape-only model entry with no weights to serve")
+    return model.config, model.checkpoint_dir

@@ -1,0 +1,388 @@
+"""One worker's part of a pipeline: run work items on its stage, pass them on, sample at the end.
+
+Work items flow down a pipeline in one order, set by its *leader* (TP rank 0 of the pipeline's first
+stage): every other rank just runs what arrives, in arrival order, and passes it on. An item is a small
+header plus one tensor (token ids into the first stage, hidden states after it):
+
+- ``prefill``: a new microbatch (request ids, prompt lengths, sampling parameters, cache length);
+- ``decode``: one token step of a microbatch in flight (``step`` k writes position ``len + k``);
+- ``admit`` (token pipeline of a disaggregated run): take a microbatch from the prompt pipeline —
+  receive its KV cache, layer by layer, from the prompt stages — then run its first token step;
+- ``stop``: no more work; the rank passes it on and ends.
+
+The last stage's TP rank 0 (the *sampler*) picks tokens with ``dejavu.sampling`` exactly as
+``dejavu.engine.Engine`` does, reports them to the controller, and sends the next inputs back to the
+leader (*feedback*). The leader keeps at most one item per microbatch in flight and at most as many
+microbatches as its pipeline has stages (one KV buffer each); new prompts go in as soon as a buffer is
+free, between the token steps of the others. When a microbatch finishes, the leader tells every stage
+to drop its cache by listing it in the next item's ``release``.
+
+In the baseline one pipeline does both prefill and decode. Disaggregated, the prompt pipeline only
+prefills: each prompt stage streams every layer's cache to the token stage that owns the layer while
+the next layer computes, and its sampler hands the first tokens to the token pipeline's leader.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+
+import msgpack
+import torch
+import zmq
+
+from ..model.kv_cache import KVCache
+from ..model.stage import StageModel
+from ..protocol import Shutdown, Submit, Tokens
+from ..records import StageEvent
+from ..sampling import SamplingParams, is_finished, sample
+from .control import ControlClient
+from .dataplane import ACT, CHANNEL_NAMES, FEEDBACK, HANDOVER, TP, DataPlane
+from .faults import Fault
+from .handover import KVReceiver, KVSender
+from .topology import Role, Topology
+
+
+class WorkerError(RuntimeError):
+    pass
+
+
+@dataclass
+class Ubatch:
+    id: int
+    request_ids: list[int]
+    lens: list[int]
+    max_seq: int
+    params: list[SamplingParams]
+    cache: KVCache | None = None
+    outputs: list[list[int]] = field(default_factory=list)  # sampler only
+    live: list[bool] = field(default_factory=list)  # sampler only
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "Ubatch":
+        params = [SamplingParams(**{**p, "stop_token_ids": tuple(p.get("stop_token_ids", ()))}) for p in meta["params"]]
+        n = len(meta["ids"])
+        return cls(meta["ubatch"], list(meta["ids"]), list(meta["lens"]), int(meta["max_seq"]), params,
+                   outputs=[list(o) for o in meta.get("outputs", [[] for _ in range(n)])],
+                   live=list(meta.get("live", [True] * n)))
+
+
+class Mailbox:
+    """What a leader waits on: controller messages (main socket) and side channels (listener threads)."""
+
+    def __init__(self, ctl: ControlClient, dp: DataPlane) -> None:
+        self.ctl, self.dp = ctl, dp
+        self.address = f"inproc://mailbox-{os.getpid()}-{id(self)}"
+        self.pull = ctl.ctx.socket(zmq.PULL)
+        self.pull.bind(self.address)
+        self.local: deque = deque()
+        self.poller = zmq.Poller()
+        self.poller.register(ctl.main, zmq.POLLIN)
+        self.poller.register(self.pull, zmq.POLLIN)
+
+    def listen(self, src: int, channel: int) -> None:
+        threading.Thread(target=self._listen, args=(src, channel), daemon=True,
+                         name=f"listen-{CHANNEL_NAMES[channel]}").start()
+
+    def _listen(self, src: int, channel: int) -> None:
+        push = self.ctl.ctx.socket(zmq.PUSH)
+        push.connect(self.address)
+        try:
+            while True:
+                meta = self.dp.side_recv(src, channel)
+                push.send(msgpack.packb([channel, meta], use_bin_type=True))
+                if meta.get("kind") == "stop":
+                    break
+        except Exception as e:  # a dead peer surfaces here first: hand it to the main thread
+            push.send(msgpack.packb(["error", f"{CHANNEL_NAMES[channel]} channel from rank {src} failed: {e}"]))
+        finally:
+            push.close(linger=1000)
+
+    def post(self, channel: int, meta: dict) -> None:
+        self.local.append((channel, meta))
+
+    def get(self, block: bool) -> list[tuple]:
+        out = list(self.local)
+        self.local.clear()
+        timeout = 0 if out or not block else 1000
+        while True:
+            ready = dict(self.poller.poll(timeout))
+            if self.ctl.main in ready:
+                out += [("ctl", m) for m in self.ctl.poll(0)]
+            if self.pull in ready:
+                while True:
+                    try:
+                        out.append(tuple(msgpack.unpackb(self.pull.recv(zmq.NOBLOCK), raw=False,
+                                                         strict_map_key=False)))
+                    except zmq.Again:
+                        break
+            if out or not block:
+                return out
+
+
+class StageWorker:
+    def __init__(self, role: Role, topo: Topology, model: StageModel, dp: DataPlane, ctl: ControlClient, *,
+                 ubatch_size: int, fault: Fault | None = None, kv_window: int = 2) -> None:
+        self.role, self.topo, self.model, self.dp, self.ctl = role, topo, model, dp, ctl
+        self.ubatch_size, self.fault = ubatch_size, fault
+        self.device = model.device
+        self.states: dict[int, Ubatch] = {}
+        self.events: list[StageEvent] = []
+        self.where = "starting"
+        self.is_sampler = role.is_last and role.tp_rank == 0
+        self.sender = KVSender(dp, topo, role, kv_window) if role.pipeline == "prompt" else None
+        self.receiver = KVReceiver(dp, topo, role) if topo.disaggregated and role.pipeline == "token" else None
+        p, s, t = role.pipeline, role.stage, role.tp_rank
+        self.downstream = None if role.is_last else topo.rank_of(p, s + 1, t)
+        if role.is_leader:
+            self.upstream, self.up_channel = None, None
+        elif role.is_first:
+            self.upstream, self.up_channel = topo.rank_of(p, 0, 0), TP
+        else:
+            self.upstream, self.up_channel = topo.rank_of(p, s - 1, t), ACT
+        self.tp_peers = [r for r in topo.stage_ranks(p, s) if r != role.rank] if role.is_leader else []
+        self.mailbox = Mailbox(ctl, dp) if role.is_leader else None
+
+    # ---- timeline -------------------------------------------------------------------------------------
+    def event(self, kind: str, start: float, ubatch: int = -1) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.events.append(StageEvent(self.role.rank, self.role.name, kind, start, self.ctl.now(), ubatch,
+                                      self.role.tp_rank))
+
+    # ---- main loop ------------------------------------------------------------------------------------
+    def run(self) -> None:
+        if self.role.is_leader:
+            Leader(self).run()
+        else:
+            while True:
+                self.where = "waiting for work"
+                t0 = self.ctl.now()
+                meta, tensors = self.dp.recv(self.upstream, self.up_channel)
+                self.event("idle", t0, meta.get("ubatch", -1))
+                if not self.process(meta, tensors[0] if tensors else None):
+                    break
+        if self.sender is not None:
+            self.where = "finishing KV sends"
+            self.sender.flush()
+        self.where = "done"
+
+    def issue(self, meta: dict, x: torch.Tensor | None) -> bool:
+        """Leader: give an item to this stage's TP peers, then run it here."""
+        t0 = self.ctl.now()
+        for peer in self.tp_peers:
+            self.dp.send(peer, meta, [x] if x is not None else [], TP)
+        if self.tp_peers:
+            self.event("send", t0, meta.get("ubatch", -1))
+        return self.process(meta, x)
+
+    def process(self, meta: dict, x: torch.Tensor | None) -> bool:
+        kind = meta["kind"]
+        for u in meta.get("release", ()):
+            self.states.pop(u, None)
+        if kind == "stop":
+            self.where = "stopping"
+            self.forward(meta, None)
+            if self.is_sampler:
+                self.notify(HANDOVER if self.role.pipeline == "prompt" else FEEDBACK, {"kind": "stop"})
+            return False
+        u = meta["ubatch"]
+        step = meta.get("step", 0)
+        self.where = f"{kind} ubatch {u}" + (f" step {step}" if kind == "decode" else "")
+        if self.fault is not None:
+            self.fault.check(kind, step)
+        if kind == "prefill":
+            self.prefill(meta, x)
+        elif kind == "admit":
+            self.admit(meta, x)
+        elif kind == "decode":
+            if u not in self.states:
+                raise WorkerError(f"decode step {step} for ubatch {u}, which this stage does not hold")
+            self.decode(meta, x, self.states[u])
+        else:
+            raise WorkerError(f"unknown work item kind {kind!r}")
+        self.ctl.progress += 1
+        return True
+
+    def forward(self, meta: dict, out: torch.Tensor | None) -> None:
+        if self.downstream is None:
+            return
+        t0 = self.ctl.now()
+        self.dp.send(self.downstream, meta, [out] if out is not None else [], ACT)
+        self.event("send", t0, meta.get("ubatch", -1))
+
+    def notify(self, channel: int, meta: dict) -> None:
+        """Sampler -> a leader: next-token feedback, or a hand-over notice."""
+        dst = self.topo.token_leader
+        if dst == self.role.rank:
+            self.mailbox.post(channel, meta)
+        else:
+            self.dp.side_send(dst, meta, channel)
+
+    # ---- work items -----------------------------------------------------------------------------------
+    def prefill(self, meta: dict, x: torch.Tensor) -> None:
+        ub = Ubatch.from_meta(meta)
+        b, t = len(ub.lens), max(ub.lens)
+        # The prompt pipeline only ever holds the prompt; the baseline keeps decoding in the same buffer.
+        ub.cache = self.model.new_cache(b, t if self.sender is not None else ub.max_seq)
+        positions = torch.arange(t).expand(b, t)  # on the CPU: the stage plans the step without a sync
+        index = torch.tensor(ub.lens) - 1 if self.role.is_last else None
+        hook = None
+        if self.sender is not None:
+            cache = ub.cache
+            hook = lambda i: self.sender.layer_done(cache, i, t)  # noqa: E731
+        t0 = self.ctl.now()
+        out = self.model(x.to(self.device), positions, ub.cache, index, on_layer_done=hook)
+        self.event("prefill", t0, ub.id)
+        self.forward(meta, out)
+        if self.role.is_last and self.is_sampler:
+            inputs, done = self.sample(ub, out, 0)
+            if self.role.pipeline == "prompt":
+                notice = {k: meta[k] for k in ("ubatch", "ids", "lens", "max_seq", "params")}
+                self.notify(HANDOVER, {**notice, "kind": "admit", "step": 0, "plen": t, "outputs": ub.outputs,
+                                       "live": ub.live, "drop": done})
+            else:
+                self.notify(FEEDBACK, {"ubatch": ub.id, "step": 0, "tokens": inputs, "done": done})
+        if self.sender is not None:
+            self.sender.ubatch_done()  # may wait for the oldest hand-over: back-pressure from the token side
+        else:
+            self.states[ub.id] = ub
+
+    def admit(self, meta: dict, x: torch.Tensor | None) -> None:
+        ub = Ubatch.from_meta(meta)
+        ub.cache = self.model.new_cache(len(ub.lens), ub.max_seq)
+        t0 = self.ctl.now()
+        self.receiver.receive(ub.cache, int(meta["plen"]))
+        self.event("stream", t0, ub.id)
+        if meta.get("drop"):  # every request ended with its first token: nothing to decode
+            self.forward(meta, None)
+            return
+        self.states[ub.id] = ub
+        self.decode(meta, x, ub)
+
+    def decode(self, meta: dict, x: torch.Tensor, ub: Ubatch) -> None:
+        k, b = int(meta["step"]), len(ub.lens)
+        # Finished slots keep stepping on their last token (as the engine does); their writes are never read.
+        positions = (torch.tensor(ub.lens) + k).clamp(max=ub.max_seq - 1).view(b, 1)
+        index = torch.zeros(b, dtype=torch.long) if self.role.is_last else None
+        t0 = self.ctl.now()
+        out = self.model(x.to(self.device), positions, ub.cache, index)
+        self.event("decode", t0, ub.id)
+        self.forward(meta, out)
+        if self.is_sampler:
+            inputs, done = self.sample(ub, out, k + 1)
+            self.notify(FEEDBACK, {"ubatch": ub.id, "step": k + 1, "tokens": inputs, "done": done})
+
+    def sample(self, ub: Ubatch, logits: torch.Tensor, step: int) -> tuple[list[int], bool]:
+        chosen = sample(logits, ub.params, step, [len(o) for o in ub.outputs])
+        ids, toks, fin = [], [], []
+        for i, tok in enumerate(chosen):
+            if not ub.live[i]:
+                continue
+            ub.outputs[i].append(tok)
+            end = is_finished(tok, len(ub.outputs[i]), ub.params[i])
+            ub.live[i] = not end
+            ids.append(ub.request_ids[i])
+            toks.append(tok)
+            fin.append(end)
+        self.ctl.send(Tokens(self.role.rank, ub.id, step, ids, toks, fin, self.ctl.now()))
+        return [o[-1] for o in ub.outputs], not any(ub.live)
+
+
+class Leader:
+    """The scheduling loop of a pipeline's entry rank.
+
+    Baseline and prompt leaders take microbatches from the controller (Submit); the token leader of a
+    disaggregated run takes them from the prompt pipeline's hand-over notices. Leaders of pipelines that
+    decode (baseline, token) get feedback from their sampler and admit at most one microbatch per stage.
+    """
+
+    def __init__(self, w: StageWorker) -> None:
+        self.w, self.role, self.topo = w, w.role, w.topo
+        self.decodes = self.role.pipeline == "token"
+        self.capacity = self.role.num_stages if self.decodes else None
+        mb = w.mailbox
+        if self.decodes and self.topo.sampler_rank != self.role.rank:
+            mb.listen(self.topo.sampler_rank, FEEDBACK)
+        if self.topo.disaggregated and self.decodes:
+            mb.listen(self.topo.prompt_sampler_rank, HANDOVER)
+        self.pending: deque[tuple[dict, torch.Tensor | None]] = deque()
+        self.ready: deque[dict] = deque()
+        self.active: set[int] = set()
+        self.release: list[int] = []
+        self.closing = False
+
+    def run(self) -> None:
+        w = self.w
+        while True:
+            for ev in w.mailbox.get(block=False):
+                self.handle(*ev)
+            item = self.next_item()
+            if item is not None:
+                meta, x = item
+                meta = {**meta, "release": self.release}
+                self.release = []
+                w.issue(meta, x)
+                continue
+            if self.closing and not self.pending and not self.active:
+                w.issue({"kind": "stop", "release": self.release}, None)
+                return
+            w.where = "waiting for microbatches" if not self.active else "waiting for feedback"
+            t0 = w.ctl.now()
+            events = w.mailbox.get(block=True)
+            w.event("idle", t0)
+            for ev in events:
+                self.handle(*ev)
+
+    def handle(self, source, msg) -> None:
+        if source == "error":
+            raise WorkerError(msg)
+        if source == "ctl":
+            if isinstance(msg, Submit):
+                self.pending.append(self.prefill_item(msg))
+            elif isinstance(msg, Shutdown):
+                self.closing = True
+            return
+        if msg.get("kind") == "stop":
+            if source == HANDOVER:
+                self.closing = True
+            return
+        if source == HANDOVER:
+            x = None if msg["drop"] else torch.tensor([o[-1] for o in msg["outputs"]]).view(-1, 1)
+            self.pending.append((msg, x))
+        elif source == FEEDBACK:
+            if msg["done"]:
+                self.active.discard(msg["ubatch"])
+                self.release.append(msg["ubatch"])
+            else:
+                self.ready.append(msg)
+
+    def prefill_item(self, sub: Submit) -> tuple[dict, torch.Tensor]:
+        if len(sub.prompts) > self.w.ubatch_size:
+            raise WorkerError(f"microbatch {sub.ubatch} has {len(sub.prompts)} requests but this worker was started "
+                              f"with --ubatch_size {self.w.ubatch_size}; start controller and workers with the same "
+                              f"--ubatch_size")
+        lens = [len(p) for p in sub.prompts]
+        tokens = torch.zeros(len(lens), max(lens), dtype=torch.long)
+        for i, ids in enumerate(sub.prompts):
+            tokens[i, : len(ids)] = torch.tensor(ids)
+        max_seq = max(n + p["max_new_tokens"] for n, p in zip(lens, sub.params))
+        meta = {"kind": "prefill", "ubatch": sub.ubatch, "ids": sub.request_ids, "lens": lens, "max_seq": max_seq,
+                "params": sub.params}
+        return meta, tokens
+
+    def next_item(self) -> tuple[dict, torch.Tensor | None] | None:
+        if self.pending:
+            meta, x = self.pending[0]
+            if meta.get("drop") or self.capacity is None or len(self.active) < self.capacity:
+                self.pending.popleft()
+                if self.decodes and not meta.get("drop"):
+                    self.active.add(meta["ubatch"])
+                return meta, x
+        if self.ready:
+            fb = self.ready.popleft()
+            return ({"kind": "decode", "ubatch": fb["ubatch"], "step": fb["step"]},
+                    torch.tensor(fb["tokens"]).view(-1, 1))
+        return None
