@@ -291,11 +291,15 @@ class SSHRunner:
         if not res.stdout.strip().isdigit():
             raise LaunchError(f"host {proc.host}: {n} did not start: {res.stdout.strip()} {res.stderr.strip()}")
 
+    def start(self, plan: Plan) -> None:
+        """Start the controller, then every worker (they retry until the controller listens)."""
+        self._start(plan.controller)
+        for w in plan.workers:
+            self._start(w)
+
     def run(self, plan: Plan) -> Outcome:
         try:
-            self._start(plan.controller)
-            for w in plan.workers:
-                self._start(w)
+            self.start(plan)
             outcome = supervise(self, self.cfg.runner)
         except BaseException:
             self.stop()
