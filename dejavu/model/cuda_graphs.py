@@ -21,7 +21,7 @@ class DecodeGraph:
     def __init__(self, stage, cache: KVCache, warmup: int = 2) -> None:
         if stage.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a stage on a CUDA device, not {stage.device}")
-        if cache.data.device != stage.device:
+        if cache.data.device.type != "cuda" or stage.device.index not in (None, cache.data.device.index):
             raise ValueError(f"the cache is on {cache.data.device} but the stage on {stage.device}")
         self.stage, self.cache = stage, cache
         b, dev = cache.shape.batch, stage.device
