@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import threading
 from pathlib import Path
 
@@ -281,3 +282,29 @@ def test_registry_entries_have_the_published_shapes(name):
     tied_head = cfg.vocab_size * cfg.hidden_size  # our last stage holds its own copy of the tied matrix
     assert sum(p.numel() for p in ours.parameters()) - tied_head == published
     assert sum(p.numel() for p in reference.parameters()) == published
+
+
+# ---- the serving system: real controller and worker processes ------------------------------------------
+
+@pytest.mark.parametrize("family, tp", [("gpt2", 1), ("bloom", 1), ("bloom-6heads", 2)])
+def test_disaggregated_serving_matches_engine_and_transformers(checkpoint, family, tp, tmp_path):
+    """One prompt stage hands its KV cache to one token stage (each TP-sharded for the 6-head BLOOM: four
+    processes, the ALiBi slopes split across real process boundaries); tokens equal the Engine's and
+    transformers'."""
+    sys.path.insert(0, str(Path(__file__).parent / "serving"))
+    harness = pytest.importorskip("harness", reason="the serving test harness (tests/serving/harness.py)")
+
+    folder = checkpoint(family)
+    sizes = tmp_path / "sizes.json"  # unequal prompts: right-padded microbatches of 2
+    sizes.write_text(json.dumps([[len(p), NEW] for p in PROMPTS]))
+    run = harness.run_serving(tmp_path, folder, prompt=1, token=1, tp=tp, ubatch=2,
+                              controller_args=["--input_sizes_file", str(sizes)],
+                              worker_args=["--inference_data_type", "fp64"])
+    assert run.controller_rc == 0 and run.worker_rcs == [0] * (2 * tp), run.all_logs()[-4000:]
+    records = sorted(run.records, key=lambda r: r["id"])
+    prompts = [r["prompt_ids"] for r in records]
+    assert sorted(map(len, prompts)) == sorted(map(len, PROMPTS))
+    served = [r["output_ids"] for r in records]
+    engine = Engine(build_stages(ModelConfig.from_folder(folder), HFCheckpoint(folder), 1, dtype="fp64"))
+    assert served == [g.output_ids for g in engine.generate(prompts, SamplingParams(max_new_tokens=NEW))]
+    assert served == hf_greedy(folder, prompts, NEW)
