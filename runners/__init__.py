@@ -7,6 +7,8 @@ flags and environment; ``local``, ``ssh`` and ``mpirun`` start, supervise and st
 from __future__ import annotations
 
 import os
+import re
+import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -21,3 +23,24 @@ def conf_dir() -> Path:
 # ${dejavu_conf:workload/files/x.json} -> an absolute path inside conf/, so presets can ship small files.
 if not OmegaConf.has_resolver("dejavu_conf"):
     OmegaConf.register_new_resolver("dejavu_conf", lambda rel="": str(conf_dir() / rel))
+
+
+def sweep_point_name(num, *, _root_) -> str:
+    """A multirun job's folder name: its number and the values of the swept keys only, e.g.
+    "1_topology=disagg,workload.rps=2" (Hydra's override_dirname would list every override)."""
+    swept = set(OmegaConf.select(_root_, "hydra.sweeper.params", default=None) or {})
+    try:
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        args = [a for a in sys.argv[1:] if not a.startswith("-")]
+        swept |= {o.key_or_group for o in OverridesParser.create().parse_overrides(args) if o.is_sweep_override()}
+    except Exception:  # noqa: BLE001 — a name is a convenience; the job number alone is enough
+        pass
+    task = OmegaConf.select(_root_, "hydra.overrides.task", default=None) or []
+    parts = [t.lstrip("+~") for t in task if t.split("=", 1)[0].lstrip("+~") in swept]
+    name = re.sub(r"[^A-Za-z0-9_.,=+-]", "-", ",".join(parts))[:100]
+    return f"{num}_{name}" if name else str(num)
+
+
+if not OmegaConf.has_resolver("dejavu_sweep_point"):
+    OmegaConf.register_new_resolver("dejavu_sweep_point", sweep_point_name)

@@ -103,7 +103,7 @@ def log_to_wandb(cfg: Config, raw: DictConfig, run_dir: Path) -> None:
     tags = [*cfg.logger.tags, cfg.topology.name, cfg.runner.kind.value] + ([cfg.experiment] if cfg.experiment else [])
     info = log_run(run_dir, config=OmegaConf.to_container(raw, resolve=True), mode=cfg.logger.mode.value,
                    project=cfg.logger.project, entity=cfg.logger.entity, group=group,
-                   name=run_dir.name if group is None else f"{group}/{run_dir.name}", tags=tags)
+                   name=run_dir.name, tags=tags)
     if info is not None:
         where = info.url or info.dir
         print(f"W&B ({info.mode}): run {info.id}" + (f" in group {group}" if group else "") + f" -> {where}")

@@ -92,3 +92,10 @@ def wait_for_text(path: Path, text: str, timeout: float) -> None:
             return
         time.sleep(0.1)
     raise AssertionError(f"{text!r} did not appear in {path} within {timeout}s")
+
+
+def tiny_model_args(ckpt: Path, *, rps: float = 50.0, num_requests: int = 4) -> list[str]:
+    """Overrides for a tiny random Llama checkpoint folder (tests/tiny_models.py) with random-id prompts."""
+    return ["model.source=hf_folder", f"+model.path={ckpt}", "model.name=tiny-llama", "workload=poisson",
+            f"workload.rps={rps}", f"workload.num_requests={num_requests}", "workload.input_len=12",
+            "workload.output_len=8", "print_answers=false"]

@@ -1,0 +1,45 @@
+"""A Hydra multirun: one result folder per point, a sweep index, offline W&B runs sharing one group, and
+`dejavu compare` on the sweep showing both points (and that their outputs are identical)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from runner_helpers import REPO, dejavu_run, tiny_model_args
+
+
+def test_two_point_multirun_indexes_logs_and_compares(tmp_path, tiny_checkpoint):
+    from test_wandb import read_offline_run  # the offline W&B record reader of tests/test_wandb.py
+
+    sweep = tmp_path / "sweep"
+    r = dejavu_run(["-m", "topology=baseline,disagg", *tiny_model_args(tiny_checkpoint("llama-gqa-bias")),
+                    f"hydra.sweep.dir={sweep}"], timeout=400)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    points = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [p.name for p in points] == ["0_topology=baseline", "1_topology=disagg"]
+    for p in points:
+        summary = json.loads((p / "summary.json").read_text())
+        assert summary["counts"]["completed"] == 4
+        assert (p / "logs" / "worker1.log").is_file()
+
+    index = json.loads((sweep / "sweep_index.json").read_text())
+    assert [run["run_dir"] for run in index["runs"]] == [p.name for p in points]
+    assert [run["overrides"][0] for run in index["runs"]] == ["topology=baseline", "topology=disagg"]
+
+    groups = set()
+    for p in points:
+        [folder] = list((p / "wandb").glob("offline-run-*"))
+        rec = read_offline_run(folder)
+        groups.add(rec["run"].run_group)
+        assert rec["summary"]["counts/completed"] == 4
+        assert rec["config"]["topology"]["name"] == p.name.split("=")[1]
+    [group] = groups
+    assert group == f"sweep-{sweep.name}"
+
+    out = subprocess.run([sys.executable, "-m", "dejavu", "compare", str(sweep), "--no-plots"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "topology=baseline" in out.stdout and "topology=disagg" in out.stdout
+    assert "IDENTICAL" in out.stdout  # the same tokens from the baseline pipeline and the disaggregated one
