@@ -13,8 +13,14 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Tiny models on a 2-core CI box: one thread per process beats two fighting ones (about 7x), and the
+# worker processes that tests start inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import tiny_models  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 TINY_BUILDERS = {
     "llama-gqa-bias": lambda d: tiny_models.llama(d, tied=False, kv_heads=2, bias=True),
