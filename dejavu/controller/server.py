@@ -319,9 +319,10 @@ class Controller:
                 continue
             for e in w.stats.events:
                 ev = StageEvent.from_dict(e)
-                ev.start_s -= start
-                ev.end_s -= start
-                events.append(ev)
+                # Waiting for the first work before the run started is not a bubble of the run.
+                ev.start_s, ev.end_s = max(ev.start_s - start, 0.0), ev.end_s - start
+                if ev.end_s > ev.start_s:
+                    events.append(ev)
             stats[w.rank] = worker_stats(w, self.topo)
         return RunResult(ok, [self.records[i] for i in sorted(self.records)], events, stats, error)
 

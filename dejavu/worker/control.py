@@ -17,8 +17,7 @@ import time
 
 import zmq
 
-from ..protocol import (Abort, Error, Heartbeat, HeartbeatAck, Hello, ProtocolError, Welcome, from_msg,
-                        to_msg)
+from ..protocol import Abort, Error, Heartbeat, Hello, ProtocolError, Welcome, from_msg, to_msg
 
 EXIT_ABORTED = 3
 EXIT_CONTROLLER_LOST = 4
@@ -123,3 +122,17 @@ class ControlClient:
                       f"exiting", file=sys.stderr, flush=True)
                 os._exit(EXIT_CONTROLLER_LOST)
         sock.close()
+
+
+def report_early_error(address: str, rank: int, world_size: int, message: str, linger_s: float = 1.0) -> None:
+    """Tell the controller (if one is listening) why this worker will not start, without waiting for it."""
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.IDENTITY, f"w{rank}".encode())
+    sock.setsockopt(zmq.LINGER, int(linger_s * 1000))
+    try:
+        sock.connect(address)
+        sock.send(to_msg(Hello(rank, world_size, os.getpid(), socket.gethostname(), time.perf_counter())))
+        sock.send(to_msg(Error(rank, message, "startup")))
+    finally:
+        sock.close()  # waits up to linger_s for the frames to leave

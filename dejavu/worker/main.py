@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from ..protocol import Ready, Stats
-from .control import ControlClient
+from .control import ControlClient, report_early_error
 from .topology import BACKENDS, TopologyError, make_topology
 
 DEFAULT_PORT = 5600
@@ -145,6 +145,12 @@ def run_worker(opts: WorkerOptions) -> int:
         return 2
     log = lambda msg: print(f"[worker {rank}] {msg}", flush=True)  # noqa: E731
     try:
+        check_options(opts)
+    except ValueError as e:
+        print(f"[worker {rank}] error: {e}", file=sys.stderr, flush=True)
+        report_early_error(controller_address(opts), rank, world or -1, str(e))
+        return 2
+    try:
         ctl = ControlClient(controller_address(opts), rank, world or -1, connect_timeout_s=opts.connect_timeout_s)
     except Exception as e:
         print(f"[worker {rank}] error: {e}", file=sys.stderr, flush=True)
@@ -152,7 +158,6 @@ def run_worker(opts: WorkerOptions) -> int:
     where = "startup"
     try:
         fault = faults.from_env(rank)
-        check_options(opts)
         if fault is not None:
             fault.check("startup")
         t_load = time.perf_counter()

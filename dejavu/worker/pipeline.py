@@ -78,11 +78,13 @@ class Mailbox:
         self.pull = ctl.ctx.socket(zmq.PULL)
         self.pull.bind(self.address)
         self.local: deque = deque()
+        self.listening = 0  # listener threads that have not yet passed on their channel's stop
         self.poller = zmq.Poller()
         self.poller.register(ctl.main, zmq.POLLIN)
         self.poller.register(self.pull, zmq.POLLIN)
 
     def listen(self, src: int, channel: int) -> None:
+        self.listening += 1
         threading.Thread(target=self._listen, args=(src, channel), daemon=True,
                          name=f"listen-{CHANNEL_NAMES[channel]}").start()
 
@@ -217,7 +219,8 @@ class StageWorker:
         """Sampler -> a leader: next-token feedback, or a hand-over notice."""
         dst = self.topo.token_leader
         if dst == self.role.rank:
-            self.mailbox.post(channel, meta)
+            if meta.get("kind") != "stop":  # the leader itself is stopping: nobody to tell
+                self.mailbox.post(channel, meta)
         else:
             self.dp.side_send(dst, meta, channel)
 
@@ -328,6 +331,11 @@ class Leader:
                 continue
             if self.closing and not self.pending and not self.active:
                 w.issue({"kind": "stop", "release": self.release}, None)
+                # Stay until every side channel has delivered its stop: leaving earlier would close
+                # the connection under a sampler still sending to this rank.
+                while w.mailbox.listening > 0:
+                    for ev in w.mailbox.get(block=True):
+                        self.handle(*ev)
                 return
             w.where = "waiting for microbatches" if not self.active else "waiting for feedback"
             t0 = w.ctl.now()
@@ -346,6 +354,7 @@ class Leader:
                 self.closing = True
             return
         if msg.get("kind") == "stop":
+            self.w.mailbox.listening -= 1
             if source == HANDOVER:
                 self.closing = True
             return
