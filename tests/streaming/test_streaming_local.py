@@ -12,7 +12,13 @@ import streaming_cases as cases
 from dejavu.streaming import (LADDER, ChunkError, DiskTransport, LocalTransport, Partition, StagingPool,
                               StepSlice, StreamOptions, StreamStats, gather_step, replicate_box, replicate_step,
                               restore, scatter_step, stream_in, stream_out, swap_in, swap_out)
-from dejavu.streaming.transports.remote import RemoteHostTransport
+
+
+def remote_transport():
+    pytest.importorskip("zmq", reason="pyzmq is not installed")
+    from dejavu.streaming.transports.remote import RemoteHostTransport
+
+    return RemoteHostTransport
 
 
 def make(kind, tmp_path):
@@ -120,6 +126,7 @@ def test_replication_restores_a_cache(tmp_path, kind):
 
 def test_replication_to_a_peer_process_replica_store():
     """The store runs in another process; chunks travel over a real TCP socket (msgpack + raw bytes)."""
+    RemoteHostTransport = remote_transport()
     server = subprocess.Popen([sys.executable, "-m", "dejavu.streaming.transports.remote"],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
@@ -145,6 +152,8 @@ def test_replication_to_a_peer_process_replica_store():
 
 def test_dead_replica_store_times_out_with_its_address():
     import socket
+
+    RemoteHostTransport = remote_transport()
 
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
