@@ -135,12 +135,22 @@ class Controller:
                 return
             w.hello, w.last_heartbeat = msg, self.now()
             if msg.world_size not in (-1, self.topo.world_size):
-                self.send(identity, Abort(f"the worker thinks the world has {msg.world_size} ranks but the "
-                                          f"controller's topology has {self.topo.world_size}"))
+                why = (f"{w.label(self.topo)} was started for a world of {msg.world_size} workers but the "
+                       f"controller's --num_peers gives {self.topo.world_size}")
+                self.send(identity, Abort(why))
+                self.fail(why)
+                return
             self.send(identity, Welcome(rank, self.now(), msg.sent_at, self.opts.heartbeat_interval_s,
                                         max(60.0, 4 * self.opts.heartbeat_timeout_s)))
         elif isinstance(msg, Ready):
             w.ready = msg
+            want = self.topo.role(rank)
+            got = (msg.role, msg.stage, msg.tp_rank, tuple(msg.layers))
+            if got != (want.kind, want.stage, want.tp_rank, want.layers):
+                self.fail(f"{w.label(self.topo)} runs as {msg.role}{msg.stage} tp{msg.tp_rank} with layers "
+                          f"{tuple(msg.layers)}, but the controller's flags make it {want.name} tp{want.tp_rank} with "
+                          f"layers {want.layers}; start the controller and the workers with the same topology")
+                return
             self.log(f"{w.label(self.topo)} ready: layers [{msg.layers[0]}, {msg.layers[1]}) on {msg.device}, "
                      f"loaded in {msg.load_s:.1f} s [{sum(x.ready is not None for x in self.workers.values())}"
                      f"/{self.topo.world_size}]")

@@ -136,9 +136,11 @@ class TorchDataPlane(DataPlane):
 
     def send(self, dst, meta, tensors=(), channel=ACT):
         t0 = time.perf_counter()
+        # Payloads travel from this rank's device (the receiver allocates on its own): CUDA -> NCCL.
+        tensors = [t.to(self.device).contiguous() for t in tensors]
         self._send_header(dst, _pack(meta, tensors), channel)
         for t in tensors:
-            self.dist.send(t.contiguous(), dst, tag=channel)
+            self.dist.send(t, dst, tag=channel)
         self._count(self.bytes_sent, channel, tensors)
         self.seconds[CHANNEL_NAMES[channel] + "_send"] += time.perf_counter() - t0
 
