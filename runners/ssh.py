@@ -277,7 +277,9 @@ class SSHRunner:
     # ---- running -----------------------------------------------------------------------------------
     def _start(self, proc) -> None:
         d, h = self.proc_dirs[proc.host], self.hosts[proc.host]
-        env = " ".join(f"{k}={q(v)}" for k, v in proc.env.items())
+        # DEJAVU_HOST: which host of the list it belongs to, so that kill_host(host) finds exactly these even
+        # when several addresses of the list are one machine.
+        env = " ".join(f"{k}={q(v)}" for k, v in {**proc.env, "DEJAVU_HOST": proc.host}.items())
         cmd = " ".join(q(a) for a in [h.python, "-u", "-m", self.plan.entry, proc.role, *proc.args])
         n = proc.name
         # setsid: the process group of its own whose id we record; the sh wrapper keeps the exit code.
@@ -345,9 +347,15 @@ class SSHRunner:
         self._offset += cut
         return data[:cut].decode("utf-8", "replace")
 
+    def _sweep(self, addr: str, sig: str) -> str:
+        """Shell: signal every process whose environment says it is this run's, on this host of the list."""
+        run, host = q(f"DEJAVU_RUN_ID={self.run_id}"), q(f"DEJAVU_HOST={addr}")
+        return (f"for p in /proc/[0-9]*; do e=$(tr '\\0' '\\n' < $p/environ 2>/dev/null) || continue; "
+                f"echo \"$e\" | grep -qxF {run} && echo \"$e\" | grep -qxF {host} && kill -{sig} ${{p#/proc/}} 2>/dev/null; "
+                f"done; true")
+
     def _kill_script(self, addr: str, term_s: float) -> str:
         d = q(self.proc_dirs[addr])
-        marker = q(f"DEJAVU_RUN_ID={self.run_id}")
         tries = max(1, int(term_s / 0.2))
         return (f"pgs=$(awk '{{print $2}}' {d}/pids/{q(addr)}.pids 2>/dev/null); "
                 f"for g in $pgs; do kill -TERM -- -$g 2>/dev/null; done; "
@@ -355,8 +363,7 @@ class SSHRunner:
                 f"[ $alive = 0 ] && break; sleep 0.2; done; "
                 f"for g in $pgs; do kill -KILL -- -$g 2>/dev/null; done; "
                 # Anything of this run that left its group (it cannot have left its environment).
-                f"for p in /proc/[0-9]*; do tr '\\0' '\\n' < $p/environ 2>/dev/null | grep -qxF {marker} "
-                f"&& kill -KILL ${{p#/proc/}} 2>/dev/null; done; true")
+                + self._sweep(addr, "KILL"))
 
     def stop(self) -> None:
         if self._stopped or not hasattr(self, "proc_dirs"):
@@ -379,13 +386,12 @@ class SSHRunner:
             print("dejavu-run: " + "; ".join(errors))
 
     def kill_host(self, addr: str, sig: str = "KILL") -> None:
-        """Kill every process of this run on one host at once (failure injection): their groups and any
-        process carrying this run's id there. The supervisor then sees them as gone."""
+        """Kill every process of this run on one host of the list at once (failure injection): their
+        process groups, and any process whose environment marks it as this run's on that host. The
+        supervisor then sees them as gone (exit code 137)."""
         d = q(self.proc_dirs[addr])
-        marker = q(f"DEJAVU_RUN_ID={self.run_id}")
         self.sh(addr, f"for g in $(awk '{{print $2}}' {d}/pids/{q(addr)}.pids 2>/dev/null); do kill -{sig} -- -$g 2>/dev/null; done; "
-                      f"for p in /proc/[0-9]*; do tr '\\0' '\\n' < $p/environ 2>/dev/null | grep -qxF {marker} "
-                      f"&& kill -{sig} ${{p#/proc/}} 2>/dev/null; done; true", check=False)
+                      + self._sweep(addr, sig), check=False)
 
     def log_tail(self, name: str, lines: int = 20) -> str:
         path = self.run_dir / "logs" / f"{name}.log"

@@ -49,6 +49,7 @@ def controller(argv: list[str]) -> int:
         conns.append(conn)
         print(f"worker {hello['rank']} from {hello['hostname']} ({addr[0]}) ready [{len(seen)}/{args.num_peers}]",
               flush=True)
+        _write_seen(args.run_dir, argv, rest, seen)  # as it goes: a run stopped half-way still shows who came
     end = time.time() + hold
     done = 0
     while time.time() < end or done < args.num_requests:
@@ -61,7 +62,6 @@ def controller(argv: list[str]) -> int:
         c.close()
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "standin.json").write_text(json.dumps({"argv": argv, "unparsed": rest, "workers": seen}, indent=1))
     # A results folder through the results package, as the real controller writes it (no plots: quick).
     from dejavu.records import RequestRecord
     from dejavu.results.writer import write_results
@@ -73,6 +73,12 @@ def controller(argv: list[str]) -> int:
     write_results(run_dir, records, [], None, {"standin": True, "argv": argv}, plots=False)
     print(f"standin controller done: {args.num_requests} requests, {len(seen)} workers", flush=True)
     return 0
+
+
+def _write_seen(run_dir: str, argv: list[str], rest: list[str], seen: dict) -> None:
+    path = Path(run_dir) / "standin.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"argv": argv, "unparsed": rest, "workers": seen}, indent=1))
 
 
 def worker(argv: list[str]) -> int:

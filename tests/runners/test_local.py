@@ -66,3 +66,17 @@ def test_ctrl_c_stops_every_process(tmp_path):
     record = launch_record(run)
     assert record["exit_codes"]["controller"] is not None
     assert leftover_processes(run) == []
+
+
+def test_default_command_serves_smollm2_and_answers(tmp_path, smollm2_dir):
+    """`dejavu-run` as README's main command: SmolLM2 on one CPU worker, real prompts via the chat template,
+    answers and a metrics table printed, the results folder written and logged to W&B offline."""
+    run = tmp_path / "run"
+    r = dejavu_run(["workload.num_requests=2", "workload.output_len=16", f"hydra.run.dir={run}"], timeout=400)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "What is the capital of France?" in r.stdout and "Paris" in r.stdout
+    assert "throughput tok/s" in r.stdout and "outputs_sha256" in r.stdout
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["counts"]["completed"] == 2
+    assert list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert leftover_processes(run) == []

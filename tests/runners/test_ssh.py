@@ -14,7 +14,7 @@ import time
 import pytest
 from hydra import compose, initialize_config_dir
 
-from runner_helpers import REPO, dejavu_run, launch_record, leftover_processes, wait_for_text
+from runner_helpers import REPO, dejavu_run, leftover_processes, tiny_model_args, wait_for_text
 
 import runners.schema  # noqa: F401
 from runners import conf_dir
@@ -27,10 +27,11 @@ def two_hosts(tmp_path):
     return hosts
 
 
-def test_disaggregated_run_on_two_hosts_end_to_end(sshd, two_hosts, tmp_path):
+def test_disaggregated_run_on_two_hosts_end_to_end(sshd, two_hosts, tmp_path, tiny_checkpoint):
     run = tmp_path / "run"
     t0 = time.monotonic()
-    r = dejavu_run([*sshd.overrides(two_hosts), "topology=disagg", "entry=runners.standin", "logger=none",
+    r = dejavu_run([*sshd.overrides(two_hosts), "topology=disagg", *tiny_model_args(tiny_checkpoint("llama-gqa-bias")),
+                    "logger=none",
                     # setup=install: a venv per machine with this tree pip-installed (offline: the venv shares
                     # this interpreter's packages, so only our package itself is installed)
                     "cluster.setup=install", "cluster.system_site_packages=true",
@@ -39,37 +40,36 @@ def test_disaggregated_run_on_two_hosts_end_to_end(sshd, two_hosts, tmp_path):
     print(f"ssh end-to-end: {time.monotonic() - t0:.1f}s")
     # logs and results came back into the local run folder
     for f in ("logs/controller.log", "logs/worker0.log", "logs/worker1.log", "summary.json", "requests.jsonl",
-              "pids/127.0.0.1.pids", "pids/127.0.0.2.pids"):
+              "trace.json", "pids/127.0.0.1.pids", "pids/127.0.0.2.pids"):
         assert (run / f).is_file(), f
-    assert json.loads((run / "summary.json").read_text())["counts"]["completed"] == 4
-    # rank i ran on line i of the host list, each with the seed's environment
-    seen = json.loads((run / "standin.json").read_text())["workers"]
-    assert seen["0"]["env"]["SSH_CONNECTION"].split()[2] == "127.0.0.1"
-    assert seen["1"]["env"]["SSH_CONNECTION"].split()[2] == "127.0.0.2"
-    for w in seen.values():
-        assert w["env"]["MASTER_ADDR"] == "127.0.0.1" and w["env"]["TOKEN_MASTER_ADDR"] == "127.0.0.2"
-    # each process is a group of its own (setsid), recorded per host for stopping and kill_host
-    assert (run / "pids/127.0.0.2.pids").read_text().split() == ["worker1", str(seen["1"]["pgid"])]
-    assert f"worker0 {seen['0']['pgid']}" in (run / "pids/127.0.0.1.pids").read_text()
-    # the venv was made and holds our package
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["counts"]["completed"] == 4 and summary["run"]["topology"]["prompt_stages"] == 1
+    # the prompt worker (rank 0) ran on the first host, the token worker (rank 1) on the second
+    assert (run / "pids/127.0.0.2.pids").read_text().split()[0] == "worker1"
+    assert "worker0" in (run / "pids/127.0.0.1.pids").read_text()
+    assert "ready" in (run / "logs/controller.log").read_text()
+    # the venv was made and holds our package, installed from the copied tree
     venv = sshd.remote_dir / "venv"
     assert (venv / ".dejavu-src").is_file()
+    assert list(venv.glob("lib/python3*/site-packages/runners/ssh.py"))
     assert leftover_processes(run) == []
 
 
-def test_ctrl_c_leaves_no_process_on_any_host(sshd, two_hosts, tmp_path):
+def test_ctrl_c_leaves_no_process_on_any_host(sshd, two_hosts, tmp_path, tiny_checkpoint):
     run = tmp_path / f"run-{time.time_ns()}"  # its own name: the remote runs/ folder is shared by the tests
     env = {**os.environ, "WANDB_MODE": "offline"}
-    p = subprocess.Popen([sys.executable, "-m", "runners.app", *sshd.overrides(two_hosts), "topology=disagg",
-                          "entry=runners.standin", "logger=none", "cluster.setup=pythonpath",
-                          "+cluster.env.DEJAVU_STANDIN_HOLD_S=300", f"hydra.run.dir={run}"],
-                         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A slow trickle of requests (0.5/s), so the run is mid-way when Ctrl-C comes.
+    args = [*sshd.overrides(two_hosts), "topology=disagg", "cluster.setup=pythonpath", "logger=none",
+            *tiny_model_args(tiny_checkpoint("llama-gqa-bias"), rps=0.5, num_requests=100), f"hydra.run.dir={run}"]
+    p = subprocess.Popen([sys.executable, "-m", "runners.app", *args], cwd=REPO, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
         while not list(sshd.remote_dir.glob(f"runs/{run.name}-*/logs/controller.log")) and time.monotonic() < deadline:
             time.sleep(0.2)
         [log] = sshd.remote_dir.glob(f"runs/{run.name}-*/logs/controller.log")
-        wait_for_text(log, "[2/2]", timeout=60)  # both workers are up
+        wait_for_text(log, "workers ready", timeout=120)  # both workers are up and serving
+        time.sleep(1)
         t0 = time.monotonic()
         p.send_signal(signal.SIGINT)
         out, err = p.communicate(timeout=60)
@@ -78,6 +78,7 @@ def test_ctrl_c_leaves_no_process_on_any_host(sshd, two_hosts, tmp_path):
             p.kill()
     assert p.returncode == 130, out[-3000:] + err[-3000:]
     assert time.monotonic() - t0 < 30
+    assert "interrupted" in err
     assert leftover_processes(run) == []  # on both hosts (one machine here)
     assert (run / "logs" / "worker1.log").is_file()  # logs were still fetched
 
@@ -124,3 +125,14 @@ def test_kill_host_kills_every_process_there(sshd, two_hosts, tmp_path):
         runner.close()
     (run / "launch.json").write_text(json.dumps({"procs": [{"env": {"DEJAVU_RUN_ID": runner.run_id}}]}))
     assert leftover_processes(run) == []
+    # The wiring, as the stand-in workers saw it: rank i came through the SSH server address of line i of
+    # the host list, with the seed's environment.
+    seen = json.loads((run / "standin.json").read_text())["workers"]
+    assert seen["0"]["env"]["SSH_CONNECTION"].split()[2] == "127.0.0.1"
+    assert seen["1"]["env"]["SSH_CONNECTION"].split()[2] == "127.0.0.2"
+    for rank, w in seen.items():
+        env = w["env"]
+        assert env["MASTER_ADDR"] == env["PROMPT_MASTER_ADDR"] == env["DEJAVU_CONTROLLER_IP"] == "127.0.0.1"
+        assert env["TOKEN_MASTER_ADDR"] == "127.0.0.2" and env["NCCL_COMM_ID"].startswith("127.0.0.1:")
+        assert w["argv"][w["argv"].index("--rank") + 1] == rank
+    assert (run / "pids/127.0.0.2.pids").read_text().split() == ["worker1", str(seen["1"]["pgid"])]
