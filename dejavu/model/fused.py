@@ -192,6 +192,42 @@ if HAVE_TRITON:
         tl.store(O + b * stride_ob + h * stride_oh + d, o.to(O.dtype.element_ty), mask=d < HEAD_DIM)
 
     @triton.jit
+    def _skinny_mm_kernel(X, W, B, Y, M, N, K, stride_xm, stride_wn, stride_ym, GATE_OFF,
+                          HAS_BIAS: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr):
+        # y[m, n] = x[m, :] . w[n, :] (+ b[n]) for a few rows m: each program streams BLOCK_N rows of w
+        # once for every m. ACT: 0 none, 1 relu, 2 swiglu (silu(x.w[n]) * x.w[n + GATE_OFF]).
+        pid = tl.program_id(0)
+        n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        m = tl.arange(0, BLOCK_M)
+        nm = n < N
+        mm = m < M
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if ACT == 2:
+            acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            km = k < K
+            x = tl.load(X + m[:, None] * stride_xm + k[None, :], mask=mm[:, None] & km[None, :], other=0.0)
+            w = tl.load(W + n[:, None] * stride_wn + k[None, :], mask=nm[:, None] & km[None, :], other=0.0)
+            acc += tl.dot(x, tl.trans(w), input_precision=PREC)
+            if ACT == 2:
+                w2 = tl.load(W + (n[:, None] + GATE_OFF) * stride_wn + k[None, :], mask=nm[:, None] & km[None, :],
+                             other=0.0)
+                acc2 += tl.dot(x, tl.trans(w2), input_precision=PREC)
+        if HAS_BIAS:
+            acc += tl.load(B + n, mask=nm, other=0.0).to(tl.float32)[None, :]
+        out_ty = Y.dtype.element_ty
+        if ACT == 1:
+            acc = tl.maximum(acc, 0.0)
+        if ACT == 2:
+            # As the reference: gate and up rounded, silu(gate) rounded, the product rounded.
+            g = acc.to(out_ty).to(tl.float32)
+            a = (g / (1.0 + tl.exp(-g))).to(out_ty).to(tl.float32)
+            acc = a * acc2.to(out_ty).to(tl.float32)
+        tl.store(Y + m[:, None] * stride_ym + n[None, :], acc.to(out_ty), mask=mm[:, None] & nm[None, :])
+
+    @triton.jit
     def _silu_mul_kernel(X, Y, stride_x, stride_y, N, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -252,16 +288,20 @@ def rope_write(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor | N
     return qkv[..., : heads * head_dim].view(b, t, heads, head_dim)
 
 
-def _splits(batch: int, kv_heads: int, max_seq: int, block_n: int) -> tuple[int, int]:
+# block_n, num_stages, num_warps, target programs; overridden by the bench's sweep.
+ATTN_CONFIG: dict = {}
+
+
+def _splits(batch: int, kv_heads: int, max_seq: int, block_n: int, target: int = 264) -> tuple[int, int]:
     """Split the keys so that about two waves of programs cover the GPU even at batch 1."""
     blocks = triton.cdiv(max_seq, block_n)
-    want = max(1, min(blocks, triton.cdiv(264, batch * kv_heads)))
+    want = max(1, min(blocks, triton.cdiv(target, batch * kv_heads)))
     split_len = triton.cdiv(blocks, want) * block_n
     return triton.cdiv(max_seq, split_len), split_len
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
-                     scale: float | None = None) -> torch.Tensor:
+                     scale: float | None = None, config: tuple | None = None) -> torch.Tensor:
     """One query per slot: q [b, H, d]; keys/values [b, KV, S, d] (cache views); positions [b] or [b, 1]
     is each query's position, so keys 0..pos are read. Returns [b, H, d]."""
     b, heads, head_dim = q.shape
@@ -270,8 +310,10 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     group = heads // kv_heads
     pos = positions.reshape(b)
     scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
-    block_n = 64 if max_seq >= 64 else 16
-    num_splits, split_len = _splits(b, kv_heads, max_seq, block_n)
+    block_n, stages, warps, target = config or ATTN_CONFIG.get((b, kv_heads)) or ATTN_CONFIG.get("default") \
+        or (64, 2, 4, 264)
+    block_n = min(block_n, max(16, _pow2(max_seq)))
+    num_splits, split_len = _splits(b, kv_heads, max_seq, block_n, target)
     out = torch.empty(b, heads, head_dim, dtype=q.dtype, device=q.device)
     d_pad = _pow2(max(head_dim, 16))
     if num_splits > 1:
@@ -286,13 +328,50 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         values.stride(0), values.stride(1), values.stride(2), pos.stride(0), out.stride(0), out.stride(1),
         scale * 1.4426950408889634,
         H=heads, GROUP=group, BLOCK_G=max(16, _pow2(group)), HEAD_DIM=head_dim, D=d_pad, BLOCK_N=block_n,
-        SPLIT_LEN=split_len, NUM_SPLITS=num_splits, num_warps=4, num_stages=2,
+        SPLIT_LEN=split_len, NUM_SPLITS=num_splits, num_warps=warps, num_stages=stages,
         PREC="ieee" if q.dtype == torch.float32 else "tf32")  # fp32 stays fp32 (no TF32 rounding)
     if num_splits > 1:
         _decode_reduce_kernel[(b * heads,)](
             mx, lx, acc, out, out.stride(0), out.stride(1), H=heads, HEAD_DIM=head_dim, D=d_pad,
             NUM_SPLITS=num_splits, BLOCK_S=_pow2(num_splits), num_warps=2)
     return out
+
+
+SKINNY_MAX_ROWS = 64
+# (BLOCK_N, BLOCK_K, num_stages, num_warps); overridden by the bench's sweep (bench/decode_kernels.py).
+SKINNY_CONFIG: dict = {}
+
+
+def _skinny_config(m: int, n: int, k: int) -> tuple[int, int, int, int]:
+    cfg = SKINNY_CONFIG.get((m, n, k)) or SKINNY_CONFIG.get("default")
+    if cfg:
+        return cfg
+    # Enough programs for about one wave on 132 SMs, each streaming a narrow slab of w.
+    block_n = 16 if n <= 4096 else 32 if n <= 16384 else 64
+    return block_n, 256 if k >= 256 else _pow2(k), 4, 4
+
+
+def skinny_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, act: int = 0,
+              config: tuple | None = None) -> torch.Tensor:
+    """``x @ weight.T (+ bias)`` for x with few rows (decode), streaming the weight at full bandwidth.
+
+    act: 0 none, 1 relu, 2 swiglu (weight holds [gate; up]; returns silu(x gate) * (x up), half width).
+    """
+    shape = x.shape
+    k = shape[-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m, n = x2.shape[0], weight.shape[0]
+    n_out = n // 2 if act == 2 else n
+    y = torch.empty(m, n_out, dtype=x.dtype, device=x.device)
+    block_n, block_k, stages, warps = config or _skinny_config(m, n_out, k)
+    _skinny_mm_kernel[(triton.cdiv(n_out, block_n),)](
+        x2, weight, bias if bias is not None else weight, y, m, n_out, k, x2.stride(0), weight.stride(0),
+        y.stride(0), n_out if act == 2 else 0, HAS_BIAS=bias is not None, ACT=act,
+        BLOCK_M=max(16, _pow2(m)), BLOCK_N=block_n, BLOCK_K=block_k, num_stages=stages, num_warps=warps,
+        PREC="ieee" if x.dtype == torch.float32 else "tf32")
+    return y.view(*shape[:-1], n_out)
 
 
 def silu_mul(x: torch.Tensor) -> torch.Tensor:
