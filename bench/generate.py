@@ -303,6 +303,7 @@ VARIANTS = [
     ("graphs, torch ops", False, False, True),
     ("graphs, triton kernels", True, False, True),
     ("graphs, triton, fused blocks", True, True, True),
+    ("graphs, triton, fused, skinny mm", "skinny", True, True),
 ]
 
 
@@ -317,10 +318,12 @@ def run_variants(shape: str, args, device: torch.device, bw: float, results: lis
     gc.collect()
     fusable = stage.fused
     g = torch.Generator().manual_seed(args.seed + 1)
-    for name, triton, fused, graphs in VARIANTS:
-        if graphs and device.type != "cuda":
+    only = args.variant_names.split(",") if args.variant_names else None
+    for i, (name, triton, fused, graphs) in enumerate(VARIANTS):
+        if (graphs and device.type != "cuda") or (only and str(i) not in only):
             continue
         os.environ["DEJAVU_TRITON"] = "1" if triton else "0"
+        os.environ["DEJAVU_SKINNY"] = "1" if triton == "skinny" else "0"
         stage.fused = fused and fusable
         for b in batches:
             engine = Engine([stage], cuda_graphs=graphs, cache_len=P + N)
@@ -338,6 +341,7 @@ def run_variants(shape: str, args, device: torch.device, bw: float, results: lis
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     os.environ["DEJAVU_TRITON"] = "1"
+    os.environ["DEJAVU_SKINNY"] = "1"
     del stage
     gc.collect()
 
@@ -383,6 +387,7 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true", help="print the kernel table of a decode step")
     ap.add_argument("--variants", action="store_true",
                     help="instead: decode step and prefill of each optimisation stage (first of --dtypes)")
+    ap.add_argument("--variant-names", default=None, help="with --variants: comma list of their indices")
     ap.add_argument("--out", default=None, help="write every number here (JSON)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)

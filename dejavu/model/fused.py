@@ -36,6 +36,12 @@ except ImportError:  # CPU-only installs
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def skinny_enabled(x: torch.Tensor) -> bool:
+    """Decode-sized activations (few rows) on the GPU: stream weights with ``skinny_mm``?"""
+    rows = x.numel() // x.shape[-1]
+    return rows <= SKINNY_MAX_ROWS and os.environ.get("DEJAVU_SKINNY", "1") != "0" and enabled(x)
+
+
 def enabled(t: torch.Tensor) -> bool:
     """Use the Triton kernels for tensors like ``t``?"""
     if not HAVE_TRITON or os.environ.get("DEJAVU_TRITON", "1") == "0":
@@ -342,8 +348,33 @@ SKINNY_MAX_ROWS = 64
 SKINNY_CONFIG: dict = {}
 
 
+def _bucket(m: int) -> int:
+    return max(16, _pow2(m))
+
+
+def use_skinny(m: int, n: int, k: int) -> bool:
+    """False where the sweep found cuBLAS faster for this shape."""
+    return SKINNY_CONFIG.get((_bucket(m), n, k), True) is not None
+
+
+def load_tuning(path: str) -> None:
+    """Best launch configs per shape from ``bench/decode_kernels.py --out`` (None: cuBLAS is faster)."""
+    import json
+
+    for row in json.load(open(path)):
+        if row["case"].startswith("attn"):
+            ATTN_CONFIG[(row["b"], int(row["case"].split("=")[1]))] = tuple(row["best"])
+        elif "cublas_us" in row and row["m"] != 1:  # m=1 runs the same kernel as m=8
+            out = row["n"] // 2 if MATMUL_ACT.get(row["case"]) == 2 else row["n"]
+            best = tuple(row["best"]) if row["best_us"] < row["cublas_us"] else None
+            SKINNY_CONFIG[(_bucket(row["m"]), out, row["k"])] = best
+
+
+MATMUL_ACT = {"llama.gate_up": 2}
+
+
 def _skinny_config(m: int, n: int, k: int) -> tuple[int, int, int, int]:
-    cfg = SKINNY_CONFIG.get((m, n, k)) or SKINNY_CONFIG.get("default")
+    cfg = SKINNY_CONFIG.get((_bucket(m), n, k)) or SKINNY_CONFIG.get("default")
     if cfg:
         return cfg
     # Enough programs for about one wave on 132 SMs, each streaming a narrow slab of w.
@@ -372,6 +403,10 @@ def skinny_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
         BLOCK_M=max(16, _pow2(m)), BLOCK_N=block_n, BLOCK_K=block_k, num_stages=stages, num_warps=warps,
         PREC="ieee" if x.dtype == torch.float32 else "tf32")
     return y.view(*shape[:-1], n_out)
+
+
+if HAVE_TRITON and os.environ.get("DEJAVU_KERNEL_TUNING"):
+    load_tuning(os.environ["DEJAVU_KERNEL_TUNING"])
 
 
 def silu_mul(x: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .kv_cache import KVCache, StepPlan
-from .layers import add_norm
+from .layers import add_norm, linear
 
 
 def block_parts(block: nn.Module) -> tuple | None:
@@ -68,7 +68,7 @@ def forward(stage, x: torch.Tensor, plan: StepPlan, cache: KVCache, logits_index
     norm, rest = head_parts(stage.head)
     _, y = add_norm(h, delta, bias, norm)
     for module in rest:
-        y = module(y)
+        y = linear(y, module) if isinstance(module, nn.Linear) else module(y)
     return y
 
 

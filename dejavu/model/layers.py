@@ -34,6 +34,27 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+def linear(x: torch.Tensor, lin: nn.Linear, act: str | None = None) -> torch.Tensor:
+    """``lin(x)`` then the activation ``act`` ("relu", "silu_mul" = SwiGLU on [gate | up], or None).
+
+    Decode-sized inputs on the GPU go through a Triton kernel that streams the weight at close to full
+    bandwidth and applies bias and activation in its epilogue (cuBLAS under-fills the GPU there).
+    """
+    if fused.skinny_enabled(x):
+        n = lin.weight.shape[0] // (2 if act == "silu_mul" else 1)
+        if fused.use_skinny(x.numel() // x.shape[-1], n, x.shape[-1]):
+            return fused.skinny_mm(x, lin.weight, lin.bias, {None: 0, "relu": 1, "silu_mul": 2}[act])
+    y = lin(x)
+    if act == "relu":
+        return F.relu(y)
+    if act == "silu_mul":
+        if fused.enabled(y):
+            return fused.silu_mul(y)
+        gate, up = y.split(y.shape[-1] // 2, dim=-1)
+        return F.silu(gate) * up
+    return y
+
+
 def add_norm(h: torch.Tensor, delta: torch.Tensor | None, bias: torch.Tensor | None, norm: nn.Module):
     """``h + (delta + bias)`` and its normalisation, as one kernel on the GPU: (new h, norm(new h))."""
     if fused.enabled(h):
@@ -128,12 +149,12 @@ class Attention(nn.Module):
         """Attention and output projection, all-reduced; the output bias is left to the caller (so that
         a fused kernel can add it together with the residual)."""
         b, t, _ = x.shape
-        qkv = self.qkv(x)
+        qkv = linear(x, self.qkv)
         if self.alibi_slopes is None and fused.enabled(qkv):
             o = self._attend_fused(qkv, plan, cache, layer)
         else:
             o = self._attend_torch(qkv, plan, cache, layer)
-        o = self.out(o.reshape(b, t, self.heads * self.head_dim))
+        o = linear(o.reshape(b, t, self.heads * self.head_dim), self.out)
         return self.comm.all_reduce_(o)
 
     def _attend_fused(self, qkv: torch.Tensor, plan: StepPlan, cache: KVCache, layer: int) -> torch.Tensor:
@@ -221,13 +242,12 @@ class GatedMLP(nn.Module):
         return self.core(x)
 
     def core(self, x: torch.Tensor) -> torch.Tensor:
-        gu = self.gate_up(x)
-        if self.act is F.silu and fused.enabled(gu):
-            a = fused.silu_mul(gu)
+        if self.act is F.silu:
+            a = linear(x, self.gate_up, "silu_mul")
         else:
-            gate, up = gu.split(self.inner, dim=-1)
+            gate, up = self.gate_up(x).split(self.inner, dim=-1)
             a = self.act(gate) * up
-        return self.comm.all_reduce_(self.down(a))
+        return self.comm.all_reduce_(linear(a, self.down))
 
 
 class MLP(nn.Module):
@@ -246,7 +266,11 @@ class MLP(nn.Module):
 
     def core(self, x: torch.Tensor) -> torch.Tensor:
         """The FFN all-reduced, without the output bias (a fused kernel adds it with the residual)."""
-        return self.comm.all_reduce_(self.fc_out(self.act(self.fc_in(x))))
+        if self.act is F.relu:
+            h = linear(x, self.fc_in, "relu")
+        else:
+            h = self.act(linear(x, self.fc_in))
+        return self.comm.all_reduce_(linear(h, self.fc_out))
 
 
 def activation(name: str):
