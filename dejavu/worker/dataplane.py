@@ -9,13 +9,13 @@ Besides the in-order stage-to-stage messages, a few *side channels* carry small 
 must be able to wait for while it waits for other things too (the next-token feedback into the entry
 stage, the prompt pipeline's hand-over notices into the token pipeline). Those are received by a
 listener thread (``side_recv``), so they get their own communicator (a gloo pair group, or a duplicated
-MPI communicator) that the main thread's traffic never shares.
+MPI communicator) that the main thread's traffic never shares. The KV hand-over of a disaggregated run
+goes through the streaming library, on one more communicator of its own (``kv_transport``).
 """
 
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections import Counter
 from datetime import timedelta
@@ -26,8 +26,8 @@ import torch
 from .topology import Topology
 
 # Channel -> tag. Tags only need to be distinct per (sender, receiver) pair.
-ACT, TP, KV, FEEDBACK, HANDOVER = 1, 2, 3, 4, 5
-CHANNEL_NAMES = {ACT: "act", TP: "tp", KV: "kv", FEEDBACK: "feedback", HANDOVER: "handover"}
+ACT, TP, FEEDBACK, HANDOVER = 1, 2, 4, 5
+CHANNEL_NAMES = {ACT: "act", TP: "tp", FEEDBACK: "feedback", HANDOVER: "handover"}
 
 _DTYPES = {str(d).removeprefix("torch."): d for d in
            (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.uint8,
@@ -50,20 +50,6 @@ def _unpack(buf: bytes) -> tuple[dict, list]:
     return meta, [(_DTYPES[d], tuple(shape)) for d, shape in specs]
 
 
-class Pending:
-    """An asynchronous send; keeps its buffer alive until ``wait`` returns."""
-
-    def __init__(self, handle, buffer, on_wait=None) -> None:
-        self.handle, self.buffer, self.on_wait = handle, buffer, on_wait
-
-    def wait(self) -> None:
-        if self.handle is not None:
-            self.handle.wait()
-            if self.on_wait is not None:
-                self.on_wait()
-            self.handle = self.buffer = None
-
-
 class DataPlane:
     """What every backend provides; counters of bytes and seconds per channel live here."""
 
@@ -82,8 +68,8 @@ class DataPlane:
     # -- provided by backends
     def send(self, dst: int, meta: dict, tensors=(), channel: int = ACT) -> None: ...
     def recv(self, src: int, channel: int = ACT) -> tuple[dict, list[torch.Tensor]]: ...
-    def isend(self, dst: int, tensor: torch.Tensor, channel: int = KV) -> Pending: ...
-    def recv_into(self, src: int, out: torch.Tensor, channel: int = KV) -> None: ...
+    def kv_transport(self):
+        """The streaming library's transport for the prompt -> token KV hand-over (disaggregated runs)."""
     def side_send(self, dst: int, meta: dict, channel: int) -> None: ...
     def side_recv(self, src: int, channel: int) -> dict: ...
     def tp_comm(self): ...
@@ -116,6 +102,10 @@ class TorchDataPlane(DataPlane):
                 g = dist.new_group(ranks, backend=spec) if topo.tp > 1 else None
                 if rank in ranks:
                     self._tp_group = g
+        # The KV hand-over gets a group of its own, so its tags (message indices) meet no other traffic;
+        # pure NCCL on GPUs, so the streaming library sends device buffers directly.
+        self._kv_group = (dist.new_group(list(range(self.world_size)), backend="gloo" if backend == "gloo" else "nccl")
+                          if topo.disaggregated else None)
         self._side: dict[tuple[int, int], object] = {}
         for a, b in side_pairs(topo):
             g = dist.new_group(sorted({a, b}), backend="gloo")
@@ -156,17 +146,10 @@ class TorchDataPlane(DataPlane):
         self.seconds[CHANNEL_NAMES[channel] + "_recv"] += time.perf_counter() - t0
         return meta, tensors
 
-    def isend(self, dst, tensor, channel=KV):
-        tensor = tensor.contiguous()
-        self._count(self.bytes_sent, channel, [tensor])
-        on_wait = torch.cuda.current_stream(tensor.device).synchronize if tensor.is_cuda else None
-        return Pending(self.dist.isend(tensor, dst, tag=channel), tensor, on_wait)
+    def kv_transport(self):
+        from ..streaming.transports.dist import DistTransport
 
-    def recv_into(self, src, out, channel=KV):
-        t0 = time.perf_counter()
-        self.dist.recv(out, src, tag=channel)
-        self._count(self.bytes_received, channel, [out])
-        self.seconds[CHANNEL_NAMES[channel] + "_recv"] += time.perf_counter() - t0
+        return DistTransport(self._kv_group)
 
     def side_send(self, dst, meta, channel):
         self._send_header(dst, msgpack.packb(meta, use_bin_type=True), channel, group=self._side[(self.rank, dst)])
@@ -209,7 +192,7 @@ class MPIDataPlane(DataPlane):
             raise RuntimeError("the MPI library does not provide MPI_THREAD_MULTIPLE, which the side-channel "
                                "listener threads need")
         self._side = self.comm.Dup()
-        self._lock = threading.Lock()
+        self._kv = self.comm.Dup() if topo.disaggregated else None
 
     @staticmethod
     def _bytes(t: torch.Tensor):
@@ -242,19 +225,10 @@ class MPIDataPlane(DataPlane):
         self.seconds[CHANNEL_NAMES[channel] + "_recv"] += time.perf_counter() - t0
         return meta, tensors
 
-    def isend(self, dst, tensor, channel=KV):
-        buf = self._bytes(tensor)
-        self._count(self.bytes_sent, channel, [tensor])
-        return Pending(self.comm.Isend([buf, self.MPI.BYTE], dst, channel), buf)
+    def kv_transport(self):
+        from ..streaming.transports.mpi import MPITransport
 
-    def recv_into(self, src, out, channel=KV):
-        t0 = time.perf_counter()
-        host = out if out.device.type == "cpu" and out.is_contiguous() else torch.empty_like(out, device="cpu")
-        self.comm.Recv([host.view(torch.uint8).numpy(), self.MPI.BYTE], src, channel)
-        if host is not out:
-            out.copy_(host)
-        self._count(self.bytes_received, channel, [out])
-        self.seconds[CHANNEL_NAMES[channel] + "_recv"] += time.perf_counter() - t0
+        return MPITransport(self._kv)
 
     def side_send(self, dst, meta, channel):
         self._side.Send([msgpack.packb(meta, use_bin_type=True), self.MPI.BYTE], dst, channel)

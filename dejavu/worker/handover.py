@@ -1,74 +1,83 @@
-"""Prompt -> token KV-cache hand-over between pipelines whose stages split the layers differently.
+"""Prompt -> token KV-cache hand-over, through the streaming library (``dejavu.streaming``).
 
-Each prompt stage ships every layer of a microbatch's cache, as soon as the prefill has written it, to
-the token stage that owns that layer (same tensor-parallel rank on both sides: both pipelines shard the
-KV heads the same way). A chunk is one layer's keys and values for the prompt's positions,
-``[2, slots, kv_heads, prompt_len, head_dim]``. The receiving stage takes its layers, in layer order,
-from whichever prompt stages hold them; chunks of one microbatch arrive after those of the previous one
-because both sides walk microbatches in the same (prefill) order.
-
-This is the plain torch.distributed / MPI version behind two small classes; the streaming library's
-planner can replace it without the pipeline noticing.
+Both pipelines cover all layers but may split them differently (and shard KV heads by TP rank); the
+library's planner intersects every prompt partition with every token partition, so each token stage
+receives exactly its layers and heads of a microbatch's prompt positions ``[0, prompt_len)``. The prompt
+stage issues each layer's chunk as soon as its forward has written it (layer-by-layer streaming); the
+token stage posts the receives when its leader admits the microbatch. Both sides walk microbatches in
+prefill order, so one plan's messages (tagged by their index in the plan) can be reused for every one.
 """
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 
-import torch
-
 from ..model.kv_cache import KVCache
-from .dataplane import KV, DataPlane, Pending
+from ..streaming import LayerwiseStreamer, StreamStats, make_plan, pipeline, stream_in
+from .dataplane import DataPlane
 from .topology import Role, Topology
 
-
-def owner(ranges: list[tuple[int, int]], layer: int) -> int:
-    for i, (a, b) in enumerate(ranges):
-        if a <= layer < b:
-            return i
-    raise ValueError(f"layer {layer} is in no stage range {ranges}")
+PATH = "prompt->token"
 
 
-class KVSender:
-    """Prompt-stage side. ``window`` bounds how many microbatches' sends may be outstanding: past it, the
-    stage waits for the oldest to be taken, which is how a busy token pipeline slows the prompt side."""
+class _Handover:
+    def __init__(self, dp: DataPlane, topo: Topology, role: Role, stats: StreamStats) -> None:
+        self.dp, self.topo, self.role, self.stats = dp, topo, role, stats
+        self.transport = dp.kv_transport()
+        self.prompt_ranks = [topo.rank_of("prompt", s, t) for s in range(topo.prompt_stages) for t in range(topo.tp)]
+        self.token_ranks = [topo.rank_of("token", s, t) for s in range(topo.token_stages) for t in range(topo.tp)]
 
-    def __init__(self, dp: DataPlane, topo: Topology, role: Role, window: int = 2) -> None:
-        self.dp, self.topo, self.role, self.window = dp, topo, role, window
-        self.token_ranges = topo.layer_ranges("token")
-        self.outstanding: deque[list[Pending]] = deque()
-        self._current: list[Pending] = []
+    @functools.lru_cache(maxsize=64)
+    def plan(self, slots: int, prompt_len: int):
+        kv = self.topo_kv_heads
+        senders = pipeline(self.topo.layer_ranges("prompt"), num_kv_heads=kv, tp_size=self.topo.tp, slots=(0, slots))
+        receivers = pipeline(self.topo.layer_ranges("token"), num_kv_heads=kv, tp_size=self.topo.tp, slots=(0, slots))
+        return make_plan(senders, receivers, (0, prompt_len))
 
-    def layer_done(self, cache: KVCache, local_layer: int, prompt_len: int) -> None:
-        layer = self.role.layers[0] + local_layer
-        dst = self.topo.rank_of("token", owner(self.token_ranges, layer), self.role.tp_rank)
-        chunk = cache.data[local_layer, :, :, :, :prompt_len]
-        self._current.append(self.dp.isend(dst, chunk, KV))
+    @property
+    def index(self) -> int:
+        """This rank's partition in its pipeline's list (stage-major, TP rank minor)."""
+        return self.role.stage * self.topo.tp + self.role.tp_rank
+
+
+class KVSender(_Handover):
+    """Prompt-stage side. ``window`` bounds how many microbatches' hand-overs may be outstanding: past it,
+    the stage waits for the oldest to land, which is how a busy token pipeline slows the prompt side."""
+
+    def __init__(self, dp: DataPlane, topo: Topology, role: Role, stats: StreamStats, *, num_kv_heads: int,
+                 window: int = 2) -> None:
+        super().__init__(dp, topo, role, stats)
+        self.topo_kv_heads, self.window = num_kv_heads, window
+        self.outstanding: deque = deque()
+        self.streamer: LayerwiseStreamer | None = None
+
+    def start(self, cache: KVCache, prompt_len: int):
+        """Begin a microbatch; returns the ``on_layer_done`` callback for the stage's forward."""
+        plan = self.plan(cache.shape.batch, prompt_len)
+        self.streamer = LayerwiseStreamer(cache.data, plan, self.index, self.transport, prefix="kv",
+                                          peers=self.token_ranks, stats=self.stats, path=PATH)
+        return self.streamer.on_layer_done
 
     def ubatch_done(self) -> None:
-        self.outstanding.append(self._current)
-        self._current = []
+        self.outstanding.append(self.streamer.finish(wait=False))
+        self.streamer = None
         while len(self.outstanding) > self.window:
-            for p in self.outstanding.popleft():
-                p.wait()
+            self.outstanding.popleft().wait()
 
     def flush(self) -> None:
         while self.outstanding:
-            for p in self.outstanding.popleft():
-                p.wait()
+            self.outstanding.popleft().wait()
 
 
-class KVReceiver:
+class KVReceiver(_Handover):
     """Token-stage side: fill a fresh cache's first ``prompt_len`` positions for this stage's layers."""
 
-    def __init__(self, dp: DataPlane, topo: Topology, role: Role) -> None:
-        self.dp, self.topo, self.role = dp, topo, role
-        self.prompt_ranges = topo.layer_ranges("prompt")
+    def __init__(self, dp: DataPlane, topo: Topology, role: Role, stats: StreamStats, *, num_kv_heads: int) -> None:
+        super().__init__(dp, topo, role, stats)
+        self.topo_kv_heads = num_kv_heads
 
     def receive(self, cache: KVCache, prompt_len: int) -> None:
-        _, _, slots, heads, _, head_dim = cache.data.shape
-        staging = torch.empty((2, slots, heads, prompt_len, head_dim), dtype=cache.dtype, device=cache.device)
-        for local, layer in enumerate(range(*self.role.layers)):
-            src = self.topo.rank_of("prompt", owner(self.prompt_ranges, layer), self.role.tp_rank)
-            self.dp.recv_into(src, staging, KV)
-            cache.data[local, :, :, :, :prompt_len].copy_(staging)
+        plan = self.plan(cache.shape.batch, prompt_len)
+        stream_in(cache.data, plan, self.index, self.transport, prefix="kv", peers=self.prompt_ranks,
+                  stats=self.stats, path=PATH).wait()

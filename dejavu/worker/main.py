@@ -194,9 +194,14 @@ def run_worker(opts: WorkerOptions) -> int:
             worker.run()
         finally:
             where = worker.where
+        sent, received, seconds = dict(dp.bytes_sent), dict(dp.bytes_received), dict(dp.seconds)
+        # KV hand-over, as the streaming library tallied it: bytes sent (prompt) or received (token).
+        counter, key = (sent, "kv_send") if role.pipeline == "prompt" else (received, "kv_recv")
+        for tally in worker.kv_stats.as_dict().get("prompt->token", {}).values():
+            counter["kv"] = counter.get("kv", 0) + tally["bytes"]
+            seconds[key] = seconds.get(key, 0.0) + tally["seconds"]
         ctl.send(Stats(rank, role.kind, role.stage, role.tp_rank, [e.to_dict() for e in worker.events],
-                       peak_memory(device), dict(dp.bytes_sent), dict(dp.bytes_received), dict(dp.seconds),
-                       items=ctl.progress))
+                       peak_memory(device), sent, received, seconds, items=ctl.progress))
         log(f"done: {ctl.progress} work items")
         dp.close()
         ctl.close()

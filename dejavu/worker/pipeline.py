@@ -38,6 +38,7 @@ from ..model.stage import StageModel
 from ..protocol import Shutdown, Submit, Tokens
 from ..records import StageEvent
 from ..sampling import SamplingParams, is_finished, sample
+from ..streaming import StreamStats
 from .control import ControlClient
 from .dataplane import ACT, CHANNEL_NAMES, FEEDBACK, HANDOVER, TP, DataPlane
 from .faults import Fault
@@ -134,8 +135,12 @@ class StageWorker:
         self.events: list[StageEvent] = []
         self.where = "starting"
         self.is_sampler = role.is_last and role.tp_rank == 0
-        self.sender = KVSender(dp, topo, role, kv_window) if role.pipeline == "prompt" else None
-        self.receiver = KVReceiver(dp, topo, role) if topo.disaggregated and role.pipeline == "token" else None
+        self.kv_stats = StreamStats()
+        kv_heads = model.cfg.num_kv_heads
+        self.sender = (KVSender(dp, topo, role, self.kv_stats, num_kv_heads=kv_heads, window=kv_window)
+                       if role.pipeline == "prompt" else None)
+        self.receiver = (KVReceiver(dp, topo, role, self.kv_stats, num_kv_heads=kv_heads)
+                         if topo.disaggregated and role.pipeline == "token" else None)
         p, s, t = role.pipeline, role.stage, role.tp_rank
         self.downstream = None if role.is_last else topo.rank_of(p, s + 1, t)
         if role.is_leader:
@@ -232,10 +237,8 @@ class StageWorker:
         ub.cache = self.model.new_cache(b, t if self.sender is not None else ub.max_seq)
         positions = torch.arange(t).expand(b, t)  # on the CPU: the stage plans the step without a sync
         index = torch.tensor(ub.lens) - 1 if self.role.is_last else None
-        hook = None
-        if self.sender is not None:
-            cache = ub.cache
-            hook = lambda i: self.sender.layer_done(cache, i, t)  # noqa: E731
+        # Disaggregated: each layer's cache leaves for the token stages as soon as it is written.
+        hook = self.sender.start(ub.cache, t) if self.sender is not None else None
         t0 = self.ctl.now()
         out = self.model(x.to(self.device), positions, ub.cache, index, on_layer_done=hook)
         self.event("prefill", t0, ub.id)
