@@ -115,15 +115,22 @@ class StagingPool:
         self.device = torch.device(device)
         self.pin_memory = pin_memory and self.device.type == "cpu" and torch.cuda.is_available()
         self._slots: list[torch.Tensor] = []
+        self._views: dict[tuple, torch.Tensor] = {}
 
     def take(self, index: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        view = self._views.get((index, shape, dtype))  # a token step asks for the same views every step
+        if view is not None:
+            return view
         nbytes = torch.Size(shape).numel() * dtype.itemsize
         while len(self._slots) <= index:
             self._slots.append(torch.empty(0, dtype=torch.uint8, device=self.device))
         if self._slots[index].numel() < nbytes:
             self._slots[index] = torch.empty(nbytes, dtype=torch.uint8, device=self.device,
                                              pin_memory=self.pin_memory)
-        return self._slots[index][:nbytes].view(dtype).view(shape)
+            self._views = {k: v for k, v in self._views.items() if k[0] != index}
+        view = self._slots[index][:nbytes].view(dtype).view(shape)
+        self._views[(index, shape, dtype)] = view
+        return view
 
     def nbytes(self) -> int:
         return sum(s.numel() for s in self._slots)

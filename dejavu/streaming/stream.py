@@ -24,6 +24,7 @@ Functions a worker calls:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from dataclasses import dataclass
@@ -67,6 +68,8 @@ class Message:
     box: Box
     tag: int
     key: str
+    src_index: tuple  # where the box sits in the sender's buffer (slices, worked out once per plan)
+    dst_index: tuple  # ... and in the receiver's
 
 
 @functools.lru_cache(maxsize=1024)
@@ -81,14 +84,34 @@ def messages(plan: Plan, options: StreamOptions, prefix: str) -> tuple[Message, 
         items += [(ci, b) for b in boxes]
     if options.layerwise:
         items.sort(key=lambda it: (it[1].layers[0], it[0]))  # stable: k before v within a layer
-    return tuple(Message(plan.chunks[ci], box, tag, f"{prefix}/{box.name()}") for tag, (ci, box) in enumerate(items))
+    out = []
+    for tag, (ci, box) in enumerate(items):
+        c = plan.chunks[ci]
+        out.append(Message(c, box, tag, f"{prefix}/{box.name()}", plan.senders[c.src].local(box),
+                           plan.receivers[c.dst].local(box)))
+    return tuple(out)
+
+
+@contextlib.contextmanager
+def on_side_stream(device: torch.device):
+    """Run the body's GPU work on the streaming side stream, after everything already queued on the
+    current (compute) stream; on the CPU, just run it."""
+    if device.type != "cuda":
+        yield
+        return
+    side = side_stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        yield
 
 
 class Handle:
     """Transfers of one operation; ``wait()`` blocks until all have landed and records the stats."""
 
-    def __init__(self, transport: Transport, stats: StreamStats | None, path: str) -> None:
+    def __init__(self, transport: Transport, stats: StreamStats | None, path: str,
+                 device: torch.device | None = None) -> None:
         self.transport, self.stats, self.path = transport, stats, path
+        self.device = device if device is not None and device.type == "cuda" else None
         self.pending: list[Pending] = []
         self.nbytes = 0
         self.t0: float | None = None
@@ -106,6 +129,8 @@ class Handle:
         if self.seconds is None:
             for p in self.pending:
                 p.wait()
+            if self.device is not None:  # whatever the side stream wrote is visible to the compute
+                torch.cuda.current_stream(self.device).wait_stream(side_stream(self.device))
             self.seconds = time.perf_counter() - self.t0 if self.t0 is not None else 0.0
             if self.stats is not None:
                 self.stats.add(self.path, self.transport.name, self.nbytes, self.seconds)
@@ -153,7 +178,6 @@ class LayerwiseStreamer:
         self.handle = Handle(transport, stats, path)
         pool = staging or StagingPool(cache.device)
         self.slots = _Slots(pool, options.staging_slots or len(self.todo))
-        self.stream = side_stream(cache.device) if cache.is_cuda else None
 
     def on_layer_done(self, local_layer: int) -> None:
         if not self.options.layerwise and local_layer < self.part.layers[1] - self.part.layers[0] - 1:
@@ -163,19 +187,14 @@ class LayerwiseStreamer:
         if not ready:
             return
         self.todo = [m for m in self.todo if m.box.layers[1] > done]
-        if self.stream is None:
-            for m in ready:
-                self._send(m)
-            return
-        # Gathers and copies go on a side stream that starts after the layer's writes, so the compute
-        # stream runs on into the next layer meanwhile.
-        self.stream.wait_stream(torch.cuda.current_stream(self.cache.device))
-        with torch.cuda.stream(self.stream):
+        # Gathers and copies go on the side stream, after the layer's writes, so the compute stream
+        # runs on into the next layer meanwhile.
+        with on_side_stream(self.cache.device):
             for m in ready:
                 self._send(m)
 
     def _send(self, m: Message) -> None:
-        view = region(self.cache, self.part, m.box)
+        view = self.cache[m.src_index]
         slot = None
         if self.options.buffered and not view.is_contiguous():
             slot, src = self.slots.take(view.shape, view.dtype)
@@ -219,22 +238,27 @@ def stream_in(cache: torch.Tensor, plan: Plan, dst: int, transport: Transport, *
     ``peers[src]`` is the rank (or store index) of sender ``src``. Only the plan's positions are
     written; the rest of ``cache`` is left as it was.
     """
-    part = plan.receivers[dst]
     todo = [m for m in messages(plan, options, prefix) if m.chunk.dst == dst]
-    handle = Handle(transport, stats, path)
+    handle = Handle(transport, stats, path, cache.device)
     slots = _Slots(staging or StagingPool(cache.device), options.staging_slots or len(todo))
-    for m in todo:
-        view = region(cache, part, m.box)
-        peer = _peer(peers, m.chunk.src)
-        if options.buffered and not view.is_contiguous():
-            slot, buf = slots.take(view.shape, view.dtype)
-            got = transport.fetch(m.key, buf, peer=peer, tag=m.tag)
-            # Scatter into the cache once the contiguous message has landed.
-            pending = Pending(got.wait, then=lambda v=view, b=buf: v.copy_(b, non_blocking=True), keep=(buf,))
-            slots.users[slot] = pending
-        else:
-            pending = transport.fetch(m.key, view, peer=peer, tag=m.tag)
-        handle.add(pending, nbytes(view))
+
+    def scatter_into(view: torch.Tensor, buf: torch.Tensor) -> None:
+        with on_side_stream(cache.device):  # the staging buffer belongs to the side stream
+            view.copy_(buf, non_blocking=True)
+
+    with on_side_stream(cache.device):
+        for m in todo:
+            view = cache[m.dst_index]
+            peer = _peer(peers, m.chunk.src)
+            if options.buffered and not view.is_contiguous():
+                slot, buf = slots.take(view.shape, view.dtype)
+                got = transport.fetch(m.key, buf, peer=peer, tag=m.tag)
+                # Scatter into the cache once the contiguous message has landed.
+                pending = Pending(got.wait, then=lambda v=view, b=buf: scatter_into(v, b), keep=(buf,))
+                slots.users[slot] = pending
+            else:
+                pending = transport.fetch(m.key, view, peer=peer, tag=m.tag)
+            handle.add(pending, nbytes(view))
     return handle
 
 
@@ -246,16 +270,18 @@ def swap_out(cache: torch.Tensor, transport: Transport, key: str, *, stats: Stre
     With the local transport on a GPU this is one device->pinned-host copy on a side stream; the
     buffer may be reused for another microbatch once the handle is waited.
     """
-    handle = Handle(transport, stats, path)
-    handle.add(transport.flush(key, cache), nbytes(cache))
+    handle = Handle(transport, stats, path, cache.device)
+    with on_side_stream(cache.device):
+        handle.add(transport.flush(key, cache), nbytes(cache))
     return handle
 
 
 def swap_in(cache: torch.Tensor, transport: Transport, key: str, *, stats: StreamStats | None = None,
             path: str = "swap") -> Handle:
     """Copy a swapped-out microbatch back into ``cache`` (prefetch: wait only before its turn)."""
-    handle = Handle(transport, stats, path)
-    handle.add(transport.fetch(key, cache), nbytes(cache))
+    handle = Handle(transport, stats, path, cache.device)
+    with on_side_stream(cache.device):
+        handle.add(transport.fetch(key, cache), nbytes(cache))
     return handle
 
 
@@ -270,18 +296,20 @@ def replicate_step(cache: torch.Tensor, part: Partition, slots: Sequence[int], p
     put it back. The handle completes when the peer's store has it.
     """
     step = StepSlice.of(part, slots, positions)
-    buf = gather_step(cache, part, step)
     handle = Handle(transport, stats, path)
-    handle.add(transport.flush(key, buf, peer=peer, meta={"step": step.to_meta()}), nbytes(buf))
+    with on_side_stream(cache.device):  # the gather too: the compute stream only pays a wait_stream
+        buf = gather_step(cache, part, step)
+        handle.add(transport.flush(key, buf, peer=peer, meta={"step": step.to_meta()}), nbytes(buf))
     return handle
 
 
 def replicate_box(cache: torch.Tensor, part: Partition, box: Box, transport: Transport, *, key: str,
                   peer: int = -1, stats: StreamStats | None = None, path: str = "replication") -> Handle:
     """Send a box of the cache (e.g. a prompt's positions ``[0, P)`` after prefill) as one chunk."""
-    buf = gather(cache, part, box)
     handle = Handle(transport, stats, path)
-    handle.add(transport.flush(key, buf, peer=peer, meta={"box": box.to_meta()}), nbytes(buf))
+    with on_side_stream(cache.device):
+        buf = gather(cache, part, box)
+        handle.add(transport.flush(key, buf, peer=peer, meta={"box": box.to_meta()}), nbytes(buf))
     return handle
 
 

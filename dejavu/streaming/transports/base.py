@@ -3,6 +3,8 @@
 ``flush(key, src)`` ships the bytes of ``src``; ``fetch(key, out)`` fills ``out`` (same dtype and
 number of elements) with the bytes flushed under ``key``. Both return a :class:`Pending`: the transfer
 may still be running, ``src`` must not change and ``out`` must not be read until ``wait()`` returns.
+GPU work is issued on the caller's current CUDA stream; stream.py picks that stream (a side stream
+that waits for the compute), so a transport never juggles streams per chunk.
 
 - Stores (local host memory, disk, a peer's replica store) keep what was flushed until dropped; keys
   name the chunk, and ``meta`` (a small msgpack-able dict) is stored beside it.
@@ -76,10 +78,10 @@ _SIDE_STREAMS: dict = {}
 
 
 def side_stream(device: torch.device) -> "torch.cuda.Stream":
-    """The one side stream per GPU that streaming copies and gathers run on (creating streams costs).
+    """The one side stream per GPU that streaming gathers and copies run on (creating streams costs).
 
-    Work put on it must first wait for the caller's stream (``wait_stream``), so it sees the cache
-    rows the compute just wrote; the compute stream itself never waits for it.
+    Work put on it must first wait for the compute stream (``wait_stream``), so it sees the cache rows
+    the compute just wrote; the compute stream itself never waits for it.
     """
     device = torch.device(device)
     if device.index is None:

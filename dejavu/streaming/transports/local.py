@@ -1,9 +1,9 @@
 """Local host memory: chunks copied device -> (pinned) host and back, keyed in a dict.
 
-This is the swap space of a token stage and the in-process replica store. On a GPU the copies run on
-a side CUDA stream, ordered after the work already queued on the caller's stream (so the cache rows
-being copied are written) and signalled by an event, so they overlap later compute. On the CPU they
-are plain copies. Buffers are kept per key and reused when the same key is flushed again with the
+This is the swap space of a token stage and the in-process replica store. On a GPU each copy is
+issued on the caller's current stream and signalled by an event; the streaming functions (stream.py)
+call it from a side stream that first waits for the compute stream, so the copies overlap later
+compute. On the CPU they are plain copies. Buffers are kept per key and reused when the same key is flushed again with the
 same size (a microbatch swapped out every round lands in the same pinned buffer).
 """
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import DONE, Blob, ChunkError, Pending, Transport, nbytes, side_stream
+from .base import DONE, Blob, ChunkError, Pending, Transport, nbytes
 
 
 @dataclass
@@ -54,13 +54,6 @@ class LocalTransport(Transport):
         if entry.buf.is_pinned():
             self._free.setdefault(entry.buf.numel(), []).append(entry.buf)
 
-    def _side_stream(self, device: torch.device):
-        stream = side_stream(device)
-        # Copies must see everything queued before them on the caller's stream (a no-op when the
-        # caller is already on the side stream, as the layerwise streamer is).
-        stream.wait_stream(torch.cuda.current_stream(device))
-        return stream
-
     def flush(self, key: str, src: torch.Tensor, *, peer: int = -1, tag: int = 0,
               meta: dict | None = None) -> Pending:
         size = nbytes(src)
@@ -75,12 +68,9 @@ class LocalTransport(Transport):
         if not src.is_cuda:
             host.copy_(src)
             return DONE
-        stream = self._side_stream(src.device)
-        src.record_stream(stream)  # src may be freed by its owner before the copy runs
-        with torch.cuda.stream(stream):
-            host.copy_(src, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(stream)
+        host.copy_(src, non_blocking=True)  # on the caller's (side) stream; see stream.py
+        event = torch.cuda.Event()
+        event.record()
         return Pending(event.synchronize, keep=(src,))
 
     def fetch(self, key: str, out: torch.Tensor, *, peer: int = -1, tag: int = 0) -> Pending:
@@ -93,12 +83,9 @@ class LocalTransport(Transport):
         if not out.is_cuda:
             out.copy_(host)
             return DONE
-        stream = self._side_stream(out.device)
-        out.record_stream(stream)
-        with torch.cuda.stream(stream):
-            out.copy_(host, non_blocking=entry.buf.is_pinned())
-            event = torch.cuda.Event()
-            event.record(stream)
+        out.copy_(host, non_blocking=entry.buf.is_pinned())
+        event = torch.cuda.Event()
+        event.record()
         return Pending(event.synchronize, keep=(entry.buf,))
 
     def fetch_all(self, prefix: str, *, peer: int = -1) -> list[Blob]:
