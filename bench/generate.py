@@ -297,13 +297,18 @@ def run_shape(shape: str, args, device: torch.device, bw: float, results: list) 
     gc.collect()
 
 
-# What each change bought: (name, Triton kernels, fused pre-norm pass, CUDA graphs).
+# What each change bought: (name, environment switches, fused pre-norm pass, CUDA graphs).
+_OFF = {"DEJAVU_TRITON": "0", "DEJAVU_SKINNY": "0", "DEJAVU_PDL": "0", "DEJAVU_PREFETCH": "0",
+        "DEJAVU_SKINNY_ALL": "0"}
+_ALL = {"DEJAVU_TRITON": "1", "DEJAVU_SKINNY": "1", "DEJAVU_SKINNY_ALL": "1"}
 VARIANTS = [
-    ("eager, torch ops", False, False, False),
-    ("graphs, torch ops", False, False, True),
-    ("graphs, triton kernels", True, False, True),
-    ("graphs, triton, fused blocks", True, True, True),
-    ("graphs, triton, fused, skinny mm", "skinny", True, True),
+    ("eager, torch ops", _OFF, False, False),
+    ("graphs, torch ops", _OFF, False, True),
+    ("graphs, triton kernels", {**_OFF, "DEJAVU_TRITON": "1"}, False, True),
+    ("graphs, triton, fused blocks", {**_OFF, "DEJAVU_TRITON": "1"}, True, True),
+    ("+ skinny matmuls", {**_OFF, "DEJAVU_TRITON": "1", "DEJAVU_SKINNY": "1"}, True, True),
+    ("+ skinny everywhere, PDL", {**_OFF, **_ALL, "DEJAVU_PDL": "1"}, True, True),
+    ("+ L2 prefetch", {**_OFF, **_ALL, "DEJAVU_PDL": "1", "DEJAVU_PREFETCH": "1"}, True, True),
 ]
 
 
@@ -319,11 +324,11 @@ def run_variants(shape: str, args, device: torch.device, bw: float, results: lis
     fusable = stage.fused
     g = torch.Generator().manual_seed(args.seed + 1)
     only = args.variant_names.split(",") if args.variant_names else None
-    for i, (name, triton, fused, graphs) in enumerate(VARIANTS):
+    saved = {k: os.environ.get(k) for k in _OFF}
+    for i, (name, env, fused, graphs) in enumerate(VARIANTS):
         if (graphs and device.type != "cuda") or (only and str(i) not in only):
             continue
-        os.environ["DEJAVU_TRITON"] = "1" if triton else "0"
-        os.environ["DEJAVU_SKINNY"] = "1" if triton == "skinny" else "0"
+        os.environ.update(env)
         stage.fused = fused and fusable
         for b in batches:
             engine = Engine([stage], cuda_graphs=graphs, cache_len=P + N)
@@ -340,8 +345,8 @@ def run_variants(shape: str, args, device: torch.device, bw: float, results: lis
             del engine, slab
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    os.environ["DEJAVU_TRITON"] = "1"
-    os.environ["DEJAVU_SKINNY"] = "1"
+    for k, v in saved.items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
     del stage
     gc.collect()
 

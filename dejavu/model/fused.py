@@ -51,6 +51,28 @@ def enabled(t: torch.Tensor) -> bool:
     return t.is_cuda or _INTERPRET
 
 
+def _pdl_supported() -> bool:
+    if not HAVE_TRITON or _INTERPRET:
+        return False
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+
+        return "launch_pdl" in CUDAOptions.__dataclass_fields__ and torch.cuda.is_available() \
+            and torch.cuda.get_device_capability()[0] >= 9
+    except Exception:
+        return False
+
+
+_PDL_OK = _pdl_supported()
+
+
+def _pdl(t: torch.Tensor) -> dict:
+    """Programmatic dependent launch (Hopper): each kernel may start during its predecessor's tail and
+    waits (griddepcontrol.wait) before touching anything the predecessor wrote. DEJAVU_PDL=0 turns it off."""
+    on = _PDL_OK and t.is_cuda and os.environ.get("DEJAVU_PDL", "1") != "0"
+    return {"PDL": on, "launch_pdl": True} if on else {"PDL": False}
+
+
 def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -60,7 +82,10 @@ if HAVE_TRITON:
     @triton.jit
     def _add_norm_kernel(X, D, B, W, NB, H_OUT, Y, stride_x, stride_d, stride_h, stride_y, N, eps,
                          HAS_D: tl.constexpr, HAS_B: tl.constexpr, HAS_W: tl.constexpr,
-                         HAS_NB: tl.constexpr, RMS: tl.constexpr, BLOCK: tl.constexpr):
+                         HAS_NB: tl.constexpr, RMS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         m = cols < N
@@ -94,7 +119,10 @@ if HAVE_TRITON:
     def _rope_write_kernel(QKV, POS, COS, SIN, CACHE, Q_OUT, stride_row, T,
                            s_kv, s_slot, s_head, s_seq,
                            H: tl.constexpr, KV: tl.constexpr, HEAD_DIM: tl.constexpr, D: tl.constexpr,
-                           ROPE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_KV: tl.constexpr):
+                           ROPE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_KV: tl.constexpr, PDL: tl.constexpr = False):
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         row = tl.program_id(0).to(tl.int64)
         slot = row // T
         pos = tl.load(POS + row)
@@ -135,7 +163,10 @@ if HAVE_TRITON:
                             stride_vb, stride_vh, stride_vs, stride_pb, stride_ob, stride_oh, scale_log2,
                             H: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
                             HEAD_DIM: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                            SPLIT_LEN: tl.constexpr, NUM_SPLITS: tl.constexpr, PREC: tl.constexpr):
+                            SPLIT_LEN: tl.constexpr, NUM_SPLITS: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr = False):
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         pid = tl.program_id(0)
         sid = tl.program_id(1)
         KVH: tl.constexpr = H // GROUP
@@ -182,7 +213,10 @@ if HAVE_TRITON:
 
     @triton.jit
     def _decode_reduce_kernel(MX, LX, ACC, O, stride_ob, stride_oh, H: tl.constexpr, HEAD_DIM: tl.constexpr,
-                              D: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
+                              D: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr = False):
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         pid = tl.program_id(0).to(tl.int64)
         b = pid // H
         h = pid % H
@@ -200,7 +234,7 @@ if HAVE_TRITON:
     @triton.jit
     def _skinny_mm_kernel(X, W, B, Y, M, N, K, stride_xm, stride_wn, stride_ym, GATE_OFF,
                           HAS_BIAS: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr):
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0):
         # y[m, n] = x[m, :] . w[n, :] (+ b[n]) for a few rows m: each program streams BLOCK_N rows of w
         # once for every m. ACT: 0 none, 1 relu, 2 swiglu (silu(x.w[n]) * x.w[n + GATE_OFF]).
         pid = tl.program_id(0)
@@ -208,6 +242,21 @@ if HAVE_TRITON:
         m = tl.arange(0, BLOCK_M)
         nm = n < N
         mm = m < M
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            if PREFETCH > 0:
+                # The weights do not depend on the previous kernel: pull this program's first PREFETCH
+                # 128-byte lines of each row into L2 while that kernel finishes.
+                kk = tl.minimum(tl.arange(0, PREFETCH) * 64, K - 1)
+                rows = tl.minimum(n, N - 1)
+                tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // dummy $0", "=r,l",
+                                          [W + rows[:, None] * stride_wn + kk[None, :]], dtype=tl.int32,
+                                          is_pure=False, pack=1)
+                if ACT == 2:
+                    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // dummy $0", "=r,l",
+                                              [W + (rows[:, None] + GATE_OFF) * stride_wn + kk[None, :]],
+                                              dtype=tl.int32, is_pure=False, pack=1)
+            tl.extra.cuda.gdc_wait()
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         if ACT == 2:
             acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -234,7 +283,10 @@ if HAVE_TRITON:
         tl.store(Y + m[:, None] * stride_ym + n[None, :], acc.to(out_ty), mask=mm[:, None] & nm[None, :])
 
     @triton.jit
-    def _silu_mul_kernel(X, Y, stride_x, stride_y, N, BLOCK: tl.constexpr):
+    def _silu_mul_kernel(X, Y, stride_x, stride_y, N, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         m = cols < N
@@ -267,7 +319,7 @@ def add_norm(x: torch.Tensor, delta: torch.Tensor | None, bias: torch.Tensor | N
         x2, d2, bias if bias is not None else x2, w if w is not None else x2, nb if nb is not None else x2,
         h, y, x2.stride(0), d2.stride(0), h.stride(0), y.stride(0), n, eps,
         HAS_D=delta is not None, HAS_B=bias is not None, HAS_W=w is not None, HAS_NB=nb is not None,
-        RMS=rms, BLOCK=_pow2(n), num_warps=4 if n <= 4096 else 8)
+        RMS=rms, BLOCK=_pow2(n), num_warps=4 if n <= 4096 else 8, **_pdl(x))
     return h.view(shape), y.view(shape)
 
 
@@ -288,14 +340,21 @@ def rope_write(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor | N
         qkv2, pos, cos if rope else qkv2, sin if rope else qkv2, cache_layer, q if rope else qkv2,
         qkv2.stride(0), t, cache_layer.stride(0), cache_layer.stride(1), cache_layer.stride(2),
         cache_layer.stride(3), H=heads, KV=kv_heads, HEAD_DIM=head_dim, D=_pow2(head_dim), ROPE=rope,
-        BLOCK_H=_pow2(heads + kv_heads - first), BLOCK_KV=_pow2(kv_heads), num_warps=4)
+        BLOCK_H=_pow2(heads + kv_heads - first), BLOCK_KV=_pow2(kv_heads), num_warps=4, **_pdl(qkv))
     if rope:
         return q
     return qkv[..., : heads * head_dim].view(b, t, heads, head_dim)
 
 
-# block_n, num_stages, num_warps, target programs; overridden by the bench's sweep.
-ATTN_CONFIG: dict = {}
+# (batch, kv_heads) -> (block_n, num_stages, num_warps, target programs), from the same sweep.
+ATTN_CONFIG: dict = {
+    (1, 8): (64, 2, 4, 264),
+    (1, 32): (64, 3, 4, 264),
+    (8, 8): (64, 3, 4, 1056),
+    (8, 32): (128, 2, 4, 264),
+    (32, 8): (128, 2, 4, 264),
+    (32, 32): (64, 4, 4, 528),
+}
 
 
 def _splits(batch: int, kv_heads: int, max_seq: int, block_n: int, target: int = 264) -> tuple[int, int]:
@@ -335,17 +394,36 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         scale * 1.4426950408889634,
         H=heads, GROUP=group, BLOCK_G=max(16, _pow2(group)), HEAD_DIM=head_dim, D=d_pad, BLOCK_N=block_n,
         SPLIT_LEN=split_len, NUM_SPLITS=num_splits, num_warps=warps, num_stages=stages,
-        PREC="ieee" if q.dtype == torch.float32 else "tf32")  # fp32 stays fp32 (no TF32 rounding)
+        PREC="ieee" if q.dtype == torch.float32 else "tf32", **_pdl(q))  # fp32 stays fp32 (no TF32)
     if num_splits > 1:
         _decode_reduce_kernel[(b * heads,)](
             mx, lx, acc, out, out.stride(0), out.stride(1), H=heads, HEAD_DIM=head_dim, D=d_pad,
-            NUM_SPLITS=num_splits, BLOCK_S=_pow2(num_splits), num_warps=2)
+            NUM_SPLITS=num_splits, BLOCK_S=_pow2(num_splits), num_warps=2, **_pdl(q))
     return out
 
 
 SKINNY_MAX_ROWS = 64
-# (BLOCK_N, BLOCK_K, num_stages, num_warps); overridden by the bench's sweep (bench/decode_kernels.py).
-SKINNY_CONFIG: dict = {}
+# (rows bucket, N, K) -> (BLOCK_N, BLOCK_K, num_stages, num_warps), the fastest tiling found by
+# bench/decode_kernels.py on an H100 (2026-11-24) for the OPT-1.3B / Llama-1B projections.
+SKINNY_CONFIG: dict = {
+    (16, 2048, 2048): (16, 512, 3, 4),
+    (16, 2048, 8192): (16, 512, 3, 4),
+    (16, 3072, 2048): (32, 128, 6, 4),
+    (16, 6144, 2048): (32, 128, 6, 4),
+    (16, 8192, 2048): (64, 128, 4, 4),
+    (16, 50272, 2048): (64, 128, 4, 4),
+    (16, 128256, 2048): (64, 128, 4, 4),
+    (32, 2048, 2048): (16, 256, 4, 4),
+    (32, 2048, 8192): (16, 256, 4, 4),
+    (32, 3072, 2048): (32, 256, 4, 4),
+    (32, 6144, 2048): (64, 128, 4, 4),
+    (32, 8192, 2048): (64, 128, 4, 4),
+    (32, 50272, 2048): (32, 256, 4, 4),
+    (32, 128256, 2048): (128, 128, 3, 8),
+}
+# Shapes where cuBLAS was as fast or faster in that sweep (without PDL): cuBLAS keeps them unless
+# DEJAVU_SKINNY_ALL=1 (with PDL, a chain of our own kernels overlaps better).
+CUBLAS_FASTER = {(16, 2048, 8192), (32, 2048, 8192), (32, 3072, 2048), (16, 2048, 2048), (16, 3072, 2048)}
 
 
 def _bucket(m: int) -> int:
@@ -353,8 +431,10 @@ def _bucket(m: int) -> int:
 
 
 def use_skinny(m: int, n: int, k: int) -> bool:
-    """False where the sweep found cuBLAS faster for this shape."""
-    return SKINNY_CONFIG.get((_bucket(m), n, k), True) is not None
+    """False where the sweep found cuBLAS at least as fast for this shape."""
+    if os.environ.get("DEJAVU_SKINNY_ALL") == "1":
+        return True
+    return (_bucket(m), n, k) not in CUBLAS_FASTER and SKINNY_CONFIG.get((_bucket(m), n, k), True) is not None
 
 
 def load_tuning(path: str) -> None:
@@ -366,8 +446,9 @@ def load_tuning(path: str) -> None:
             ATTN_CONFIG[(row["b"], int(row["case"].split("=")[1]))] = tuple(row["best"])
         elif "cublas_us" in row and row["m"] != 1:  # m=1 runs the same kernel as m=8
             out = row["n"] // 2 if MATMUL_ACT.get(row["case"]) == 2 else row["n"]
-            best = tuple(row["best"]) if row["best_us"] < row["cublas_us"] else None
-            SKINNY_CONFIG[(_bucket(row["m"]), out, row["k"])] = best
+            SKINNY_CONFIG[(_bucket(row["m"]), out, row["k"])] = tuple(row["best"])
+            if row["best_us"] >= row["cublas_us"]:
+                CUBLAS_FASTER.add((_bucket(row["m"]), out, row["k"]))
 
 
 MATMUL_ACT = {"llama.gate_up": 2}
@@ -380,6 +461,18 @@ def _skinny_config(m: int, n: int, k: int) -> tuple[int, int, int, int]:
     # Enough programs for about one wave on 132 SMs, each streaming a narrow slab of w.
     block_n = 16 if n <= 4096 else 32 if n <= 16384 else 64
     return block_n, 256 if k >= 256 else _pow2(k), 4, 4
+
+
+PREFETCH_BYTES = int(os.environ.get("DEJAVU_PREFETCH_MB", "8")) << 20
+
+
+def _prefetch_lines(n: int, k: int, act: int) -> int:
+    """How many 128-byte lines of each weight row to prefetch: about PREFETCH_BYTES per matmul, so that
+    the prefetched slab stays in L2 until the main loop reads it. DEJAVU_PREFETCH=0 turns it off."""
+    if os.environ.get("DEJAVU_PREFETCH", "1") == "0" or PREFETCH_BYTES <= 0:
+        return 0
+    lines = min(k // 64, PREFETCH_BYTES // (n * 128 * (2 if act == 2 else 1)))
+    return 1 << (lines.bit_length() - 1) if lines >= 1 else 0
 
 
 def skinny_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, act: int = 0,
@@ -397,11 +490,12 @@ def skinny_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     n_out = n // 2 if act == 2 else n
     y = torch.empty(m, n_out, dtype=x.dtype, device=x.device)
     block_n, block_k, stages, warps = config or _skinny_config(m, n_out, k)
+    pdl = _pdl(x)
     _skinny_mm_kernel[(triton.cdiv(n_out, block_n),)](
         x2, weight, bias if bias is not None else weight, y, m, n_out, k, x2.stride(0), weight.stride(0),
         y.stride(0), n_out if act == 2 else 0, HAS_BIAS=bias is not None, ACT=act,
         BLOCK_M=max(16, _pow2(m)), BLOCK_N=block_n, BLOCK_K=block_k, num_stages=stages, num_warps=warps,
-        PREC="ieee" if x.dtype == torch.float32 else "tf32")
+        PREC="ieee" if x.dtype == torch.float32 else "tf32", PREFETCH=_prefetch_lines(n, k, act), **pdl)
     return y.view(*shape[:-1], n_out)
 
 
@@ -417,5 +511,5 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
     y = torch.empty(x2.shape[0], n, dtype=x.dtype, device=x.device)
     block = min(2048, _pow2(n))
     _silu_mul_kernel[(x2.shape[0], triton.cdiv(n, block))](x2, y, x2.stride(0), y.stride(0), n, BLOCK=block,
-                                                          num_warps=4)
+                                                          num_warps=4, **_pdl(x))
     return y.view(*shape[:-1], n)
