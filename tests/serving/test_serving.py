@@ -16,14 +16,8 @@ import pytest
 from dejavu.engine import Engine, build_stages
 from dejavu.model.config import ModelConfig
 from dejavu.model.weights import HFCheckpoint
-from dejavu.results.metrics import outputs_sha256
-from dejavu.sampling import SamplingParams
 
-from serving_harness import run_serving
-
-UBATCH = 2
-# [prompt_size, new_tokens]; grouped by 2 in this order. The last microbatch generates one token each.
-TRACE = [[5, 7], [3, 4], [6, 5], [2, 2], [7, 8], [4, 3], [3, 1], [5, 1]]
+from serving_harness import TRACE, UBATCH, check_matches, run_serving
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -46,32 +40,6 @@ def trace(tmp_path_factory):
 def engine(model):
     cfg = ModelConfig.from_folder(model)
     return Engine(build_stages(cfg, HFCheckpoint(model), 1))
-
-
-def reference(engine, records):
-    """The engine's tokens for each request, run on the same microbatches as the workers."""
-    recs = sorted(records, key=lambda r: r["id"])
-    want = {}
-    for i in range(0, len(recs), UBATCH):
-        ub = recs[i:i + UBATCH]
-        params = [SamplingParams(max_new_tokens=TRACE[r["id"]][1]) for r in ub]
-        for r, g in zip(ub, engine.generate([r["prompt_ids"] for r in ub], params)):
-            want[r["id"]] = g.output_ids
-    return want
-
-
-def check_matches(run, engine):
-    assert run.controller_rc == 0, run.all_logs()
-    assert all(rc == 0 for rc in run.worker_rcs), run.all_logs()
-    assert len(run.records) == len(TRACE)
-    assert all(r["status"] == "ok" for r in run.records)
-    assert [len(r["prompt_ids"]) for r in sorted(run.records, key=lambda r: r["id"])] == [p for p, _ in TRACE]
-    want = reference(engine, run.records)
-    assert run.outputs() == want
-    assert run.summary["outputs_sha256"] == outputs_sha256(want)
-    for r in run.records:
-        assert r["arrival_s"] <= r["first_token_s"] <= r["finish_s"]
-    return run
 
 
 TOPOLOGIES = {
