@@ -109,15 +109,25 @@ def log_to_wandb(cfg: Config, raw: DictConfig, run_dir: Path) -> None:
         print(f"W&B ({info.mode}): run {info.id}" + (f" in group {group}" if group else "") + f" -> {where}")
 
 
-def run_bench(cfg: Config, run_dir: Path) -> int:
-    """Presets like streaming_microbench run a benchmark script's main(argv) in this process."""
+def run_bench(cfg: Config, raw: DictConfig, run_dir: Path) -> int:
+    """Presets like streaming_microbench run a benchmark script's main(argv) in this process; a bench that
+    returns its numbers (a dict) gets them logged to W&B like a run's summary."""
     script = Path(__file__).resolve().parents[1] / cfg.bench.script
     spec = importlib.util.spec_from_file_location(f"dejavu_bench_{script.stem}", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     args = [str(a).replace("{run_dir}", str(run_dir)) for a in cfg.bench.args]
     print(f"dejavu-run: {cfg.bench.script} {' '.join(args)}  (run folder {run_dir})", flush=True)
-    return int(module.main(args) or 0)
+    result = module.main(args)
+    if isinstance(result, dict) and cfg.logger.kind != LoggerKind.none:
+        from dejavu.results.wandb_log import log_run
+
+        info = log_run(run_dir, summary=result, config=OmegaConf.to_container(raw, resolve=True),
+                       mode=cfg.logger.mode.value, project=cfg.logger.project, entity=cfg.logger.entity,
+                       group=wandb_group(), name=run_dir.name, tags=[*cfg.logger.tags, cfg.experiment or "bench"])
+        if info is not None:
+            print(f"W&B ({info.mode}): run {info.id} -> {info.url or info.dir}")
+    return result if isinstance(result, int) else 0
 
 
 def run(raw: DictConfig) -> dict[str, Any] | None:
@@ -130,7 +140,7 @@ def run(raw: DictConfig) -> dict[str, Any] | None:
     cfg = checked.cfg
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.bench is not None:
-        code = run_bench(cfg, run_dir)
+        code = run_bench(cfg, raw, run_dir)
         if code:
             sys.exit(code)
         return None

@@ -52,7 +52,7 @@ def mpirun_argv(plan: Plan, checked: Checked, run_dir: Path) -> list[str]:
     if rc.oversubscribe:
         argv.append("--oversubscribe")
     argv += mca_args(checked)
-    for k in sorted(w.env):  # -x NAME exports NAME from mpirun's environment to every rank
+    for k in sorted(mpirun_env(plan)):  # -x NAME exports NAME from mpirun's environment to every rank
         argv += ["-x", k]
     argv += rc.extra_args
     # Each rank redirects its own output to logs/worker<rank>.log (MPI sets OMPI_COMM_WORLD_RANK).
@@ -62,7 +62,8 @@ def mpirun_argv(plan: Plan, checked: Checked, run_dir: Path) -> list[str]:
 
 
 def mpirun_env(plan: Plan) -> dict[str, str]:
-    env = dict(plan.workers[0].env)
+    # MPI numbers the ranks of a host itself (OMPI_COMM_WORLD_LOCAL_RANK); rank 0's LOCAL_RANK must not leak.
+    env = {k: v for k, v in plan.workers[0].env.items() if k not in ("LOCAL_RANK", "LOCAL_WORLD_SIZE")}
     if os.geteuid() == 0:  # Open MPI refuses root unless told twice
         env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     return env

@@ -168,7 +168,9 @@ def build(checked: Checked, inputs: dict[str, str], *, proc_dir: str, ports: Por
             args += ["--num_requests", w.num_requests]
         if b.name != BackendName.mpi:  # under mpirun, rank and size come from MPI
             args += ["--rank", rank, "--world_size", n]
-        workers.append(Proc(f"worker{rank}", "worker", hosts[rank], [str(a) for a in args], dict(env), rank))
+        # LOCAL_RANK: its index among the workers of its host, so each picks its own GPU there.
+        local = {"LOCAL_RANK": str(hosts[:rank].count(hosts[rank])), "LOCAL_WORLD_SIZE": str(hosts.count(hosts[rank]))}
+        workers.append(Proc(f"worker{rank}", "worker", hosts[rank], [str(a) for a in args], {**env, **local}, rank))
     controller = Proc("controller", "controller", controller_host, [str(a) for a in ctl], dict(env))
     return Plan(cfg.entry, proc_dir, controller, workers, ports)
 

@@ -171,7 +171,7 @@ class BenchConf:
     """A preset that runs a benchmark script's ``main(argv)`` instead of serving (e.g. Figure 7)."""
 
     script: str = MISSING  # path relative to the repository root, e.g. bench/streaming.py
-    args: list[str] = field(default_factory=list)
+    args: list[str] = field(default_factory=list)  # "{run_dir}" is replaced by the run folder
 
 
 @dataclass

@@ -3,9 +3,7 @@ configs fail before anything starts, with messages that name the keys."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
+import json
 
 import pytest
 import yaml
@@ -180,3 +178,14 @@ def test_cross_key_errors_stop_before_launch(tmp_path):
     assert r.returncode == 2
     assert "nothing was started" in r.stderr and "cluster.hosts_file" in r.stderr and "topology.num_peers=3" in r.stderr
     assert not (tmp_path / "run" / "logs").exists()
+
+
+def test_streaming_microbench_preset_runs_the_bench(tmp_path):
+    if not (REPO / "bench" / "streaming.py").exists():
+        pytest.skip("bench/streaming.py is not written yet")
+    run = tmp_path / "run"
+    r = dejavu_run(["+experiment=streaming_microbench", "logger=none", f"hydra.run.dir={run}",
+                    f"bench.args=[--out,{run}/streaming.json,--skip-e2e,--iters,2]"], timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "buffered" in r.stdout
+    assert "ladder" in json.loads((run / "streaming.json").read_text())
