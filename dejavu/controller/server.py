@@ -74,6 +74,7 @@ class Controller:
         self.submitted: set[int] = set()
         self.done: set[int] = set()
         self.last_progress = 0.0
+        self.progress = None  # the terminal progress line (dejavu.results.progress), while serving
         self.failure: tuple[float, str] | None = None  # (when, why) of the first sign of failure
         self.interrupted: str | None = None
         self.ctx = zmq.Context.instance()
@@ -182,6 +183,10 @@ class Controller:
                 rec.output_ids = [self._steps[rid][s] for s in range(final + 1)]
                 rec.finish_s, rec.status = t, "ok"
                 self.done.add(rid)
+                if self.progress is not None:
+                    self.progress.request_done()
+        if self.progress is not None:
+            self.progress.token(len(msg.tokens))
 
     def fail(self, why: str) -> None:
         if self.failure is None:
@@ -268,6 +273,16 @@ class Controller:
         # A microbatch goes in when its last request has arrived (requests are in arrival order).
         queue = [(max(r.arrival_s for r in ub), i, ub) for i, ub in enumerate(ubatches)]
         entry = f"w{self.topo.entry_rank}".encode()
+        from ..results.progress import Progress
+
+        self.progress = Progress(len(self.requests))  # draws only on a terminal or with DEJAVU_PROGRESS=1
+        try:
+            self._serve(queue, entry)
+        finally:
+            self.progress.close()
+            self.progress = None
+
+    def _serve(self, queue: list, entry: bytes) -> None:
         while len(self.done) < len(self.requests):
             rel = self.now() - self.run_start
             while queue and queue[0][0] <= rel:

@@ -111,6 +111,22 @@ class TorchDataPlane(DataPlane):
             g = dist.new_group(sorted({a, b}), backend="gloo")
             if rank in (a, b):
                 self._side[(a, b)] = g
+        if self._kv_group is not None and backend == "nccl":
+            self._warm_up_kv()
+
+    def _warm_up_kv(self) -> None:
+        # NCCL builds a pair's communicator on its first send/recv, and that blocks until both ranks
+        # get there. A prompt stage's first KV send happens inside its forward, long before the token
+        # stage posts the receive (after the hand-over notice that follows the forward): build them now,
+        # one pair at a time in one global order (deadlock-free), while everyone is waiting anyway.
+        one = torch.zeros(1, device=self.device)
+        for a, b in kv_pairs(self.topo):
+            if self.rank == a:
+                self.dist.send(one, b, group=self._kv_group)
+            elif self.rank == b:
+                self.dist.recv(one, a, group=self._kv_group)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _send_header(self, dst: int, buf: bytes, channel: int, group=None) -> None:
         payload = torch.frombuffer(bytearray(buf), dtype=torch.uint8)
@@ -251,6 +267,16 @@ def side_pairs(topo: Topology) -> list[tuple[int, int]]:
     if topo.disaggregated:
         pairs.append((topo.prompt_sampler_rank, topo.token_leader))  # hand-over notices
     return [(a, b) for a, b in pairs if a != b]
+
+
+def kv_pairs(topo: Topology) -> list[tuple[int, int]]:
+    """(prompt rank, token rank) pairs that exchange KV chunks: same TP rank, overlapping layers."""
+    pairs = []
+    for ps, (pa, pb) in enumerate(topo.layer_ranges("prompt")):
+        for ts, (ta, tb) in enumerate(topo.layer_ranges("token")):
+            if max(pa, ta) < min(pb, tb):
+                pairs += [(topo.rank_of("prompt", ps, r), topo.rank_of("token", ts, r)) for r in range(topo.tp)]
+    return sorted(pairs)
 
 
 def make_dataplane(backend: str, topo: Topology, rank: int, device: torch.device) -> DataPlane:
