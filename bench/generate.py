@@ -351,6 +351,19 @@ def run_variants(shape: str, args, device: torch.device, bw: float, results: lis
     gc.collect()
 
 
+def best_env(path: str) -> str:
+    """Shell exports of the variant with the lowest geometric-mean step/floor in a --variants JSON."""
+    import math
+
+    rows = [r for r in json.load(open(path))["results"] if r["impl"] == "variant"]
+    score: dict = {}
+    for r in rows:
+        score.setdefault(r["variant"], []).append(math.log(r["decode_step_ms"] / r["floor_ms"]))
+    best = min(score, key=lambda v: sum(score[v]) / len(score[v]))
+    env = next(e for name, e, _, _ in VARIANTS if name == best)
+    return f"# best: {best}\n" + "\n".join(f"export {k}={v}" for k, v in env.items())
+
+
 def table(results: list) -> str:
     lines = ["| shape | dtype | batch | ours step ms | ours e2e ms | HF step ms | floor ms | ours/floor | HF/ours "
              "| ours prefill TFLOP/s | HF prefill TFLOP/s | match ours / HF (vs fp32) |",
@@ -394,7 +407,12 @@ def main(argv=None) -> int:
                     help="instead: decode step and prefill of each optimisation stage (first of --dtypes)")
     ap.add_argument("--variant-names", default=None, help="with --variants: comma list of their indices")
     ap.add_argument("--out", default=None, help="write every number here (JSON)")
+    ap.add_argument("--print-best-env", metavar="VARIANTS_JSON", default=None,
+                    help="print shell exports of the best variant in a --variants JSON, and exit")
     args = ap.parse_args(argv)
+    if args.print_best_env:
+        print(best_env(args.print_best_env))
+        return 0
     device = torch.device(args.device)
     cpu = device.type == "cpu"
     if device.type == "cuda" and not torch.cuda.is_available():
