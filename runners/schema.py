@@ -153,7 +153,6 @@ class LoggerConf:
 class RunnerConf:
     kind: RunnerKind = RunnerKind.local
     timeout_s: float = 1800.0  # the whole run; the runner stops everything after this
-    startup_timeout_s: float = 120.0  # a worker that exits before the controller is done is a failure anyway
     grace_s: float = 10.0  # after the controller ends, how long workers may take to exit
     poll_s: float = 0.5
     echo: bool = True  # stream the controller's output to the terminal

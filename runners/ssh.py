@@ -148,8 +148,6 @@ class SSHRunner:
                   f"{c.python} -c 'import sys; print(\"PY=%d.%d\" % sys.version_info[:2])'")
         try:
             res = self.sh(addr, script, check=False, timeout=self.cfg.cluster.ssh.connect_timeout + 30)
-        except LaunchError:
-            raise
         except (socket.timeout, TimeoutError, OSError, EOFError) as e:
             raise LaunchError(f"host {addr} is unreachable over SSH ({self._where(addr)}): {_reason(e)}; check "
                               f"the address in {self.cfg.cluster.hosts_file}, that sshd listens on port "
@@ -184,6 +182,7 @@ class SSHRunner:
                           f"rm -f {q(tgz)} && touch {q(h.src)}/.complete")
         if c.setup == SetupMode.pythonpath:
             h.python = f"{venv}/bin/python" if c.venv else c.python
+            self._check_import(addr)
             return
         h.python = f"{venv}/bin/python"
         if c.setup == SetupMode.install:
@@ -195,10 +194,15 @@ class SSHRunner:
                           f"if [ \"$(cat {q(venv)}/.dejavu-src 2>/dev/null)\" != {digest} ]; then "
                           f"{q(venv)}/bin/python -m pip install -q --disable-pip-version-check {pip} {q(h.src)}; "
                           f"echo {digest} > {q(venv)}/.dejavu-src; fi", timeout=1800)
-        res = self.sh(addr, f"cd /tmp && {q(h.python)} -c 'import dejavu, runners'", check=False)
+        self._check_import(addr)
+
+    def _check_import(self, addr: str) -> None:
+        h, c = self.hosts[addr], self.cfg.cluster
+        pp = f"PYTHONPATH={q(h.src)} " if c.setup == SetupMode.pythonpath else ""
+        res = self.sh(addr, f"cd /tmp && {pp}{q(h.python)} -c 'import dejavu, runners'", check=False)
         if not res.ok:
-            raise LaunchError(f"host {addr}: {h.python} cannot import dejavu (cluster.setup={c.setup.value}): "
-                              f"{(res.stderr or res.stdout).strip()[-500:]}")
+            raise LaunchError(f"host {addr}: {h.python} cannot import dejavu and its dependencies "
+                              f"(cluster.setup={c.setup.value}): {(res.stderr or res.stdout).strip()[-500:]}")
 
     def _check_gpus(self, addr: str) -> None:
         need = self.checked.hosts.count(addr)

@@ -15,7 +15,7 @@ from runner_helpers import REPO, dejavu_run, launch_record, leftover_processes, 
 
 def test_standin_run_wires_ranks_env_and_logs(tmp_path):
     run = tmp_path / "run"
-    r = dejavu_run(["entry=runners.standin", "topology=disagg", "logger=none", f"hydra.run.dir={run}"])
+    r = dejavu_run(["entry=runners.standin", "model=opt-125m", "topology=disagg", "logger=none", f"hydra.run.dir={run}"])
     assert r.returncode == 0, r.stderr
     assert "What is the capital of France?" in r.stdout and "requests completed" in r.stdout
     for f in ("logs/controller.log", "logs/worker0.log", "logs/worker1.log", "summary.json", "requests.jsonl",
@@ -38,7 +38,7 @@ def test_standin_run_wires_ranks_env_and_logs(tmp_path):
 def test_a_crashed_worker_stops_the_run_and_is_reported(tmp_path):
     run = tmp_path / "run"
     t0 = time.monotonic()
-    r = dejavu_run(["entry=runners.standin", "topology=baseline", "logger=none", "runner.grace_s=2",
+    r = dejavu_run(["entry=runners.standin", "model=opt-125m", "topology=baseline", "logger=none", "runner.grace_s=2",
                     "+cluster.env.DEJAVU_STANDIN_CRASH_RANK=1", "+cluster.env.DEJAVU_STANDIN_HOLD_S=60",
                     f"hydra.run.dir={run}"])
     assert r.returncode == 1, r.stdout + r.stderr
@@ -51,7 +51,7 @@ def test_a_crashed_worker_stops_the_run_and_is_reported(tmp_path):
 def test_ctrl_c_stops_every_process(tmp_path):
     run = tmp_path / "run"
     env = {**os.environ, "WANDB_MODE": "offline", "DEJAVU_STANDIN_HOLD_S": "120"}
-    p = subprocess.Popen([sys.executable, "-m", "runners.app", "entry=runners.standin", "topology=baseline",
+    p = subprocess.Popen([sys.executable, "-m", "runners.app", "entry=runners.standin", "model=opt-125m", "topology=baseline",
                           "logger=none", f"hydra.run.dir={run}"], cwd=REPO, env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

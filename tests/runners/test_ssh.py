@@ -58,9 +58,10 @@ def test_disaggregated_run_on_two_hosts_end_to_end(sshd, two_hosts, tmp_path, ti
 def test_ctrl_c_leaves_no_process_on_any_host(sshd, two_hosts, tmp_path, tiny_checkpoint):
     run = tmp_path / f"run-{time.time_ns()}"  # its own name: the remote runs/ folder is shared by the tests
     env = {**os.environ, "WANDB_MODE": "offline"}
-    # A slow trickle of requests (0.5/s), so the run is mid-way when Ctrl-C comes.
+    # The stand-in controller holds the run open; Ctrl-C comes once both workers are connected.
     args = [*sshd.overrides(two_hosts), "topology=disagg", "cluster.setup=pythonpath", "logger=none",
-            *tiny_model_args(tiny_checkpoint("llama-gqa-bias"), rps=0.5, num_requests=100), f"hydra.run.dir={run}"]
+            "entry=runners.standin", "+cluster.env.DEJAVU_STANDIN_HOLD_S=300",
+            *tiny_model_args(tiny_checkpoint("llama-gqa-bias")), f"hydra.run.dir={run}"]
     p = subprocess.Popen([sys.executable, "-m", "runners.app", *args], cwd=REPO, env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -68,8 +69,7 @@ def test_ctrl_c_leaves_no_process_on_any_host(sshd, two_hosts, tmp_path, tiny_ch
         while not list(sshd.remote_dir.glob(f"runs/{run.name}-*/logs/controller.log")) and time.monotonic() < deadline:
             time.sleep(0.2)
         [log] = sshd.remote_dir.glob(f"runs/{run.name}-*/logs/controller.log")
-        wait_for_text(log, "workers ready", timeout=120)  # both workers are up and serving
-        time.sleep(1)
+        wait_for_text(log, "[2/2]", timeout=60)  # both workers are up, one per host
         t0 = time.monotonic()
         p.send_signal(signal.SIGINT)
         out, err = p.communicate(timeout=60)
@@ -84,12 +84,12 @@ def test_ctrl_c_leaves_no_process_on_any_host(sshd, two_hosts, tmp_path, tiny_ch
 
 
 @pytest.mark.parametrize("bad,timeout", [("127.0.0.3", 5), ("192.0.2.1", 2)])  # closed port; TEST-NET-1 (no route)
-def test_unreachable_host_fails_fast_naming_it(sshd, tmp_path, bad, timeout):
+def test_unreachable_host_fails_fast_naming_it(sshd, tmp_path, bad, timeout, tiny_checkpoint):
     hosts = tmp_path / "ip_info"
     hosts.write_text(f"127.0.0.1\n{bad}\n")
     t0 = time.monotonic()
     r = dejavu_run([*sshd.overrides(hosts), "topology=disagg", "entry=runners.standin", "logger=none",
-                    f"cluster.ssh.connect_timeout={timeout}",
+                    *tiny_model_args(tiny_checkpoint("llama-gqa-bias")), f"cluster.ssh.connect_timeout={timeout}",
                     f"hydra.run.dir={tmp_path / 'run'}"], timeout=120)
     elapsed = time.monotonic() - t0
     assert r.returncode == 3, r.stderr[-2000:]
@@ -105,7 +105,7 @@ def test_kill_host_kills_every_process_there(sshd, two_hosts, tmp_path):
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[
             *sshd.overrides(two_hosts), "topology=disagg", "entry=runners.standin", "logger=none",
-            "cluster.setup=pythonpath", "+cluster.env.DEJAVU_STANDIN_HOLD_S=300"])
+            "cluster.setup=pythonpath", "+cluster.env.DEJAVU_STANDIN_HOLD_S=300", "model=opt-125m"])
     run = tmp_path / "run"
     run.mkdir()
     runner = SSHRunner(check(cfg), run)
