@@ -245,3 +245,24 @@ def test_cuda_kernels_against_torch(dtype):
             v = vc[i, :, :L].double().repeat_interleave(H // KV, 0)
             refs.append(F.scaled_dot_product_attention(q[i].double().unsqueeze(1), k, v).squeeze(1))
         assert _rel(o, torch.stack(refs)) < tol, (b, H, KV, hd, S)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_cuda_skinny_matmul_against_torch(dtype):
+    import torch.nn.functional as F
+
+    from dejavu.model import fused
+
+    if not fused.HAVE_TRITON:
+        pytest.skip("no triton")
+    tol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5}[dtype]
+    for m in (1, 8, 32, 64):
+        x = torch.randn(m, 2048, dtype=dtype, device="cuda")
+        w = torch.randn(16384, 2048, dtype=dtype, device="cuda") / 45
+        b = torch.randn(16384, dtype=dtype, device="cuda")
+        assert _rel(fused.skinny_mm(x, w, b), F.linear(x, w, b)) < tol
+        assert _rel(fused.skinny_mm(x, w, b, 1), F.relu(F.linear(x, w, b))) < tol
+        gate, up = F.linear(x, w).split(8192, -1)
+        # The fp16-tuned tilings must also fit shared memory in fp32 (two weight tiles for SwiGLU).
+        assert _rel(fused.skinny_mm(x, w, None, 2), F.silu(gate) * up) < tol

@@ -68,8 +68,9 @@ _PDL_OK = _pdl_supported()
 
 def _pdl(t: torch.Tensor) -> dict:
     """Programmatic dependent launch (Hopper): each kernel may start during its predecessor's tail and
-    waits (griddepcontrol.wait) before touching anything the predecessor wrote. DEJAVU_PDL=0 turns it off."""
-    on = _PDL_OK and t.is_cuda and os.environ.get("DEJAVU_PDL", "1") != "0"
+    waits (griddepcontrol.wait) before touching anything the predecessor wrote. Off unless DEJAVU_PDL=1:
+    on an H100 it made the decode step 15-20% slower (bench/NOTES-perf.md)."""
+    on = _PDL_OK and t.is_cuda and os.environ.get("DEJAVU_PDL", "0") == "1"
     return {"PDL": on, "launch_pdl": True} if on else {"PDL": False}
 
 
@@ -469,9 +470,9 @@ PREFETCH_BYTES = int(os.environ.get("DEJAVU_PREFETCH_MB", "8")) << 20
 def _prefetch_lines(n: int, k: int, act: int) -> int:
     """How many 128-byte lines of each weight row to prefetch: about PREFETCH_BYTES per matmul, so that
     the prefetched slab stays in L2 until the main loop reads it. DEJAVU_PREFETCH=0 turns it off."""
-    if os.environ.get("DEJAVU_PREFETCH", "1") == "0" or PREFETCH_BYTES <= 0:
+    if os.environ.get("DEJAVU_PREFETCH", "0") != "1" or PREFETCH_BYTES <= 0:
         return 0
-    lines = min(k // 64, PREFETCH_BYTES // (n * 128 * (2 if act == 2 else 1)))
+    lines = min(k // 64, PREFETCH_BYTES // (n * 128 * (2 if act == 2 else 1)))  # only read with PDL on
     return 1 << (lines.bit_length() - 1) if lines >= 1 else 0
 
 
@@ -490,11 +491,19 @@ def skinny_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     n_out = n // 2 if act == 2 else n
     y = torch.empty(m, n_out, dtype=x.dtype, device=x.device)
     block_n, block_k, stages, warps = config or _skinny_config(m, n_out, k)
+    # The tilings were tuned in fp16; keep the pipelined tiles inside shared memory for fp32 (and swiglu's
+    # two weight tiles): (stages - 1) * (x tile + w tiles) must fit.
+    block_m = max(16, _pow2(m))
+    per_stage = lambda: (block_m + (2 if act == 2 else 1) * block_n) * block_k * x.element_size()  # noqa: E731
+    while (stages - 1) * per_stage() > 160 * 1024 and stages > 2:
+        stages -= 1
+    while (stages - 1) * per_stage() > 160 * 1024 and block_k > 32:
+        block_k //= 2
     pdl = _pdl(x)
     _skinny_mm_kernel[(triton.cdiv(n_out, block_n),)](
         x2, weight, bias if bias is not None else weight, y, m, n_out, k, x2.stride(0), weight.stride(0),
         y.stride(0), n_out if act == 2 else 0, HAS_BIAS=bias is not None, ACT=act,
-        BLOCK_M=max(16, _pow2(m)), BLOCK_N=block_n, BLOCK_K=block_k, num_stages=stages, num_warps=warps,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_stages=stages, num_warps=warps,
         PREC="ieee" if x.dtype == torch.float32 else "tf32", PREFETCH=_prefetch_lines(n, k, act), **pdl)
     return y.view(*shape[:-1], n_out)
 
