@@ -92,6 +92,12 @@ class TorchDataPlane(DataPlane):
             if not os.environ.get(var):
                 raise RuntimeError(f"{var} is not set; the {backend} data plane rendezvous needs MASTER_ADDR "
                                    f"and MASTER_PORT (the address and a free port of rank 0)")
+        if backend == "nccl" and os.environ.pop("NCCL_COMM_ID", None):
+            # The seed's single-communicator bootstrap address; torch.distributed bootstraps every NCCL
+            # communicator (TP groups, pairs) through MASTER_ADDR's store, and one fixed root address
+            # shared by several communicators would collide.
+            print(f"[worker {rank}] ignoring NCCL_COMM_ID: torch.distributed bootstraps NCCL through "
+                  f"MASTER_ADDR/MASTER_PORT", flush=True)
         dist.init_process_group(spec, init_method="env://", rank=rank, world_size=self.world_size,
                                 timeout=timedelta(seconds=timeout_s))
         # Every rank must create every group, in the same order.

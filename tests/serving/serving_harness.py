@@ -77,7 +77,7 @@ class Run:
 def run_serving(tmp: Path, model: Path, *, prompt: int = 0, token: int = 1, tp: int = 1, backend: str = "gloo",
                 ubatch: int = 2, controller_args: list[str] = (), worker_args: list[str] = (),
                 worker_env: dict[int, dict[str, str]] | None = None, timeout: float = 90.0,
-                heartbeat_timeout: float = 3.0) -> Run:
+                heartbeat_timeout: float = 10.0) -> Run:
     world = (prompt + token) * tp
     run_dir = tmp / "run"
     logs_dir = tmp / "logs"
