@@ -7,9 +7,9 @@
     same run (the ceiling). For the layerwise rung what matters is the time it adds to the compute it
     overlaps, so the table also shows compute alone and the exposed time of streaming after vs during it.
     A last row times ``replicate_step`` (the real per-step path: every slot at its own position).
-(2) End-to-end generation time of ``dejavu.engine.Engine`` with streaming off vs on (on: the prompt's
-    cache streamed layer by layer during prefill, and every token step's slice replicated to host
-    memory), i.e. the overhead DéjàVu's replication costs (paper: within about 2%).
+(2) End-to-end generation time of ``dejavu.engine.Engine`` with streaming off vs on (on: as a token
+    stage replicates, the prompt's cache copied to host memory after prefill and every token step's
+    slice after its step), i.e. the overhead DéjàVu's replication costs (paper: within about 2%).
 
     python bench/streaming.py --device cuda                 # default shape: 24 layers, batch 8, 32 x 64
     python bench/streaming.py --device cpu                  # tiny shape, smoke test
@@ -35,7 +35,7 @@ from dejavu.model.config import ModelConfig, parse_dtype  # noqa: E402
 from dejavu.model.weights import StateDictSource  # noqa: E402
 from dejavu.sampling import SamplingParams  # noqa: E402
 from dejavu.streaming import (LADDER, LayerwiseStreamer, LocalTransport, Partition, StagingPool,  # noqa: E402
-                              StreamOptions, StreamStats, make_plan, replicate_step, stream_out)
+                              StreamOptions, StreamStats, make_plan, replicate_box, replicate_step, stream_out)
 
 GPU_DEFAULTS = dict(layers=24, batch=8, heads=32, head_dim=64, prompt_len=512, new_tokens=64, dtype="bf16")
 CPU_DEFAULTS = dict(layers=4, batch=2, heads=4, head_dim=16, prompt_len=32, new_tokens=8, dtype="fp32")
@@ -110,10 +110,22 @@ def ladder(a, stage, device, dtype) -> list[dict]:
     def decode(cb=None):
         stage(step_x, step_pos, kv, zeros, on_layer_done=cb)
 
-    prefill()  # real contents in the cache
+    # The prompt stage's own cache holds only the prompt (it never decodes), so each of its layers is
+    # one contiguous block; a token stage's cache has room for P + N positions, so there the prompt's
+    # rows are strided and must be gathered.
+    pkv = stage.new_cache(B, P)
+
+    def prefill_prompt_stage(cb=None):
+        stage(tokens, prompt_pos, pkv, last, on_layer_done=cb)
+
+    prefill()  # real contents in the caches
+    prefill_prompt_stage()
     decode()
     rows = []
-    for what, positions, compute in (("token step slice", (P, P + 1), decode), ("prompt cache", (0, P), prefill)):
+    for what, cache, positions, compute in (
+            ("token step slice", kv, (P, P + 1), decode),
+            ("prompt cache (prompt stage, P rows)", pkv, (0, P), prefill_prompt_stage),
+            ("prompt cache (in a P+N cache)", kv, (0, P), prefill)):
         plan = make_plan([part], [part], positions)
         nbytes = plan.chunks[0].box.count() * a.head_dim * dtype.itemsize
         src = torch.empty(nbytes, dtype=torch.uint8, device=device)
@@ -123,14 +135,14 @@ def ladder(a, stage, device, dtype) -> list[dict]:
         del src, dst
 
         def out(mode):
-            return lambda: stream_out(kv.data, plan, 0, transport, prefix=f"{what}/{mode}",
+            return lambda: stream_out(cache.data, plan, 0, transport, prefix=f"{what}/{mode}",
                                       options=StreamOptions.named(mode), staging=pool).wait()
 
         for mode in LADDER:
             row[f"{mode}_s"] = timed(out(mode), device, a.iters)
 
         def during():
-            s = LayerwiseStreamer(kv.data, plan, 0, transport, prefix=f"{what}/overlap",
+            s = LayerwiseStreamer(cache.data, plan, 0, transport, prefix=f"{what}/overlap",
                                   options=StreamOptions.named("layerwise"), staging=pool)
             compute(s.on_layer_done)
             s.finish()
@@ -161,8 +173,9 @@ def ladder(a, stage, device, dtype) -> list[dict]:
 
 # ---- (2) end to end ---------------------------------------------------------------------------------
 class StreamingEngine(Engine):
-    """The engine with DéjàVu's streaming on: the prompt's cache goes to host memory layer by layer
-    during prefill, and every decode step's new KV slice is replicated to host memory."""
+    """The engine with DéjàVu's replication on, as a token stage runs it: after the prefill each stage's
+    prompt cache is replicated to host memory (one gathered copy, on the side stream, overlapping the
+    first decode steps), and every decode step's new KV slice follows it."""
 
     def __init__(self, stages, transport: LocalTransport, stats: StreamStats, **kw) -> None:
         super().__init__(stages, **kw)
@@ -170,38 +183,24 @@ class StreamingEngine(Engine):
         self._lengths: list[int] = []
         self._steps = 0
         self._pending: list = []
-        self._streamers: list | None = None
 
     def _parts(self, batch: int):
         return [Partition((s.first, s.last), (0, s.cache_shape(batch, 1).kv_heads), (0, batch)) for s in self.stages]
 
-    def _forward(self, x, positions, caches, logits_index):
-        if self._streamers is None:  # a decode step run eagerly
-            return super()._forward(x, positions, caches, logits_index)
-        batch, prompt = x.shape
-        for i, (stage, cache, part) in enumerate(zip(self.stages, caches, self._parts(batch))):
-            plan = make_plan([part], [part], (0, prompt))
-            s = LayerwiseStreamer(cache.data, plan, 0, self.transport, prefix=f"prompt/s{i}", stats=self.stats,
-                                  path="prompt->host")
-            x = stage(x, positions, cache, logits_index if stage.is_last else None, on_layer_done=s.on_layer_done)
-            self._streamers.append(s)
-        return x
-
     def prefill(self, prompts, slab):
-        self._lengths, self._steps, self._streamers = [len(p) for p in prompts], 0, []
-        try:
-            logits = super().prefill(prompts, slab)
-            for s in self._streamers:
-                s.finish()
-        finally:
-            self._streamers = None
+        logits = super().prefill(prompts, slab)
+        self._lengths, self._steps = [len(p) for p in prompts], 0
+        batch, longest = len(prompts), max(self._lengths)
+        for i, (cache, part) in enumerate(zip(slab.caches, self._parts(batch))):
+            self._pending.append(replicate_box(cache.data, part, part.box((0, longest)), self.transport,
+                                               key=f"rep/s{i}/prompt", stats=self.stats, path="replication"))
         return logits
 
     def _decode(self, slab, x, positions):
         logits = super()._decode(slab, x, positions)
         batch = len(self._lengths)
         host_positions = [n + self._steps for n in self._lengths]
-        if len(self._pending) > 2 * len(self.stages):  # keep a bounded number of copies in flight
+        if len(self._pending) > 4 * len(self.stages):  # a bounded number of copies in flight
             for h in self._pending[: len(self.stages)]:
                 h.wait()
             del self._pending[: len(self.stages)]
@@ -267,7 +266,7 @@ def table(rows: list[dict], e2e: dict | None) -> str:
 
 
 def targets(rows: list[dict], e2e: dict | None) -> dict:
-    slice_, prompt = rows[0], rows[1]
+    slice_, prompt = rows[0], rows[1]  # the prompt stage's cache: what a handover ships
     t = {"token_slice_buffered_over_raw": slice_["buffered_s"] / slice_["raw_s"],
          "token_slice_buffered_within_2x_raw": slice_["buffered_s"] <= 2 * slice_["raw_s"],
          "prompt_buffered_fraction_of_raw_bandwidth": prompt["buffered_GBps"] / prompt["raw_GBps"],

@@ -65,18 +65,25 @@ class StepSlice:
     def shape(self, head_dim: int) -> tuple[int, ...]:
         return (len(self.slots), self.layers[1] - self.layers[0], 2, self.heads[1] - self.heads[0], head_dim)
 
-    def _index(self, data: torch.Tensor, part: Partition):
+    def _local(self, part: Partition) -> tuple[slice, slice, list[int]]:
         box = Box(self.layers, self.heads, (min(self.slots), max(self.slots) + 1),
                   (min(self.positions), max(self.positions) + 1))
         if not part.holds(box):
             raise ValueError(f"step slice {self} is not inside partition {part}")
         lo, ho = self.layers[0] - part.layers[0], self.heads[0] - part.heads[0]
-        s = _index_tensor([x - part.slots[0] for x in self.slots], data.device)
-        p = _index_tensor(self.positions, data.device)
+        return (slice(lo, lo + self.layers[1] - self.layers[0]), slice(ho, ho + self.heads[1] - self.heads[0]),
+                [x - part.slots[0] for x in self.slots])
+
+    def _index(self, data: torch.Tensor, part: Partition):
+        layers, heads, slots = self._local(part)
+        # One [2, n] index tensor, moved through pinned memory without blocking: a pageable copy would
+        # make the host wait for the GPU, and a token step must never stall the stage's queued work.
+        idx = torch.tensor([slots, list(self.positions)], dtype=torch.long)
+        if data.is_cuda:
+            idx = idx.pin_memory().to(data.device, non_blocking=True)
         # Two index tensors separated by a slice: advanced indexing puts the paired (slot, position)
         # dimension first, giving [n, layers, kv, heads, head_dim] in one gather kernel.
-        return (slice(lo, lo + self.layers[1] - self.layers[0]), slice(None), s,
-                slice(ho, ho + self.heads[1] - self.heads[0]), p)
+        return (layers, slice(None), idx[0], heads, idx[1])
 
     def to_meta(self) -> dict:
         return {"layers": self.layers, "heads": self.heads, "slots": list(self.slots),
@@ -87,21 +94,26 @@ class StepSlice:
         return cls(tuple(meta["layers"]), tuple(meta["heads"]), tuple(meta["slots"]), tuple(meta["positions"]))
 
 
-def _index_tensor(values, device: torch.device) -> torch.Tensor:
-    t = torch.tensor(values, dtype=torch.long)
-    if device.type != "cuda":
-        return t
-    # Through pinned memory and non-blocking: a pageable copy would make the host wait for the GPU,
-    # and a token step must never stall the stage's queued work.
-    return t.pin_memory().to(device, non_blocking=True)
-
-
 def gather_step(data: torch.Tensor, part: Partition, step: StepSlice) -> torch.Tensor:
-    return data[step._index(data, part)]
+    """The step slice as a new contiguous tensor [slots, layers, kv, heads, head_dim]."""
+    if data.is_cuda:
+        return data[step._index(data, part)]  # one gather kernel
+    # On the CPU one strided copy per slot beats the generic index kernel by far.
+    layers, heads, slots = step._local(part)
+    out = torch.empty(step.shape(data.shape[-1]), dtype=data.dtype)
+    for i, (s, p) in enumerate(zip(slots, step.positions)):
+        out[i].copy_(data[layers, :, s, heads, p])
+    return out
 
 
 def scatter_step(data: torch.Tensor, part: Partition, step: StepSlice, src: torch.Tensor) -> None:
-    data[step._index(data, part)] = src.view(step.shape(data.shape[-1])).to(data.device)
+    src = src.view(step.shape(data.shape[-1]))
+    if data.is_cuda:
+        data[step._index(data, part)] = src.to(data.device)
+        return
+    layers, heads, slots = step._local(part)
+    for i, (s, p) in enumerate(zip(slots, step.positions)):
+        data[layers, :, s, heads, p].copy_(src[i])
 
 
 class StagingPool:

@@ -71,6 +71,10 @@ class Message:
     src_index: tuple  # where the box sits in the sender's buffer (slices, worked out once per plan)
     dst_index: tuple  # ... and in the receiver's
 
+    @functools.cached_property
+    def meta(self) -> dict:
+        return {"box": self.box.to_meta()}
+
 
 @functools.lru_cache(maxsize=1024)
 def messages(plan: Plan, options: StreamOptions, prefix: str) -> tuple[Message, ...]:
@@ -202,7 +206,7 @@ class LayerwiseStreamer:
         else:
             src = view
         pending = self.transport.flush(m.key, src, peer=_peer(self.peers, m.chunk.dst), tag=m.tag,
-                                       meta={"box": m.box.to_meta()})
+                                       meta=m.meta)
         self.handle.add(pending, nbytes(view))
         if slot is not None:
             self.slots.users[slot] = pending

@@ -20,6 +20,12 @@ from .base import DONE, Blob, ChunkError, Pending, Transport, nbytes
 class _Entry:
     buf: torch.Tensor  # flat uint8 host buffer
     meta: dict
+    view: tuple | None = None  # (dtype, shape, typed view of buf), kept: a swap reuses it every round
+
+    def typed(self, dtype: torch.dtype, shape) -> torch.Tensor:
+        if self.view is None or self.view[0] != dtype or self.view[1] != shape:
+            self.view = (dtype, shape, self.buf.view(dtype).view(shape))
+        return self.view[2]
 
 
 class LocalTransport(Transport):
@@ -64,7 +70,7 @@ class LocalTransport(Transport):
             entry = _Entry(self._buffer(size, self.pin_memory and src.is_cuda), {})
             self._store[key] = entry
         entry.meta = dict(meta or {}, dtype=str(src.dtype).removeprefix("torch."), shape=list(src.shape))
-        host = entry.buf.view(src.dtype).view(src.shape)
+        host = entry.typed(src.dtype, src.shape)
         if not src.is_cuda:
             host.copy_(src)
             return DONE
@@ -79,7 +85,7 @@ class LocalTransport(Transport):
             raise ChunkError(f"chunk {key!r} is not in local host memory (was it flushed, or dropped?)")
         if entry.buf.numel() != nbytes(out):
             raise ChunkError(f"chunk {key!r} holds {entry.buf.numel()} bytes but the destination needs {nbytes(out)}")
-        host = entry.buf.view(out.dtype).view(out.shape)
+        host = entry.typed(out.dtype, out.shape)
         if not out.is_cuda:
             out.copy_(host)
             return DONE
