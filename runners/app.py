@@ -86,11 +86,12 @@ def print_report(cfg: Config, run_dir: Path) -> None:
     print(f"\nresults: {run_dir}")
 
 
-def wandb_group() -> str | None:
+def wandb_group(cfg: Config) -> str | None:
+    """The points of one multirun share a W&B group: the preset's name (or "sweep") and the sweep folder."""
     hc = HydraConfig.get()
     if hc.mode != RunMode.MULTIRUN:
         return None
-    return f"sweep-{Path(hc.sweep.dir).name}"
+    return f"{cfg.experiment or 'sweep'}-{Path(hc.sweep.dir).name}"
 
 
 def log_to_wandb(cfg: Config, raw: DictConfig, run_dir: Path) -> None:
@@ -98,7 +99,7 @@ def log_to_wandb(cfg: Config, raw: DictConfig, run_dir: Path) -> None:
         return
     from dejavu.results.wandb_log import log_run
 
-    group = wandb_group()
+    group = wandb_group(cfg)
     tags = [*cfg.logger.tags, cfg.topology.name, cfg.runner.kind.value] + ([cfg.experiment] if cfg.experiment else [])
     info = log_run(run_dir, config=OmegaConf.to_container(raw, resolve=True), mode=cfg.logger.mode.value,
                    project=cfg.logger.project, entity=cfg.logger.entity, group=group,
@@ -123,7 +124,7 @@ def run_bench(cfg: Config, raw: DictConfig, run_dir: Path) -> int:
 
         info = log_run(run_dir, summary=result, config=OmegaConf.to_container(raw, resolve=True),
                        mode=cfg.logger.mode.value, project=cfg.logger.project, entity=cfg.logger.entity,
-                       group=wandb_group(), name=run_dir.name, tags=[*cfg.logger.tags, cfg.experiment or "bench"])
+                       group=wandb_group(cfg), name=run_dir.name, tags=[*cfg.logger.tags, cfg.experiment or "bench"])
         if info is not None:
             print(f"W&B ({info.mode}): run {info.id} -> {info.url or info.dir}")
     return result if isinstance(result, int) else 0
@@ -151,8 +152,9 @@ def run(raw: DictConfig) -> dict[str, Any] | None:
         except ConfigError as e:  # found while preparing: still before launch
             print(f"dejavu-run: {e}", file=sys.stderr)
             sys.exit(2)
-        except LaunchError as e:  # a host unreachable or unprepared: nothing was started
-            print(f"dejavu-run: cannot launch, nothing was started:\n{e}", file=sys.stderr)
+        except LaunchError as e:  # a host unreachable or unprepared, or a process that would not start
+            print(f"dejavu-run: cannot launch (nothing was started, or what was started has been stopped):\n{e}",
+                  file=sys.stderr)
             sys.exit(3)
         except KeyboardInterrupt:
             print("dejavu-run: interrupted while starting; every process started was stopped", file=sys.stderr)
