@@ -208,7 +208,7 @@ class Controller:
     def lost_workers(self) -> list[WorkerInfo]:
         """Workers whose heartbeat is overdue by more than two intervals: the likely dead ones."""
         now = self.now()
-        return [w for w in self.workers.values() if w.hello is not None and w.stats is None
+        return [w for w in self.workers.values() if w.hello is not None and w.stats is None and not w.errors
                 and now - w.last_heartbeat > 2 * self.opts.heartbeat_interval_s + 0.5]
 
     # ---- phases ---------------------------------------------------------------------------------------

@@ -30,7 +30,8 @@ class ControllerUnreachable(RuntimeError):
 class ControlClient:
     def __init__(self, address: str, rank: int, world_size: int, *, connect_timeout_s: float = 120.0) -> None:
         self.address, self.rank = address, rank
-        self.ctx = zmq.Context.instance()
+        # A context of our own, so close() can wait for the last messages (Stats, Error) to leave.
+        self.ctx = zmq.Context()
         self.main = self.ctx.socket(zmq.DEALER)
         self.main.setsockopt(zmq.IDENTITY, f"w{rank}".encode())
         self.main.setsockopt(zmq.LINGER, 2000)
@@ -88,11 +89,13 @@ class ControlClient:
         except Exception:
             pass
 
-    def close(self) -> None:
+    def close(self, linger_s: float = 5.0) -> None:
+        """Stop the heartbeat and wait (up to ``linger_s``) for queued messages to reach the controller."""
         self._stop.set()
         if self._hb_thread is not None:
             self._hb_thread.join(timeout=2)
-        self.main.close()
+        self.main.close(linger=int(linger_s * 1000))
+        self.ctx.destroy(linger=int(linger_s * 1000))  # also closes listener sockets left open by a failure
 
     # ---- heartbeat thread -----------------------------------------------------------------------------
     def _heartbeat(self) -> None:
@@ -124,15 +127,16 @@ class ControlClient:
         sock.close()
 
 
-def report_early_error(address: str, rank: int, world_size: int, message: str, linger_s: float = 1.0) -> None:
-    """Tell the controller (if one is listening) why this worker will not start, without waiting for it."""
-    ctx = zmq.Context.instance()
+def report_early_error(address: str, rank: int, world_size: int, message: str, wait_s: float = 30.0) -> None:
+    """Tell the controller why this worker will not start: the frames wait (up to ``wait_s``) for a
+    controller that is still coming up, and are dropped if none does."""
+    ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.IDENTITY, f"w{rank}".encode())
-    sock.setsockopt(zmq.LINGER, int(linger_s * 1000))
     try:
         sock.connect(address)
         sock.send(to_msg(Hello(rank, world_size, os.getpid(), socket.gethostname(), time.perf_counter())))
         sock.send(to_msg(Error(rank, message, "startup")))
     finally:
-        sock.close()  # waits up to linger_s for the frames to leave
+        sock.close(linger=int(wait_s * 1000))
+        ctx.term()  # returns once the frames are delivered, or after wait_s

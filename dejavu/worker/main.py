@@ -23,6 +23,7 @@ from .control import ControlClient, report_early_error
 from .topology import BACKENDS, TopologyError, make_topology
 
 DEFAULT_PORT = 5600
+STARTUP = ("startup", "joining the data plane", "loading weights")  # phases where errors mean bad input
 REFUSED = {
     "swapping": "--swapping (microbatch swapping) is not yet supported; it comes with the swapping issue",
     "restart": "--restart is not yet supported; it comes with the fault-tolerance issue",
@@ -204,18 +205,19 @@ def run_worker(opts: WorkerOptions) -> int:
                        peak_memory(device), sent, received, seconds, items=ctl.progress))
         log(f"done: {ctl.progress} work items")
         dp.close()
-        ctl.close()
         return 0
-    except (TopologyError, ValueError, FileNotFoundError) as e:
-        print(f"[worker {rank}] error: {e}", file=sys.stderr, flush=True)
-        ctl.report_error(str(e), where)
-        return 2
     except BaseException as e:  # noqa: BLE001 - report anything, then exit non-zero
+        if where in STARTUP and isinstance(e, (TopologyError, ValueError, FileNotFoundError)):
+            # A bad flag, model or checkpoint: the message names it; no traceback needed.
+            print(f"[worker {rank}] error: {e}", file=sys.stderr, flush=True)
+            ctl.report_error(str(e), where)
+            return 2
         tb = traceback.format_exc()
         print(f"[worker {rank}] failed during {where}: {e}\n{tb}", file=sys.stderr, flush=True)
         ctl.report_error(f"{type(e).__name__}: {e}", where, tb)
-        time.sleep(0.2)  # let the message leave before the process (and its socket) goes
         return 1
+    finally:
+        ctl.close()  # waits for the last message (Stats or Error) to reach the controller
 
 
 def resolve_checkpoint(name_or_path: str):

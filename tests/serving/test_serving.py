@@ -120,7 +120,9 @@ def test_refused_worker_flag_reaches_the_controller(model, tmp_path):
                       controller_args=["--num_requests", "2"], timeout=60)
     assert run.worker_rcs == [2]
     assert "not yet supported" in run.log("worker0")
-    assert run.controller_rc == 1 and "--swapping" in run.log("controller")
+    log = run.log("controller")
+    assert run.controller_rc == 1 and "worker 0 (stage0" in log and "--swapping" in log
+    assert "heartbeats" not in log  # it said why it stopped: not reported as lost
 
 
 def test_stuck_pipeline_ends_after_the_progress_timeout(model, tmp_path):
