@@ -166,6 +166,11 @@ def run(raw: DictConfig) -> dict[str, Any] | None:
         write_config(run_dir, raw)
     if not outcome.ok:
         print(failure_report(outcome, procs, run_dir, echoed=cfg.runner.echo), file=sys.stderr)
+        if not outcome.interrupted:  # the controller's partial results say which requests finished: log them
+            try:
+                log_to_wandb(cfg, raw, run_dir)
+            except Exception as e:  # noqa: BLE001 — the run's failure is the message that matters
+                print(f"dejavu-run: could not log the failed run to W&B: {e}", file=sys.stderr)
         sys.exit(130 if outcome.interrupted else 1)
     print_report(cfg, run_dir)
     log_to_wandb(cfg, raw, run_dir)
