@@ -8,8 +8,8 @@
     overlaps, so the table also shows compute alone and the exposed time of streaming after vs during it.
     A last row times ``replicate_step`` (the real per-step path: every slot at its own position).
 (2) End-to-end generation time of ``dejavu.engine.Engine`` with streaming off vs on (on: as a token
-    stage replicates, the prompt's cache copied to host memory after prefill and every token step's
-    slice after its step), i.e. the overhead DéjàVu's replication costs (paper: within about 2%).
+    stage replicates, the prompt's cache copied to host memory one layer per decode step, and every
+    token step's slice after its step), i.e. the overhead DéjàVu's replication costs (paper: ~2%).
 
     python bench/streaming.py --device cuda                 # default shape: 24 layers, batch 8, 32 x 64
     python bench/streaming.py --device cpu                  # tiny shape, smoke test
@@ -183,6 +183,7 @@ class StreamingEngine(Engine):
         self._lengths: list[int] = []
         self._steps = 0
         self._pending: list = []
+        self._prompt_layers: list = []
 
     def _parts(self, batch: int):
         return [Partition((s.first, s.last), (0, s.cache_shape(batch, 1).kv_heads), (0, batch)) for s in self.stages]
@@ -191,10 +192,16 @@ class StreamingEngine(Engine):
         logits = super().prefill(prompts, slab)
         self._lengths, self._steps = [len(p) for p in prompts], 0
         batch, longest = len(prompts), max(self._lengths)
-        for i, (cache, part) in enumerate(zip(slab.caches, self._parts(batch))):
-            self._pending.append(replicate_box(cache.data, part, part.box((0, longest)), self.transport,
-                                               key=f"rep/s{i}/prompt", stats=self.stats, path="replication"))
+        # The prompt's replica goes one layer per decode step: one big copy would hold the device->host
+        # copy engine for ~15 ms, and every step's token read-back would queue behind it.
+        self._prompt_layers = [(cache, part, layer_box, f"rep/s{i}/prompt/{layer_box.name()}")
+                               for i, (cache, part) in enumerate(zip(slab.caches, self._parts(batch)))
+                               for layer_box in part.box((0, longest)).split_layers()]
         return logits
+
+    def _replicate_prompt_layer(self) -> None:
+        cache, part, box, key = self._prompt_layers.pop(0)
+        self._pending.append(replicate_box(cache.data, part, box, self.transport, key=key, stats=self.stats))
 
     def _decode(self, slab, x, positions):
         logits = super()._decode(slab, x, positions)
@@ -207,11 +214,15 @@ class StreamingEngine(Engine):
         for i, (cache, part) in enumerate(zip(slab.caches, self._parts(batch))):
             self._pending.append(replicate_step(cache.data, part, range(batch), host_positions, self.transport,
                                                 key=f"rep/s{i}/t{self._steps}", stats=self.stats))
+        if self._prompt_layers:
+            self._replicate_prompt_layer()
         self._steps += 1
         return logits
 
     def generate(self, prompts, params):
         out = super().generate(prompts, params)
+        while self._prompt_layers:
+            self._replicate_prompt_layer()
         for h in self._pending:
             h.wait()
         self._pending = []

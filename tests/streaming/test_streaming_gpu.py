@@ -70,6 +70,9 @@ def test_layerwise_overlaps_the_compute_stream():
     cache = torch.randn(part.cache_shape(1024, 128), device="cuda", dtype=torch.float16)
     plan = make_plan([part], [part], (0, 1000))
     transport = LocalTransport()
+    # Steady state: the first flush of a key pins its host buffer, and pinning may synchronize the
+    # device (a worker pins up front with LocalTransport.reserve, or reuses keys as here).
+    LayerwiseStreamer(cache, plan, 0, transport, prefix="x").finish()
     s = LayerwiseStreamer(cache, plan, 0, transport, prefix="x")
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.float16)
     torch.cuda.synchronize()
