@@ -24,6 +24,11 @@ class Generation:
     finish_reason: str  # "stop" (a stop token) or "length"
 
 
+def last_position(lengths: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """The last position each request can write: its prompt plus max_new_tokens - 1 fed-back tokens."""
+    return lengths + torch.tensor([p.max_new_tokens for p in params]) - 1
+
+
 def split_layers(num_layers: int, stages: int) -> list[tuple[int, int]]:
     """Contiguous layer ranges, as even as possible (earlier stages take the remainder)."""
     if not 1 <= stages <= num_layers:
@@ -165,8 +170,9 @@ class Engine:
                         reasons[i] = "length" if len(outputs[i]) >= params[i].max_new_tokens else "stop"
             if not any(live):
                 break
-            # Finished slots keep stepping on their last token; their results are simply not read.
-            positions = (lengths + step).view(batch, 1)
+            # Finished slots keep stepping on their last token; their results are simply not read, and
+            # their position stops at their own last one so a short request never runs past the cache.
+            positions = torch.minimum(lengths + step, last_position(lengths, params)).view(batch, 1)
             x = torch.tensor([o[-1] for o in outputs]).view(batch, 1).to(self.device)
             if slab.graphs is not None:
                 positions = positions.to(self.device)
@@ -185,6 +191,7 @@ class Engine:
         host = [torch.empty(batch, dtype=torch.long, pin_memory=True) for _ in range(2)]
         events = [torch.cuda.Event(), torch.cuda.Event()]
         positions = (lengths.view(batch, 1) - 1).to(self.device)
+        cap = last_position(lengths, params).view(batch, 1).to(self.device)
         x = logits.argmax(-1).view(batch, 1)
         host[0].copy_(x.view(batch), non_blocking=True)
         events[0].record()
@@ -192,7 +199,7 @@ class Engine:
         while True:
             if step < last_step:
                 # Queue step+1 before reading step's tokens.
-                positions += 1
+                positions = torch.minimum(positions + 1, cap)
                 logits = self._decode(slab, x, positions if slab.graphs is not None else positions.cpu())
                 x = logits.argmax(-1).view(batch, 1)
                 nxt = (step + 1) % 2

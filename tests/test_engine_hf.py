@@ -87,3 +87,16 @@ def test_sharded_checkpoint_reads_each_tensor_from_its_file(tmp_path):
     assert len(list((tmp_path / "many").glob("*.safetensors"))) > 3
     assert (tmp_path / "many" / "model.safetensors.index.json").is_file()
     assert run_engine(tmp_path / "many", stages=2) == run_engine(folder, stages=1)
+
+
+def test_mixed_lengths_where_a_long_prompt_finishes_first(tiny_checkpoint):
+    # Prompt 0 is long with few new tokens, prompt 1 short with many: prompt 0 finishes first and must
+    # not step past the cache (sized by the longest prompt + its own new tokens).
+    folder = tiny_checkpoint("llama-gqa-bias")
+    cfg = ModelConfig.from_folder(folder)
+    engine = Engine(build_stages(cfg, HFCheckpoint(folder), 2, dtype="fp64"))
+    prompts = [list(range(3, 43)), [5, 6]]
+    params = [SamplingParams(max_new_tokens=2), SamplingParams(max_new_tokens=30)]
+    out = [g.output_ids for g in engine.generate(prompts, params)]
+    alone = [engine.generate([p], q)[0].output_ids for p, q in zip(prompts, params)]
+    assert out == alone and [len(o) for o in out] == [2, 30]

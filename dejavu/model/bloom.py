@@ -19,7 +19,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .kv_cache import KVCache
-from .layers import MLP, Attention, layer_norm
+from .layers import Attention, embedding, layer_norm, MLP
 from .loading import column, load, row
 
 
@@ -73,7 +73,7 @@ def _regroup_qkv(heads: int, head_dim: int):
 class Embedding(nn.Module):
     def __init__(self, cfg: ModelConfig, comm) -> None:
         super().__init__()
-        self.tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.tokens = embedding(cfg.vocab_size, cfg.hidden_size)
         self.norm = layer_norm(cfg.hidden_size, cfg.norm_eps)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .kv_cache import KVCache
-from .layers import MLP, Attention, layer_norm
+from .layers import Attention, embedding, layer_norm, MLP
 from .loading import load
 from .weights import CheckpointError, Shard
 
@@ -69,8 +69,8 @@ def _qkv_parts(param: torch.Tensor, src, name: str, dim: int, comm) -> None:
 class Embedding(nn.Module):
     def __init__(self, cfg: ModelConfig, comm) -> None:
         super().__init__()
-        self.tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.positions = nn.Embedding(cfg.max_positions, cfg.hidden_size)
+        self.tokens = embedding(cfg.vocab_size, cfg.hidden_size)
+        self.positions = embedding(cfg.max_positions, cfg.hidden_size)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.tokens(ids) + self.positions(positions)

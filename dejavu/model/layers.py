@@ -64,6 +64,12 @@ def add_norm(h: torch.Tensor, delta: torch.Tensor | None, bias: torch.Tensor | N
     return h, norm(h)
 
 
+def embedding(num: int, dim: int) -> nn.Embedding:
+    """An embedding table with no random init: its weights always come from the checkpoint, and random
+    init of a meta tensor would import torch._dynamo (about 2 s in every worker process)."""
+    return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
+
+
 def layer_norm(dim: int, eps: float, affine: bool = True) -> nn.LayerNorm:
     return nn.LayerNorm(dim, eps=eps, elementwise_affine=affine)
 
@@ -71,8 +77,9 @@ def layer_norm(dim: int, eps: float, affine: bool = True) -> nn.LayerNorm:
 # ---- rotary position embedding ----------------------------------------------------------------------
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
-    # float32 throughout, as the reference computes it: the tables must match it bit for bit.
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    # float32 throughout, as the reference computes it: the tables must match it bit for bit. Always on
+    # the CPU (also inside a stage's meta-device construction: meta arithmetic imports torch._dynamo).
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
     kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
     if kind == "default":
         return inv_freq
@@ -98,7 +105,7 @@ class Rotary(nn.Module):
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None) -> None:
         super().__init__()
         inv_freq = rope_inv_freq(head_dim, theta, scaling)
-        t = torch.arange(max_positions, dtype=torch.float32)
+        t = torch.arange(max_positions, dtype=torch.float32, device="cpu")
         freqs = torch.outer(t, inv_freq)
         emb = torch.cat([freqs, freqs], dim=-1)
         self.register_buffer("cos", emb.cos(), persistent=False)

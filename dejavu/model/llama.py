@@ -7,14 +7,14 @@ from torch import nn
 
 from .config import ModelConfig
 from .kv_cache import KVCache
-from .layers import Attention, GatedMLP, RMSNorm, Rotary
+from .layers import Attention, embedding, GatedMLP, RMSNorm, Rotary
 from .loading import column, load, row
 
 
 class Embedding(nn.Module):
     def __init__(self, cfg: ModelConfig, comm) -> None:
         super().__init__()
-        self.tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.tokens = embedding(cfg.vocab_size, cfg.hidden_size)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.tokens(ids)

@@ -7,7 +7,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .kv_cache import KVCache
-from .layers import MLP, Attention, layer_norm
+from .layers import Attention, embedding, layer_norm, MLP
 from .loading import column, load, row
 
 # OPT's learned position table starts two rows in (a fairseq legacy the checkpoints keep).
@@ -29,9 +29,9 @@ class Embedding(nn.Module):
     def __init__(self, cfg: ModelConfig, comm) -> None:
         super().__init__()
         proj = cfg.word_embed_proj_dim or cfg.hidden_size
-        self.tokens = nn.Embedding(cfg.vocab_size, proj)
+        self.tokens = embedding(cfg.vocab_size, proj)
         self.project_in = nn.Linear(proj, cfg.hidden_size, bias=False) if cfg.word_embed_proj_dim else None
-        self.positions = nn.Embedding(cfg.max_positions + POSITION_OFFSET, cfg.hidden_size)
+        self.positions = embedding(cfg.max_positions + POSITION_OFFSET, cfg.hidden_size)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         h = self.tokens(ids)

@@ -91,7 +91,9 @@ class MPIAllReduce:
             return t
         from mpi4py import MPI
 
-        host = t.detach().to("cpu", torch.float32).contiguous()
+        # Sum in fp32 at least (fp16/bf16 partial sums would round), fp64 when that is the model's dtype.
+        wide = torch.float64 if t.dtype == torch.float64 else torch.float32
+        host = t.detach().to("cpu", wide).contiguous()
         out = torch.empty_like(host)
         self.comm.Allreduce(host.numpy(), out.numpy(), op=MPI.SUM)
         t.copy_(out.to(t.dtype))
