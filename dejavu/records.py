@@ -9,9 +9,10 @@ travel as msgpack maps (``asdict`` / ``from_dict``) and never need pickle.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .sampling import SamplingParams
+if TYPE_CHECKING:  # the controller reads these records without needing torch (2 s of start-up)
+    from .sampling import SamplingParams
 
 
 @dataclass
@@ -28,7 +29,9 @@ class Request:
     stop_token_ids: list[int] = field(default_factory=list)
     text: str | None = None  # the prompt's text when it came from real text
 
-    def sampling(self) -> SamplingParams:
+    def sampling(self) -> "SamplingParams":
+        from .sampling import SamplingParams
+
         return SamplingParams(max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens,
                               temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                               seed=self.seed, stop_token_ids=tuple(self.stop_token_ids))
