@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 
@@ -44,23 +42,7 @@ def test_greedy_matches_transformers(tiny_checkpoint, references, family, stages
 
 
 def run_tensor_parallel(folder, degree, stages=1):
-    group, results, errors = ThreadGroup(degree), [None] * degree, []
-
-    def shard(rank):
-        try:
-            results[rank] = run_engine(folder, stages, comm=group.member(rank))
-        except BaseException as e:  # surface a shard's failure instead of hanging the others
-            errors.append(e)
-            group._barrier.abort()
-
-    threads = [threading.Thread(target=shard, args=(r,)) for r in range(degree)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    if errors:
-        raise errors[0]
-    return results
+    return ThreadGroup(degree).run(lambda comm: run_engine(folder, stages, comm=comm), timeout=120)
 
 
 @pytest.mark.parametrize("family", ["llama-gqa-bias", "opt-pre"])

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -78,24 +77,8 @@ def generate(folder: Path, stages: int = 1, comm=None, src=None) -> list[list[in
 
 
 def in_threads(degree: int, fn) -> list:
-    """fn(comm) in one thread per tensor-parallel rank; a failing rank aborts the others' barrier."""
-    group, results, errors = ThreadGroup(degree), [None] * degree, []
-
-    def shard(rank: int) -> None:
-        try:
-            results[rank] = fn(group.member(rank))
-        except BaseException as e:
-            errors.append(e)
-            group._barrier.abort()
-
-    threads = [threading.Thread(target=shard, args=(r,)) for r in range(degree)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    if errors:
-        raise errors[0]
-    return results
+    """fn(comm) in one thread per tensor-parallel rank."""
+    return ThreadGroup(degree).run(fn, timeout=120)
 
 
 # ---- tokens equal transformers' --------------------------------------------------------------------
@@ -292,7 +275,7 @@ def test_disaggregated_serving_matches_engine_and_transformers(checkpoint, famil
     processes, the ALiBi slopes split across real process boundaries); tokens equal the Engine's and
     transformers'."""
     sys.path.insert(0, str(Path(__file__).parent / "serving"))
-    harness = pytest.importorskip("harness", reason="the serving test harness (tests/serving/harness.py)")
+    import serving_harness as harness
 
     folder = checkpoint(family)
     sizes = tmp_path / "sizes.json"  # unequal prompts: right-padded microbatches of 2

@@ -20,7 +20,8 @@ from torch import nn
 from .config import ModelConfig
 from .kv_cache import KVCache
 from .layers import Attention, embedding, layer_norm, MLP
-from .loading import column, load, row
+from . import gpt2
+from .loading import column, load, load_layer_norm, row
 
 
 def prefix(src) -> str:
@@ -53,11 +54,6 @@ def bloom_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
 
 
-def _load_norm(norm: nn.LayerNorm, src, name: str) -> None:
-    load(norm.weight, src, name + ".weight")
-    load(norm.bias, src, name + ".bias")
-
-
 def _regroup_qkv(heads: int, head_dim: int):
     """Rows [head, (q, k, v), head_dim] of one shard -> [q of all its heads; k ...; v ...]."""
 
@@ -82,7 +78,7 @@ class Embedding(nn.Module):
     def load(self, src) -> None:
         p = prefix(src)
         load(self.tokens.weight, src, p + "word_embeddings.weight")
-        _load_norm(self.norm, src, p + "word_embeddings_layernorm")
+        load_layer_norm(self.norm, src, p + "word_embeddings_layernorm")
 
 
 class Block(nn.Module):
@@ -109,33 +105,23 @@ class Block(nn.Module):
     def load(self, src, i: int) -> None:
         p, c = f"{prefix(src)}h.{i}.", self.comm
         regroup = _regroup_qkv(self.attn.heads, self.attn.head_dim)
-        _load_norm(self.input_layernorm, src, p + "input_layernorm")
+        load_layer_norm(self.input_layernorm, src, p + "input_layernorm")
         load(self.attn.qkv.weight, src, p + "self_attention.query_key_value.weight", column(c), regroup)
         load(self.attn.qkv.bias, src, p + "self_attention.query_key_value.bias", column(c), regroup)
         load(self.attn.out.weight, src, p + "self_attention.dense.weight", row(c))
         load(self.attn.out_bias, src, p + "self_attention.dense.bias")
-        _load_norm(self.post_attention_layernorm, src, p + "post_attention_layernorm")
+        load_layer_norm(self.post_attention_layernorm, src, p + "post_attention_layernorm")
         load(self.mlp.fc_in.weight, src, p + "mlp.dense_h_to_4h.weight", column(c))
         load(self.mlp.fc_in.bias, src, p + "mlp.dense_h_to_4h.bias", column(c))
         load(self.mlp.fc_out.weight, src, p + "mlp.dense_4h_to_h.weight", row(c))
         load(self.mlp.fc_out_bias, src, p + "mlp.dense_4h_to_h.bias")
 
 
-class Head(nn.Module):
-    def __init__(self, cfg: ModelConfig, comm) -> None:
-        super().__init__()
-        self.ln_f = layer_norm(cfg.hidden_size, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.tied = cfg.tie_word_embeddings
+class Head(gpt2.Head):
+    embedding_name = "word_embeddings.weight"
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.ln_f(h))
-
-    def load(self, src) -> None:
-        p = prefix(src)
-        _load_norm(self.ln_f, src, p + "ln_f")
-        name = "lm_head.weight" if src.has("lm_head.weight") and not self.tied else p + "word_embeddings.weight"
-        load(self.lm_head.weight, src, name)
+    def prefix(self, src) -> str:
+        return prefix(src)
 
 
 def make_block(cfg: ModelConfig, comm, shared: dict) -> Block:

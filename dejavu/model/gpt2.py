@@ -14,7 +14,7 @@ from torch import nn
 from .config import ModelConfig
 from .kv_cache import KVCache
 from .layers import Attention, embedding, layer_norm, MLP
-from .loading import load
+from .loading import load, load_layer_norm
 from .weights import CheckpointError, Shard
 
 
@@ -43,11 +43,6 @@ def _conv1d_layout(param: torch.Tensor, shard: Shard | None):
 def _conv1d(param: torch.Tensor, src, name: str, shard: Shard | None) -> None:
     """A Conv1D weight [in, out] into a Linear weight [out, in]; ``shard`` indexes the stored layout."""
     load(param, src, name, shard, transform=_conv1d_layout(param, shard))
-
-
-def _load_norm(norm: nn.LayerNorm, src, name: str) -> None:
-    load(norm.weight, src, name + ".weight")
-    load(norm.bias, src, name + ".bias")
 
 
 def _qkv_parts(param: torch.Tensor, src, name: str, dim: int, comm) -> None:
@@ -99,12 +94,12 @@ class Block(nn.Module):
     def load(self, src, i: int) -> None:
         p, c = f"{prefix(src)}h.{i}.", self.comm
         col, row = Shard(1, c.rank, c.size), Shard(0, c.rank, c.size)  # in the stored [in, out] layout
-        _load_norm(self.ln_1, src, p + "ln_1")
+        load_layer_norm(self.ln_1, src, p + "ln_1")
         _qkv_parts(self.attn.qkv.weight, src, p + "attn.c_attn.weight", 1, c)
         _qkv_parts(self.attn.qkv.bias, src, p + "attn.c_attn.bias", 0, c)
         _conv1d(self.attn.out.weight, src, p + "attn.c_proj.weight", row)
         load(self.attn.out_bias, src, p + "attn.c_proj.bias")
-        _load_norm(self.ln_2, src, p + "ln_2")
+        load_layer_norm(self.ln_2, src, p + "ln_2")
         _conv1d(self.mlp.fc_in.weight, src, p + "mlp.c_fc.weight", col)
         load(self.mlp.fc_in.bias, src, p + "mlp.c_fc.bias", Shard(0, c.rank, c.size))
         _conv1d(self.mlp.fc_out.weight, src, p + "mlp.c_proj.weight", row)
@@ -112,6 +107,10 @@ class Block(nn.Module):
 
 
 class Head(nn.Module):
+    """ln_f then the LM head; BLOOM's head is this one with its own tensor names."""
+
+    embedding_name = "wte.weight"
+
     def __init__(self, cfg: ModelConfig, comm) -> None:
         super().__init__()
         self.ln_f = layer_norm(cfg.hidden_size, cfg.norm_eps)
@@ -121,12 +120,15 @@ class Head(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.ln_f(h))
 
+    def prefix(self, src) -> str:
+        return prefix(src)
+
     def load(self, src) -> None:
-        p = prefix(src)
-        _load_norm(self.ln_f, src, p + "ln_f")
-        # Tied (every released GPT-2): the last stage reads the token embedding matrix itself.
-        name = "lm_head.weight" if src.has("lm_head.weight") and not self.tied else p + "wte.weight"
-        load(self.lm_head.weight, src, name)
+        p = self.prefix(src)
+        load_layer_norm(self.ln_f, src, p + "ln_f")
+        # Tied (every released GPT-2 and BLOOM): the last stage reads the token embedding matrix itself.
+        tied = self.tied or not src.has("lm_head.weight")
+        load(self.lm_head.weight, src, p + self.embedding_name if tied else "lm_head.weight")
 
 
 def make_block(cfg: ModelConfig, comm, shared: dict) -> Block:

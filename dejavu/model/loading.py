@@ -36,3 +36,10 @@ def load(param: nn.Parameter | torch.Tensor, src, names: str | list[str], shard:
             + (f" (tensor-parallel shard {shard.rank}/{shard.size} along dim {shard.dim})" if shard else ""))
     with torch.no_grad():
         param.copy_(value)
+
+
+def load_layer_norm(norm: nn.LayerNorm, src, name: str) -> None:
+    """``name.weight`` and ``name.bias``; a norm without an affine part reads nothing."""
+    if norm.weight is not None:
+        load(norm.weight, src, name + ".weight")
+        load(norm.bias, src, name + ".bias")

@@ -8,7 +8,7 @@ from torch import nn
 from .config import ModelConfig
 from .kv_cache import KVCache
 from .layers import Attention, embedding, layer_norm, MLP
-from .loading import column, load, row
+from .loading import column, load, load_layer_norm, row
 
 # OPT's learned position table starts two rows in (a fairseq legacy the checkpoints keep).
 POSITION_OFFSET = 2
@@ -17,12 +17,6 @@ P = "model.decoder."
 
 def _affine(cfg: ModelConfig) -> bool:
     return cfg.extra.get("layer_norm_elementwise_affine", True)
-
-
-def _load_norm(norm: nn.LayerNorm, src, name: str) -> None:
-    if norm.weight is not None:
-        load(norm.weight, src, name + ".weight")
-        load(norm.bias, src, name + ".bias")
 
 
 class Embedding(nn.Module):
@@ -68,13 +62,13 @@ class Block(nn.Module):
 
     def load(self, src, i: int) -> None:
         p, c = f"{P}layers.{i}.", self.comm
-        _load_norm(self.attn_norm, src, p + "self_attn_layer_norm")
+        load_layer_norm(self.attn_norm, src, p + "self_attn_layer_norm")
         load(self.attn.qkv.weight, src, [p + f"self_attn.{n}_proj.weight" for n in "qkv"], column(c))
         load(self.attn.out.weight, src, p + "self_attn.out_proj.weight", row(c))
         if self.attn.qkv.bias is not None:
             load(self.attn.qkv.bias, src, [p + f"self_attn.{n}_proj.bias" for n in "qkv"], column(c))
             load(self.attn.out_bias, src, p + "self_attn.out_proj.bias")
-        _load_norm(self.mlp_norm, src, p + "final_layer_norm")
+        load_layer_norm(self.mlp_norm, src, p + "final_layer_norm")
         load(self.mlp.fc_in.weight, src, p + "fc1.weight", column(c))
         load(self.mlp.fc_out.weight, src, p + "fc2.weight", row(c))
         if self.mlp.fc_in.bias is not None:
@@ -101,7 +95,7 @@ class Head(nn.Module):
 
     def load(self, src) -> None:
         if self.norm is not None:
-            _load_norm(self.norm, src, P + "final_layer_norm")
+            load_layer_norm(self.norm, src, P + "final_layer_norm")
         if self.project_out is not None:
             load(self.project_out.weight, src, P + "project_out.weight")
         name = "lm_head.weight" if src.has("lm_head.weight") and not self.tied else P + "embed_tokens.weight"

@@ -44,6 +44,32 @@ class ThreadGroup:
     def member(self, rank: int) -> "_ThreadMember":
         return _ThreadMember(self, rank)
 
+    def run(self, fn, timeout: float = 300.0) -> list:
+        """Run ``fn(member)`` for every rank in its own thread; return the results in rank order.
+
+        A shard that raises breaks the barrier, so the others fail fast instead of waiting forever.
+        """
+        results: list = [None] * self.size
+        errors: list[BaseException] = []
+
+        def shard(rank: int) -> None:
+            try:
+                results[rank] = fn(self.member(rank))
+            except BaseException as e:
+                errors.append(e)
+                self._barrier.abort()
+
+        threads = [threading.Thread(target=shard, args=(r,), daemon=True) for r in range(self.size)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=timeout)
+        if errors:
+            raise errors[0]
+        if any(t.is_alive() for t in threads):
+            raise TimeoutError(f"tensor-parallel shards did not finish within {timeout} s")
+        return results
+
 
 class _ThreadMember:
     def __init__(self, group: ThreadGroup, rank: int) -> None:
