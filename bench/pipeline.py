@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -76,7 +75,9 @@ def tiny_llama(folder: Path) -> Path:
     """A random Llama with peaked logits (wide init) so that greedy tokens are not decided by near-ties."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging
 
+    logging.disable_progress_bar()
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=8,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
@@ -172,7 +173,10 @@ def table(rows: list[dict]) -> str:
     ]
     cells = [["metric", *(r["label"] for r in rows)]] + [[name, *(f(r) for r in rows)] for name, f in lines]
     widths = [max(len(c[i]) for c in cells) for i in range(len(cells[0]))]
-    fmt = lambda c: "  ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(c, widths)))  # noqa: E731
+
+    def fmt(c):
+        return "  ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(c, widths)))
+
     return "\n".join([fmt(cells[0]), "  ".join("-" * w for w in widths), *map(fmt, cells[1:])])
 
 
@@ -204,7 +208,9 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"\n== {name}: {a.requests} requests, input {sizes[0]} / output {sizes[1]} tokens, "
                   f"ubatch {a.ubatch_size}, {a.workers} workers, "
                   f"{f'Poisson {a.rps} req/s' if a.rps else 'all arriving at t=0'}\n{table(rows)}")
-            print(f"outputs_sha256 {'equal across runs: ' + rows[0]['outputs_sha256'] if len(digests) == 1 else 'DIFFER: ' + ', '.join(sorted(digests))}\n")
+            same = len(digests) == 1
+            print("outputs_sha256 " + (f"equal across runs: {rows[0]['outputs_sha256']}\n" if same
+                                       else f"DIFFER across runs: {', '.join(sorted(digests))}\n"))
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -215,5 +221,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    res = main()
+    try:
+        res = main()
+    except RuntimeError as e:
+        sys.exit(f"bench/pipeline.py: {e}")
     sys.exit(0 if all(w["digests_equal"] for w in res["workloads"].values()) else 1)
