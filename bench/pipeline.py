@@ -8,9 +8,9 @@ read back from each run's ``summary.json`` and printed side by side, one column 
     python bench/pipeline.py --model smollm2-135m --requests 16 --rps 4
     python bench/pipeline.py --workers 2 --requests 4 --out /tmp/p.json   # smoke
 
-``bubble`` is the summary's bubble fraction (1 - union of prefill/decode/send/recv/stream over the run's
-span): a blocking send that waits for a busy neighbour counts as busy there. ``compute`` is prefill +
-decode seconds over the span only, so the two together show where a stage waited.
+``bubble`` is the summary's bubble fraction (1 - union of prefill/decode/stream over the run's
+span): blocking sends and receives are waits on a neighbour, so they count as bubbles. ``compute`` is
+prefill + decode seconds over the span only (without streaming copies).
 The outputs of every run must be equal (greedy, same microbatches): the script exits 1 if they are not.
 """
 

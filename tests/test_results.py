@@ -95,8 +95,8 @@ def _ev(worker, kind, a, b, stage="stage0", ub=0, tp=0):
 
 
 def constructed_events():
-    # Span [0, 10]. Worker 0: decode [0,2] and an overlapping send [1,3] -> union 3 s, plus recv [5,6]
-    # -> busy 4 s. Worker 1: prefill [2,4], stream [4,5] (touching) and decode [9,10] -> busy 4 s, plus
+    # Span [0, 10]. Worker 0: decode [0,2] -> busy 2 s; its send [1,3] and recv [5,6] are waits on
+    # neighbours, bubbles. Worker 1: prefill [2,4], stream [4,5] (touching) and decode [9,10] -> busy 4 s, plus
     # a reported idle [5,9] that must not count as busy. Worker 2 (TP rank 1 of prompt0): 1 s.
     return [_ev(0, "decode", 0, 2), _ev(0, "send", 1, 3), _ev(0, "recv", 5, 6, ub=1),
             _ev(1, "prefill", 2, 4, "prompt0"), _ev(1, "stream", 4, 5, "prompt0"),
@@ -110,8 +110,8 @@ def test_busy_and_bubble_fractions_on_constructed_events():
     s = summarize(recs, constructed_events(), [WorkerStats(worker=3, stage="token0")])
     w = s["workers"]
     assert s["span_s"] == {"start": 0.0, "end": 10.0}
-    assert w["0"]["busy_s"] == pytest.approx(4.0) and w["0"]["busy_fraction"] == pytest.approx(0.4)
-    assert w["0"]["bubble_fraction"] == pytest.approx(0.6)
+    assert w["0"]["busy_s"] == pytest.approx(2.0) and w["0"]["busy_fraction"] == pytest.approx(0.2)
+    assert w["0"]["bubble_fraction"] == pytest.approx(0.8)
     assert w["0"]["seconds_by_kind"] == {"decode": 2.0, "recv": 1.0, "send": 2.0}
     assert w["1"]["busy_fraction"] == pytest.approx(0.4) and w["1"]["seconds_by_kind"]["idle"] == 4.0
     assert w["2"]["busy_fraction"] == pytest.approx(0.1) and w["2"]["tp_rank"] == 1
@@ -119,10 +119,10 @@ def test_busy_and_bubble_fractions_on_constructed_events():
     # The prompt stage's two TP ranks (workers 1 and 2) averaged.
     assert s["stages"]["prompt0"] == {"workers": [1, 2], "busy_fraction": pytest.approx(0.25),
                                       "bubble_fraction": pytest.approx(0.75)}
-    assert s["bubble_fraction_mean"] == pytest.approx((0.6 + 0.6 + 0.9 + 1.0) / 4)
-    # An explicit span clips the intervals: worker 0 is busy [0, 3] of [0, 5], its recv [5, 6] falls out.
+    assert s["bubble_fraction_mean"] == pytest.approx((0.8 + 0.6 + 0.9 + 1.0) / 4)
+    # An explicit span clips the intervals: worker 0 is busy [0, 2] of [0, 5].
     clipped = summarize(recs, constructed_events(), span=(0.0, 5.0))["workers"]
-    assert clipped["0"]["busy_fraction"] == pytest.approx(0.6) and clipped["1"]["busy_fraction"] == pytest.approx(0.6)
+    assert clipped["0"]["busy_fraction"] == pytest.approx(0.4) and clipped["1"]["busy_fraction"] == pytest.approx(0.6)
 
 
 def test_results_folder(tmp_path, monkeypatch):
@@ -183,7 +183,7 @@ def test_chrome_trace_shows_bubbles(tmp_path):
     assert names == {(0, "worker 0: stage0 tp0"), (1, "worker 1: prompt0 tp0"), (2, "worker 2: prompt0 tp1")}
     x = [e for e in evs if e["ph"] == "X"]
     idle0 = sorted((e["ts"], e["dur"]) for e in x if e["pid"] == 0 and e["cat"] == "bubble")
-    assert idle0 == [(3e6, 2e6), (6e6, 4e6)]  # [3,5] and [6,10]
+    assert idle0 == [(2e6, 8e6)]  # [2,10]: the send and recv waits on the transfer row are bubbles
     idle1 = sorted((e["ts"], e["dur"]) for e in x if e["pid"] == 1 and e["cat"] == "bubble")
     assert idle1 == [(0.0, 2e6), (5e6, 4e6)]
     send = next(e for e in x if e["pid"] == 0 and e["name"] == "send")

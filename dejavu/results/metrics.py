@@ -24,7 +24,10 @@ import numpy as np
 
 from ..records import RequestRecord, StageEvent
 
-BUSY_KINDS = ("prefill", "decode", "send", "recv", "stream")
+# What counts as a stage doing work. A blocking send or recv is mostly a wait on a neighbour stage (gloo's
+# send returns only once the busy receiver takes it), so it is a bubble, as in the paper; the trace still
+# shows those intervals. Streaming copies are real work of this stage.
+BUSY_KINDS = ("prefill", "decode", "stream")
 PERCENTILES = (50, 95, 99)
 SUMMARY_FORMAT = "dejavu-summary/1"
 
