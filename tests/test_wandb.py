@@ -4,6 +4,7 @@ table, plots and artifact; no API key reaches any file."""
 from __future__ import annotations
 
 import json
+import os
 import struct
 
 import pytest
@@ -45,7 +46,7 @@ def wandb_records(path):
 
 def read_offline_run(run_folder):
     [wandb_file] = list(run_folder.glob("run-*.wandb"))
-    out = {"summary": {}, "config": {}, "history": {}, "artifacts": [], "run": None}
+    out = {"summary": {}, "config": {}, "history": {}, "artifacts": [], "run": None, "exit": None}
     for r in wandb_records(wandb_file):
         kind = r.WhichOneof("record_type")
         if kind == "run":
@@ -57,6 +58,8 @@ def read_offline_run(run_folder):
             out["history"].update({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item})
         elif kind == "artifact":
             out["artifacts"].append(r.artifact)
+        elif kind == "exit":
+            out["exit"] = r.exit
     return out
 
 
@@ -66,6 +69,7 @@ def run_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-env-dir"))
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
+    monkeypatch.delenv("WANDB_SERVICE", raising=False)  # a wandb-core of some outer process: not ours to use
     recs = [RequestRecord(id=i, prompt_ids=[1, 2, 3], output_ids=[4] * (i + 1), arrival_s=0.1 * i,
                           first_token_s=0.1 * i + 0.2, finish_s=0.1 * i + 0.5 + 0.1 * i, status="ok",
                           text=f"answer {i}") for i in range(5)]
@@ -82,7 +86,13 @@ def test_offline_run_lands_in_the_run_folder_with_everything(run_dir):
     info = log_run(run_dir, project="dejavu-test", group="sweep-7", name="point-a", tags=["ci", "tiny"])
     assert info.mode == "offline" and info.url is None
     assert info.dir.parent == run_dir / "wandb" and info.dir.name.startswith("offline-run-")
+    # log_run returns only once wandb-core has closed the run: the file is whole right away (finish()
+    # alone returned with the records still buffered in wandb-core), and no service token is left in our
+    # environment for child processes to attach to.
+    token = os.environ.get("WANDB_SERVICE")  # asserted alone: a failure must not print the whole environment
+    assert token is None
     got = read_offline_run(info.dir)
+    assert got["exit"] is not None and got["exit"].exit_code == 0
 
     assert got["run"].run_group == "sweep-7" and got["run"].project == "dejavu-test"
     assert got["run"].display_name == "point-a" and list(got["run"].tags) == ["ci", "tiny"]

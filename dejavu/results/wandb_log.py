@@ -124,4 +124,26 @@ def log_run(run_dir: str | Path, summary: Mapping[str, Any] | None = None, confi
                         url=run.url if mode == "online" else None, mode=mode)
     finally:
         run.finish()
+        _close_service()
     return info
+
+
+def _close_service() -> None:
+    """Wait until wandb-core has closed the run, so its ``run-<id>.wandb`` file is whole on return.
+
+    ``run.finish()`` returns once the exit record is handled, but wandb-core keeps the transaction log
+    in a buffered writer that is flushed only when the run's stream closes, and ``finish`` asks for that
+    close without waiting for it. Under CPU load a reader (``wandb sync``, a test, a copy) could find the
+    file still holding only its 7-byte header. ``wandb.teardown()`` closes every stream and waits for the
+    service process to exit; it also drops the ``WANDB_SERVICE`` token wandb put in ``os.environ``, which
+    our child processes would otherwise inherit and attach to. A caller's own run still open in this
+    process keeps the service up (teardown would finish that run): then the file is completed later."""
+    import wandb
+
+    wl = wandb.setup()
+    if getattr(wl, "most_recent_active_run", wandb.run) is not None:
+        return
+    try:
+        wandb.teardown()
+    except SystemExit as e:  # wandb exits the process when wandb-core ended badly; a library must not
+        raise RuntimeError(f"wandb-core exited with code {e.code} while closing the run") from None
