@@ -28,6 +28,11 @@ TINY_BUILDERS = {
     "opt-pre": lambda d: tiny_models.opt(d, pre_norm=True),
     "opt-post": lambda d: tiny_models.opt(d, pre_norm=False),
     "opt-proj": lambda d: tiny_models.opt(d, proj_dim=32),
+    "gpt2": lambda d: tiny_models.gpt2(d),
+    "bloom": lambda d: tiny_models.bloom(d),
+    # 6 heads: a non-power-of-two count, where per-shard ALiBi slopes go wrong.
+    "bloom-6heads": lambda d: tiny_models.bloom(d, heads=6, hidden=96),
+    "bloom-post-ln-residual": lambda d: tiny_models.bloom(d, post_ln_residual=True),
 }
 
 

@@ -28,43 +28,16 @@ from tiny_models import hf_greedy
 # Unequal lengths, so the batch is right-padded and slots decode at different positions.
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31], [40]]
 NEW = 32
-
-BUILDERS = {
-    "gpt2": lambda d: tiny_models.gpt2(d),
-    "bloom": lambda d: tiny_models.bloom(d),
-    "bloom-6heads": lambda d: tiny_models.bloom(d, heads=6, hidden=96),
-    "bloom-post-ln-residual": lambda d: tiny_models.bloom(d, post_ln_residual=True),
-}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread_per_op():
-    # Tiny matrices: intra-op threads only contend (several times slower on a busy 2-core machine).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+FAMILIES = ["gpt2", "bloom", "bloom-6heads", "bloom-post-ln-residual"]  # tiny checkpoints in conftest
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    made: dict[str, Path] = {}
-
-    def get(name: str) -> Path:
-        if name not in made:
-            made[name] = BUILDERS[name](tmp_path_factory.mktemp(name))
-        return made[name]
-
-    return get
-
-
-@pytest.fixture(scope="module")
-def reference(checkpoint):
+def reference(tiny_checkpoint):
     cache: dict[str, list[list[int]]] = {}
 
     def get(name: str) -> list[list[int]]:
         if name not in cache:
-            cache[name] = hf_greedy(checkpoint(name), PROMPTS, NEW)
+            cache[name] = hf_greedy(tiny_checkpoint(name), PROMPTS, NEW)
         return cache[name]
 
     return get
@@ -83,28 +56,28 @@ def in_threads(degree: int, fn) -> list:
 
 # ---- tokens equal transformers' --------------------------------------------------------------------
 
-@pytest.mark.parametrize("family", list(BUILDERS))
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("stages", [1, 2])
-def test_greedy_matches_transformers(checkpoint, reference, family, stages):
-    assert generate(checkpoint(family), stages) == reference(family)
+def test_greedy_matches_transformers(tiny_checkpoint, reference, family, stages):
+    assert generate(tiny_checkpoint(family), stages) == reference(family)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "bloom", "bloom-6heads"])
-def test_tensor_parallel_two_shards_match_transformers(checkpoint, reference, family):
+def test_tensor_parallel_two_shards_match_transformers(tiny_checkpoint, reference, family):
     # Two pipeline stages of two shards each: sharded loads of every tensor kind, on both stages.
-    folder, want = checkpoint(family), reference(family)  # built here, not raced by the shard threads
+    folder, want = tiny_checkpoint(family), reference(family)  # built here, not raced by the shard threads
     shard0, shard1 = in_threads(2, lambda comm: generate(folder, 2, comm=comm))
     assert shard0 == shard1 == want
 
 
 @pytest.mark.parametrize("degree", [1, 2, 3])
-def test_bloom_prefill_logits_equal_transformers(checkpoint, degree):
+def test_bloom_prefill_logits_equal_transformers(tiny_checkpoint, degree):
     """Every position's logits of a right-padded batch: a wrong slope on any head of any shard shows up
     here even where it would not flip a greedy token. (The reference's softmax runs in fp32 even in an
     fp64 model, so agreement is to ~1e-6, not fp64 rounding; a slope bug moves logits by ~0.1 or more.)"""
     from transformers import AutoModelForCausalLM
 
-    folder = checkpoint("bloom-6heads")
+    folder = tiny_checkpoint("bloom-6heads")
     batch = torch.zeros(len(PROMPTS), max(map(len, PROMPTS)), dtype=torch.long)
     mask = torch.zeros_like(batch)
     for i, ids in enumerate(PROMPTS):
@@ -136,8 +109,8 @@ def test_alibi_slopes_equal_transformers_and_shard_by_head(heads):
         torch.testing.assert_close(torch.cat(shards), want, rtol=0, atol=0)
 
 
-def test_each_bloom_shard_holds_its_own_heads_slopes(checkpoint):
-    cfg = ModelConfig.from_folder(checkpoint("bloom-6heads"))
+def test_each_bloom_shard_holds_its_own_heads_slopes(tiny_checkpoint):
+    cfg = ModelConfig.from_folder(tiny_checkpoint("bloom-6heads"))
     full = bloom_module.alibi_slopes(6)
     for rank in range(2):
         stage = StageModel(cfg, 1, 3, comm=ThreadGroup(2).member(rank), dtype="bf16")
@@ -147,7 +120,7 @@ def test_each_bloom_shard_holds_its_own_heads_slopes(checkpoint):
             torch.testing.assert_close(block.attn.alibi_slopes, full[3 * rank:3 * rank + 3], rtol=0, atol=0)
 
 
-# ---- checkpoint layouts and bad checkpoints ----------------------------------------------------------
+# ---- tiny_checkpoint layouts and bad checkpoints ----------------------------------------------------------
 
 def _rewrite(src: Path, dst: Path, edit) -> Path:
     from safetensors.torch import load_file, save_file
@@ -161,13 +134,13 @@ def _rewrite(src: Path, dst: Path, edit) -> Path:
 
 
 @pytest.mark.parametrize("family", ["gpt2", "bloom"])
-def test_hub_layout_without_transformer_prefix(checkpoint, reference, family, tmp_path):
+def test_hub_layout_without_transformer_prefix(tiny_checkpoint, reference, family, tmp_path):
     # openai-community/gpt2 and bigscience/bloom-* store "h.0..." / "wte.weight", not "transformer.h.0...".
     def strip(tensors):
         for name in list(tensors):
             tensors[name.removeprefix("transformer.")] = tensors.pop(name)
 
-    folder = _rewrite(checkpoint(family), tmp_path, strip)
+    folder = _rewrite(tiny_checkpoint(family), tmp_path, strip)
     assert not any(k.startswith("transformer.") for k in HFCheckpoint(folder)._file_of)
     assert generate(folder, 2) == reference(family)
 
@@ -180,8 +153,8 @@ def test_hub_layout_without_transformer_prefix(checkpoint, reference, family, tm
     ("bloom", "transformer.word_embeddings_layernorm.weight", 0, 1),
     ("bloom", "transformer.h.1.mlp.dense_4h_to_h.weight", 1, 2),
 ])
-def test_missing_tensor_is_named(checkpoint, tmp_path, family, name, first, last):
-    folder = _rewrite(checkpoint(family), tmp_path, lambda t: t.pop(name))
+def test_missing_tensor_is_named(tiny_checkpoint, tmp_path, family, name, first, last):
+    folder = _rewrite(tiny_checkpoint(family), tmp_path, lambda t: t.pop(name))
     cfg = ModelConfig.from_folder(folder)
     with pytest.raises(CheckpointError, match=f"{name.replace('.', '[.]')}' is missing"):
         StageModel(cfg, first, last).load_weights(HFCheckpoint(folder))
@@ -197,19 +170,19 @@ def test_missing_tensor_is_named(checkpoint, tmp_path, family, name, first, last
     ("bloom", "transformer.h.0.mlp.dense_h_to_4h.bias", (255,), r"has shape \(255,\)"),
     ("bloom", "transformer.ln_f.weight", (65,), r"has shape \(65,\) but the model expects \(64,\)"),
 ])
-def test_wrong_shape_is_named(checkpoint, tmp_path, family, name, shape, message):
+def test_wrong_shape_is_named(tiny_checkpoint, tmp_path, family, name, shape, message):
     def edit(tensors):
         tensors[name] = torch.zeros(shape, dtype=tensors[name].dtype)
 
-    folder = _rewrite(checkpoint(family), tmp_path, edit)
+    folder = _rewrite(tiny_checkpoint(family), tmp_path, edit)
     with pytest.raises(CheckpointError, match=f"{name.replace('.', '[.]')} {message}"):
         StageModel(ModelConfig.from_folder(folder)).load_weights(HFCheckpoint(folder))
 
 
-def test_tensor_parallel_shard_of_a_wrong_qkv_is_named(checkpoint, tmp_path):
+def test_tensor_parallel_shard_of_a_wrong_qkv_is_named(tiny_checkpoint, tmp_path):
     # 3 x 60 columns split into 3 x 2 shards: each shard's slice is 30 wide where 32 are expected.
     name = "transformer.h.1.attn.c_attn.weight"
-    folder = _rewrite(checkpoint("gpt2"), tmp_path, lambda t: t.__setitem__(name, torch.zeros(64, 180)))
+    folder = _rewrite(tiny_checkpoint("gpt2"), tmp_path, lambda t: t.__setitem__(name, torch.zeros(64, 180)))
     cfg = ModelConfig.from_folder(folder)
     with pytest.raises(CheckpointError, match=rf"{name.replace('.', '[.]')} has shape \(64, 30\) "
                                               r"\(slice 1 of 6 along dim 1\)"):
@@ -223,14 +196,14 @@ def _hf_config(folder: Path) -> dict:
 
 
 @pytest.mark.parametrize("key, value", [("scale_attn_by_inverse_layer_idx", True), ("scale_attn_weights", False)])
-def test_gpt2_attention_variants_we_cannot_run_are_refused(checkpoint, key, value):
-    hf = {**_hf_config(checkpoint("gpt2")), key: value}
+def test_gpt2_attention_variants_we_cannot_run_are_refused(tiny_checkpoint, key, value):
+    hf = {**_hf_config(tiny_checkpoint("gpt2")), key: value}
     with pytest.raises(ValueError, match=f"{key}={str(value).lower()}.*expected {str(not value).lower()}"):
         ModelConfig.from_hf(hf)
 
 
-def test_bloom_reader_takes_hub_spellings(checkpoint):
-    hf = _hf_config(checkpoint("bloom"))
+def test_bloom_reader_takes_hub_spellings(tiny_checkpoint):
+    hf = _hf_config(tiny_checkpoint("bloom"))
     hub = {k: v for k, v in hf.items() if k not in ("hidden_size", "n_head")}
     hub.update(n_embed=hf["hidden_size"], num_attention_heads=hf["n_head"])
     assert ModelConfig.from_hf(hub) == ModelConfig.from_hf(hf)
@@ -270,14 +243,14 @@ def test_registry_entries_have_the_published_shapes(name):
 # ---- the serving system: real controller and worker processes ------------------------------------------
 
 @pytest.mark.parametrize("family, tp", [("gpt2", 1), ("bloom", 1), ("bloom-6heads", 2)])
-def test_disaggregated_serving_matches_engine_and_transformers(checkpoint, family, tp, tmp_path):
+def test_disaggregated_serving_matches_engine_and_transformers(tiny_checkpoint, family, tp, tmp_path):
     """One prompt stage hands its KV cache to one token stage (each TP-sharded for the 6-head BLOOM: four
     processes, the ALiBi slopes split across real process boundaries); tokens equal the Engine's and
     transformers'."""
     sys.path.insert(0, str(Path(__file__).parent / "serving"))
     import serving_harness as harness
 
-    folder = checkpoint(family)
+    folder = tiny_checkpoint(family)
     sizes = tmp_path / "sizes.json"  # unequal prompts: right-padded microbatches of 2
     sizes.write_text(json.dumps([[len(p), NEW] for p in PROMPTS]))
     run = harness.run_serving(tmp_path, folder, prompt=1, token=1, tp=tp, ubatch=2,
