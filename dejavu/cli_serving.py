@@ -123,6 +123,8 @@ def worker_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=None, help="controller port; default $DEJAVU_CONTROLLER_PORT or 5600")
     p.add_argument("--kv_window", type=int, default=2,
                    help="prompt stages: microbatches whose KV hand-over may be outstanding")
+    p.add_argument("--no_cuda_graphs", action="store_true",
+                   help="on a GPU, run decode steps eagerly instead of replaying them as CUDA graphs")
     p.add_argument("--swapping", action="store_true", help="not yet supported")
     p.add_argument("--restart", action="store_true", help="not yet supported")
     p.add_argument("--failures", type=int, default=None, help="not yet supported")

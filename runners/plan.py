@@ -166,6 +166,8 @@ def build(checked: Checked, inputs: dict[str, str], *, proc_dir: str, ports: Por
         ]
         if w.num_requests is not None:
             args += ["--num_requests", w.num_requests]
+        if not b.cuda_graphs:
+            args += ["--no_cuda_graphs"]
         if b.name != BackendName.mpi:  # under mpirun, rank and size come from MPI
             args += ["--rank", rank, "--world_size", n]
         # LOCAL_RANK: its index among the workers of its host, so each picks its own GPU there.

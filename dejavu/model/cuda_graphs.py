@@ -51,10 +51,18 @@ class DecodeGraph:
         cache.step = None
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """One decode step: x [b, 1] ids (first stage) or [b, 1, hidden]; positions [b, 1]."""
+        """One decode step: x [b, 1] ids (first stage) or [b, 1, hidden]; positions [b, 1].
+
+        ``b`` may be below the graph's batch (a microbatch in part of a pooled buffer): its rows go into
+        the first ``b`` slots, the others step on what they last held, and ``out[:b]`` is the answer.
+        """
+        b = x.shape[0]
+        if b > self.x.shape[0] or positions.shape[0] != b:
+            raise ValueError(f"a decode step of {b} rows (positions {tuple(positions.shape)}) does not fit a graph "
+                             f"captured for {self.x.shape[0]}")
         if x.data_ptr() != self.x.data_ptr():
-            self.x.copy_(x, non_blocking=True)
+            self.x[:b].copy_(x, non_blocking=True)
         if positions.data_ptr() != self.positions.data_ptr():
-            self.positions.copy_(positions, non_blocking=True)
+            self.positions[:b].copy_(positions, non_blocking=True)
         self.graph.replay()
         return self.out

@@ -49,6 +49,7 @@ class WorkerOptions:
     controller_ip: Optional[str] = None  # default: $DEJAVU_CONTROLLER_IP, else 127.0.0.1
     port: Optional[int] = None  # default: $DEJAVU_CONTROLLER_PORT, else 5600
     kv_window: int = 2
+    no_cuda_graphs: bool = False  # run decode steps eagerly on a GPU (graphs are the default there)
     connect_timeout_s: float = 120.0
     swapping: bool = False
     restart: bool = False
@@ -188,8 +189,10 @@ def run_worker(opts: WorkerOptions) -> int:
                        peak_memory(device), ctl.offset))
         from .pipeline import StageWorker
 
+        # A captured step cannot contain a host-side all-reduce (gloo, MPI): graphs only without TP.
+        graphs = device.type == "cuda" and not opts.no_cuda_graphs and topo.tp == 1
         worker = StageWorker(role, topo, model, dp, ctl, ubatch_size=opts.ubatch_size, fault=fault,
-                             kv_window=opts.kv_window)
+                             kv_window=opts.kv_window, cuda_graphs=graphs)
         where = "serving"
         try:
             worker.run()

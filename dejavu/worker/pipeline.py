@@ -39,6 +39,7 @@ from ..protocol import Shutdown, Submit, Tokens
 from ..records import StageEvent
 from ..sampling import SamplingParams, is_finished, sample
 from ..streaming import StreamStats
+from .cache_pool import CachePool, Lease
 from .control import ControlClient
 from .dataplane import ACT, CHANNEL_NAMES, FEEDBACK, HANDOVER, TP, DataPlane
 from .faults import Fault
@@ -58,6 +59,7 @@ class Ubatch:
     max_seq: int
     params: list[SamplingParams]
     cache: KVCache | None = None
+    lease: Lease | None = None  # its buffer in the stage's cache pool (stages that decode)
     outputs: list[list[int]] = field(default_factory=list)  # sampler only
     live: list[bool] = field(default_factory=list)  # sampler only
 
@@ -127,7 +129,8 @@ class Mailbox:
 
 class StageWorker:
     def __init__(self, role: Role, topo: Topology, model: StageModel, dp: DataPlane, ctl: ControlClient, *,
-                 ubatch_size: int, fault: Fault | None = None, kv_window: int = 2) -> None:
+                 ubatch_size: int, fault: Fault | None = None, kv_window: int = 2, cuda_graphs: bool = False
+                 ) -> None:
         self.role, self.topo, self.model, self.dp, self.ctl = role, topo, model, dp, ctl
         self.ubatch_size, self.fault = ubatch_size, fault
         self.device = model.device
@@ -141,6 +144,10 @@ class StageWorker:
                        if role.pipeline == "prompt" else None)
         self.receiver = (KVReceiver(dp, topo, role, self.kv_stats, num_kv_heads=kv_heads)
                          if topo.disaggregated and role.pipeline == "token" else None)
+        # Stages that decode keep their microbatches' caches in reused buffers (and, on a GPU, replay
+        # each buffer's decode step as a CUDA graph); prompt stages hold a prompt-sized cache per
+        # microbatch, whose layers are contiguous blocks for the hand-over.
+        self.pool = CachePool(model, ubatch_size, cuda_graphs=cuda_graphs) if role.pipeline != "prompt" else None
         p, s, t = role.pipeline, role.stage, role.tp_rank
         self.downstream = None if role.is_last else topo.rank_of(p, s + 1, t)
         if role.is_leader:
@@ -189,6 +196,8 @@ class StageWorker:
         kind = meta["kind"]
         for u in meta.get("release", ()):
             self.states.pop(u, None)
+            if self.pool is not None:
+                self.pool.release(u)
         if kind == "stop":
             self.where = "stopping"
             self.forward(meta, None)
@@ -234,7 +243,11 @@ class StageWorker:
         ub = Ubatch.from_meta(meta)
         b, t = len(ub.lens), max(ub.lens)
         # The prompt pipeline only ever holds the prompt; the baseline keeps decoding in the same buffer.
-        ub.cache = self.model.new_cache(b, t if self.sender is not None else ub.max_seq)
+        if self.sender is not None:
+            ub.cache = self.model.new_cache(b, t)
+        else:
+            ub.lease = self.pool.acquire(ub.id, b, ub.max_seq)
+            ub.cache = ub.lease.cache
         positions = torch.arange(t).expand(b, t)  # on the CPU: the stage plans the step without a sync
         index = torch.tensor(ub.lens) - 1 if self.role.is_last else None
         # Disaggregated: each layer's cache leaves for the token stages as soon as it is written.
@@ -258,11 +271,13 @@ class StageWorker:
 
     def admit(self, meta: dict, x: torch.Tensor | None) -> None:
         ub = Ubatch.from_meta(meta)
-        ub.cache = self.model.new_cache(len(ub.lens), ub.max_seq)
+        ub.lease = self.pool.acquire(ub.id, len(ub.lens), ub.max_seq)
+        ub.cache = ub.lease.cache
         t0 = self.ctl.now()
         self.receiver.receive(ub.cache, int(meta["plen"]))
         self.event("stream", t0, ub.id)
         if meta.get("drop"):  # every request ended with its first token: nothing to decode
+            self.pool.release(ub.id)
             self.forward(meta, None)
             return
         self.states[ub.id] = ub
@@ -274,7 +289,7 @@ class StageWorker:
         positions = (torch.tensor(ub.lens) + k).clamp(max=ub.max_seq - 1).view(b, 1)
         index = torch.zeros(b, dtype=torch.long) if self.role.is_last else None
         t0 = self.ctl.now()
-        out = self.model(x.to(self.device), positions, ub.cache, index)
+        out = self.pool.decode(ub.lease, x, positions, index)
         self.event("decode", t0, ub.id)
         self.forward(meta, out)
         if self.is_sampler:

@@ -1,0 +1,87 @@
+"""The worker's KV buffer pool: buffers reused across microbatches give the engine's tokens.
+
+A reused buffer still holds the previous microbatch's keys and values, and a microbatch smaller than
+the buffer runs in part of it; neither may change a token. On a GPU the same is checked through the
+pool's CUDA-graph decode (skipped without one).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dejavu.engine import Engine, build_stages
+from dejavu.model.registry import resolve_model
+from dejavu.model.weights import HFCheckpoint
+from dejavu.sampling import SamplingParams, sample
+from dejavu.worker.cache_pool import CachePool
+
+
+def _stage(folder, device="cpu"):
+    cfg = resolve_model(str(folder)).config
+    return build_stages(cfg, HFCheckpoint(folder), 1, dtype="fp32", device=device)[0]
+
+
+def _greedy_through_pool(pool: CachePool, ubatch: int, prompts: list[list[int]], new: int) -> list[list[int]]:
+    """Prefill and decode one microbatch the way a single-stage worker does, through a leased buffer."""
+    model = pool.model
+    b, t = len(prompts), max(map(len, prompts))
+    lens = torch.tensor([len(p) for p in prompts])
+    lease = pool.acquire(ubatch, b, int(lens.max()) + new)
+    tokens = torch.zeros(b, t, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = torch.tensor(p)
+    logits = model(tokens.to(model.device), torch.arange(t).expand(b, t), lease.cache, lens - 1)
+    outs = [[tok] for tok in sample(logits, [SamplingParams()] * b, 0)]
+    for k in range(new - 1):
+        x = torch.tensor([o[-1] for o in outs]).view(b, 1)
+        logits = pool.decode(lease, x, (lens + k).view(b, 1), torch.zeros(b, dtype=torch.long))
+        for o, tok in zip(outs, sample(logits, [SamplingParams()] * b, k + 1)):
+            o.append(tok)
+    pool.release(ubatch)
+    return outs
+
+
+def _workload(vocab: int):
+    g = torch.Generator().manual_seed(3)
+    big = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in (9, 4, 12, 7)]
+    small = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in (5, 11, 3)]
+    return big, small
+
+
+def _check(stage, pool: CachePool) -> None:
+    eng = Engine([stage], cuda_graphs=False)
+    big, small = _workload(stage.cfg.vocab_size)
+    for ubatch, prompts in enumerate([big, small, big, small]):
+        got = _greedy_through_pool(pool, ubatch, prompts, new=6)
+        want = [g.output_ids for g in eng.generate(prompts, SamplingParams(max_new_tokens=6))]
+        assert got == want, f"microbatch {ubatch} ({len(prompts)} of {pool.batch} slots)"
+    assert pool.allocated == 1, "one buffer should have served every microbatch in turn"
+
+
+def test_reused_and_partly_filled_buffers_give_the_engine_tokens(tiny_checkpoint):
+    stage = _stage(tiny_checkpoint("llama-gqa-bias"))
+    _check(stage, CachePool(stage, batch=4))
+
+
+def test_pool_refuses_what_does_not_fit(tiny_checkpoint):
+    stage = _stage(tiny_checkpoint("opt-pre"))
+    pool = CachePool(stage, batch=2, round_to=16)
+    assert pool.acquire(0, 2, 16).cache.shape.max_seq == 16
+    with pytest.raises(ValueError, match="already holds"):
+        pool.acquire(0, 1, 16)
+    with pytest.raises(ValueError, match="--ubatch_size"):
+        pool.acquire(1, 3, 16)
+    pool.release(0)
+    # A longer microbatch than the free buffer holds gets a new, longer buffer.
+    lease = pool.acquire(2, 2, 100)
+    assert lease.cache.shape.max_seq >= 100 and pool.allocated == 2 and not pool.free
+    with pytest.raises(ValueError, match="CUDA"):
+        CachePool(stage, batch=2, cuda_graphs=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["llama-gqa-bias", "opt-pre"])
+def test_graph_decode_in_pooled_buffers_gives_the_engine_tokens(tiny_checkpoint, name):
+    stage = _stage(tiny_checkpoint(name), device="cuda")
+    _check(stage, CachePool(stage, batch=4, cuda_graphs=True))
