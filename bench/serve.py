@@ -6,13 +6,18 @@ static batches of ``--batch`` requests, by
 
 - ``ours``: ``Engine.generate`` (the same stages, cache and CUDA-graph decode step the workers run);
   the batch's slots are right-padded and each request stops at its own length;
+- ``serving`` (``--path serving``): the real serving path — ``dejavu-run`` starts the controller and one
+  worker process on the device (CUDA-graph decode in pooled KV buffers, ZeroMQ control plane, sampling
+  in the worker), the requests arriving at once and cut into microbatches of ``--batch``; throughput is
+  output tokens over the run's makespan (first arrival to last token, model loading excluded);
 - ``hf``: ``transformers`` ``generate`` on the same batches (left-padded, as HF batching needs), up to
   the batch's longest request; the tokens a request did not ask for are not counted.
 
 Output tokens/s counts the tokens the requests asked for, over the wall time of the whole workload.
 Greedy ids of both are compared with HF in fp32 on the same weights (match rate over asked-for tokens).
 
-    python bench/serve.py --device cuda --out results/bench-serve.json
+    python bench/serve.py --device cuda --out results/bench-serve.json            # engine and serving path
+    python bench/serve.py --device cuda --path serving --requests 128 --batch 8,32
     python bench/serve.py --device cpu        # tiny shape, CI smoke
 """
 
@@ -21,7 +26,10 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -81,6 +89,34 @@ def serve_hf(model, requests, size: int, device) -> tuple[float, list[list[int]]
     return time.perf_counter() - t, outs
 
 
+def serve_serving_path(hf, requests, size: int, dtype: torch.dtype, device, folder: Path, run_dir: Path,
+                       timeout: float) -> tuple[float, list[list[int]], list[list[int]], dict]:
+    """One ``dejavu-run`` (controller + one worker process) over the workload's sizes; returns the
+    makespan, the prompts the controller drew, the outputs, and the summary."""
+    sizes = run_dir.parent / f"sizes-{size}.json"
+    sizes.write_text(json.dumps([[len(p), m] for p, m in requests]))
+    d = short(dtype)
+    cmd = [shutil.which("dejavu-run") or sys.executable, *([] if shutil.which("dejavu-run") else ["-m", "runners.app"]),
+           "model.source=hf_folder", f"+model.path={folder}", f"model.name={folder.name}",
+           "topology=single", f"topology.ubatch_size={size}", "workload=trace", f"workload.input_sizes_file={sizes}",
+           "workload.num_requests=null", "backend=nccl" if device.type == "cuda" else "backend=gloo",
+           f"backend.device={device.type}", f"backend.weights_data_type={d}", f"backend.inference_data_type={d}",
+           "logger=none", "print_answers=false", "runner.echo=false", f"runner.timeout_s={timeout}",
+           f"hydra.run.dir={run_dir}"]
+    r = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                       timeout=timeout + 120)
+    summary = run_dir / "summary.json"
+    if r.returncode != 0 or not summary.exists():
+        raise RuntimeError(f"serving run failed (exit {r.returncode}): {' '.join(cmd)}\n{r.stdout[-3000:]}\n"
+                           f"{r.stderr[-3000:]}")
+    s = json.loads(summary.read_text())
+    recs = sorted((json.loads(line) for line in (run_dir / "requests.jsonl").read_text().splitlines()),
+                  key=lambda rec: rec["id"])
+    if s["counts"]["completed"] != len(requests):
+        raise RuntimeError(f"serving run completed {s['counts']['completed']} of {len(requests)} requests ({run_dir})")
+    return s["makespan_s"], [rec["prompt_ids"] for rec in recs], [rec["output_ids"] for rec in recs], s
+
+
 def match(a: list[list[int]], b: list[list[int]]) -> float:
     same = sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb))
     return same / max(1, sum(len(r) for r in b))
@@ -98,6 +134,9 @@ def main(argv=None) -> int:
     ap.add_argument("--min-new", type=int, default=None)
     ap.add_argument("--max-new", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--path", default="both", choices=("engine", "serving", "both"),
+                    help="engine: Engine.generate in this process; serving: dejavu-run with one worker (default both)")
+    ap.add_argument("--timeout", type=float, default=900.0, help="seconds per serving run")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -125,22 +164,44 @@ def main(argv=None) -> int:
     stage = our_stage(args.shape, ref32, dtype, device)
     # One cache length for the whole workload, so every batch replays the same graphs.
     engine = Engine([stage], cache_len=args.max_prompt + args.max_new)
+    tmp = Path(tempfile.mkdtemp(prefix="dejavu-serve-"))
+    folder = tmp / f"{args.shape}-random"
+    if args.path != "engine":
+        hf.save_pretrained(folder)  # the worker reads the same weights from a checkpoint folder
     rows = []
-    for size in sizes:
-        _, ref = serve_hf(ref32, requests[: size * 2], size, device)  # fp32 ids of the first two batches
-        serve_ours(engine, requests[:size], size)  # warm-up: graph capture, Triton compile
-        serve_hf(hf, requests[:size], size, device)
-        t_ours, ours = serve_ours(engine, requests, size)
-        t_hf, theirs = serve_hf(hf, requests, size, device)
-        row = {"batch": size, "requests": len(requests), "asked_tokens": asked,
-               "ours_s": t_ours, "hf_s": t_hf, "ours_tok_per_s": asked / t_ours, "hf_tok_per_s": asked / t_hf,
-               "speedup": t_hf / t_ours,
-               "match_vs_hf_fp32": {"ours": match(ours[: len(ref)], ref), "hf": match(theirs[: len(ref)], ref)},
-               "ours_equal_hf": match(ours, theirs)}
-        rows.append(row)
-        print(f"batch {size}: ours {row['ours_tok_per_s']:.0f} tok/s ({t_ours:.2f} s), HF {row['hf_tok_per_s']:.0f} "
-              f"tok/s ({t_hf:.2f} s): x{row['speedup']:.1f}; match vs fp32 ours {row['match_vs_hf_fp32']['ours']:.3f}"
-              f" HF {row['match_vs_hf_fp32']['hf']:.3f}", flush=True)
+    try:
+        for size in sizes:
+            _, ref = serve_hf(ref32, requests[: size * 2], size, device)  # fp32 ids of the first two batches
+            serve_hf(hf, requests[:size], size, device)  # warm-up
+            t_hf, theirs = serve_hf(hf, requests, size, device)
+            row = {"batch": size, "requests": len(requests), "asked_tokens": asked, "hf_s": t_hf,
+                   "hf_tok_per_s": asked / t_hf}
+            if args.path != "serving":
+                serve_ours(engine, requests[:size], size)  # warm-up: graph capture, Triton compile
+                t_ours, ours = serve_ours(engine, requests, size)
+                row.update({"ours_s": t_ours, "ours_tok_per_s": asked / t_ours, "speedup": t_hf / t_ours,
+                            "match_vs_hf_fp32": {"ours": match(ours[: len(ref)], ref),
+                                                 "hf": match(theirs[: len(ref)], ref)},
+                            "ours_equal_hf": match(ours, theirs)})
+                print(f"batch {size}: engine {row['ours_tok_per_s']:.0f} tok/s ({t_ours:.2f} s), HF "
+                      f"{row['hf_tok_per_s']:.0f} tok/s ({t_hf:.2f} s): x{row['speedup']:.1f}; match vs fp32 ours "
+                      f"{row['match_vs_hf_fp32']['ours']:.3f} HF {row['match_vs_hf_fp32']['hf']:.3f}", flush=True)
+            if args.path != "engine":
+                span, prompts, served, summary = serve_serving_path(hf, requests, size, dtype, device, folder,
+                                                                    tmp / f"run-b{size}", args.timeout)
+                # The controller drew its own random prompts of the same sizes: HF serves those too.
+                same = [(p, m) for p, (_, m) in zip(prompts, requests)]
+                t_hf2, theirs2 = serve_hf(hf, same, size, device)
+                row.update({"serving_s": span, "serving_tok_per_s": asked / span, "hf_same_prompts_s": t_hf2,
+                            "serving_speedup": t_hf2 / span, "serving_equal_hf": match(served, theirs2),
+                            "serving_ttft_p50_s": summary["ttft_s"]["p50"], "serving_tpot_p50_s": summary["tpot_s"]["p50"],
+                            "serving_stage_busy": {n: v.get("busy_fraction") for n, v in summary["stages"].items()}})
+                print(f"batch {size}: serving path {row['serving_tok_per_s']:.0f} tok/s ({span:.2f} s makespan), HF "
+                      f"{asked / t_hf2:.0f} tok/s ({t_hf2:.2f} s) on the same prompts: x{row['serving_speedup']:.1f}; "
+                      f"ids equal to HF {row['serving_equal_hf']:.3f}", flush=True)
+            rows.append(row)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     del hf, stage, engine, ref32
     gc.collect()
     info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -149,10 +210,16 @@ def main(argv=None) -> int:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"info": info, "results": rows}, indent=1))
-    print(f"| shape | dtype | batch | requests | ours tok/s | HF tok/s | ours/HF |\n|---|---|---|---|---|---|---|")
+    print("| shape | dtype | batch | requests | engine tok/s | serving tok/s | HF tok/s | engine/HF | serving/HF |\n"
+          "|---|---|---|---|---|---|---|---|---|")
+
+    def cell(r, key, fmt):
+        return fmt.format(r[key]) if key in r else "-"
+
     for r in rows:
-        print(f"| {args.shape} | {short(dtype)} | {r['batch']} | {r['requests']} | {r['ours_tok_per_s']:.0f} | "
-              f"{r['hf_tok_per_s']:.0f} | {r['speedup']:.1f}x |")
+        print(f"| {args.shape} | {short(dtype)} | {r['batch']} | {r['requests']} | {cell(r, 'ours_tok_per_s', '{:.0f}')} | "
+              f"{cell(r, 'serving_tok_per_s', '{:.0f}')} | {r['hf_tok_per_s']:.0f} | {cell(r, 'speedup', '{:.1f}x')} | "
+              f"{cell(r, 'serving_speedup', '{:.1f}x')} |")
     return 0
 
 
