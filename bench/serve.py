@@ -93,6 +93,7 @@ def serve_serving_path(hf, requests, size: int, dtype: torch.dtype, device, fold
                        timeout: float) -> tuple[float, list[list[int]], list[list[int]], dict]:
     """One ``dejavu-run`` (controller + one worker process) over the workload's sizes; returns the
     makespan, the prompts the controller drew, the outputs, and the summary."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
     sizes = run_dir.parent / f"sizes-{size}.json"
     sizes.write_text(json.dumps([[len(p), m] for p, m in requests]))
     d = short(dtype)
@@ -137,6 +138,7 @@ def main(argv=None) -> int:
     ap.add_argument("--path", default="both", choices=("engine", "serving", "both"),
                     help="engine: Engine.generate in this process; serving: dejavu-run with one worker (default both)")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per serving run")
+    ap.add_argument("--runs-dir", default=None, help="keep the serving runs' folders here (default: a temp folder)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -187,15 +189,17 @@ def main(argv=None) -> int:
                       f"{row['hf_tok_per_s']:.0f} tok/s ({t_hf:.2f} s): x{row['speedup']:.1f}; match vs fp32 ours "
                       f"{row['match_vs_hf_fp32']['ours']:.3f} HF {row['match_vs_hf_fp32']['hf']:.3f}", flush=True)
             if args.path != "engine":
+                runs = Path(args.runs_dir).resolve() if args.runs_dir else tmp
                 span, prompts, served, summary = serve_serving_path(hf, requests, size, dtype, device, folder,
-                                                                    tmp / f"run-b{size}", args.timeout)
+                                                                    runs / f"run-b{size}", args.timeout)
                 # The controller drew its own random prompts of the same sizes: HF serves those too.
                 same = [(p, m) for p, (_, m) in zip(prompts, requests)]
                 t_hf2, theirs2 = serve_hf(hf, same, size, device)
                 row.update({"serving_s": span, "serving_tok_per_s": asked / span, "hf_same_prompts_s": t_hf2,
                             "serving_speedup": t_hf2 / span, "serving_equal_hf": match(served, theirs2),
                             "serving_ttft_p50_s": summary["ttft_s"]["p50"], "serving_tpot_p50_s": summary["tpot_s"]["p50"],
-                            "serving_stage_busy": {n: v.get("busy_fraction") for n, v in summary["stages"].items()}})
+                            "serving_stage_busy": {n: v.get("busy_fraction") for n, v in summary["stages"].items()},
+                            "serving_worker_seconds": {w: v["seconds_by_kind"] for w, v in summary["workers"].items()}})
                 print(f"batch {size}: serving path {row['serving_tok_per_s']:.0f} tok/s ({span:.2f} s makespan), HF "
                       f"{asked / t_hf2:.0f} tok/s ({t_hf2:.2f} s) on the same prompts: x{row['serving_speedup']:.1f}; "
                       f"ids equal to HF {row['serving_equal_hf']:.3f}", flush=True)

@@ -23,7 +23,7 @@ from .control import ControlClient, report_early_error
 from .topology import BACKENDS, TopologyError, make_topology
 
 DEFAULT_PORT = 5600
-STARTUP = ("startup", "joining the data plane", "loading weights")  # phases where errors mean bad input
+STARTUP = ("startup", "joining the data plane", "loading weights", "warming up")  # phases where errors mean bad input
 REFUSED = {
     "swapping": "--swapping (microbatch swapping) is not yet supported; it comes with the swapping issue",
     "restart": "--restart is not yet supported; it comes with the fault-tolerance issue",
@@ -50,6 +50,7 @@ class WorkerOptions:
     port: Optional[int] = None  # default: $DEJAVU_CONTROLLER_PORT, else 5600
     kv_window: int = 2
     no_cuda_graphs: bool = False  # run decode steps eagerly on a GPU (graphs are the default there)
+    max_seq_len: Optional[int] = None  # GPU: KV buffers captured at start-up hold this many positions
     connect_timeout_s: float = 120.0
     swapping: bool = False
     restart: bool = False
@@ -184,15 +185,17 @@ def run_worker(opts: WorkerOptions) -> int:
 
         model = StageModel(cfg, *role.layers, comm=dp.tp_comm(), dtype=dtype, device=device)
         model.load_weights(HFCheckpoint(folder))
-        load_s = time.perf_counter() - t_load
-        ctl.send(Ready(rank, role.kind, role.stage, role.tp_rank, list(role.layers), str(device), load_s,
-                       peak_memory(device), ctl.offset))
         from .pipeline import StageWorker
 
         # A captured step cannot contain a host-side all-reduce (gloo, MPI): graphs only without TP.
         graphs = device.type == "cuda" and not opts.no_cuda_graphs and topo.tp == 1
         worker = StageWorker(role, topo, model, dp, ctl, ubatch_size=opts.ubatch_size, fault=fault,
                              kv_window=opts.kv_window, cuda_graphs=graphs)
+        where = "warming up"
+        worker.warm_up(opts.max_seq_len or min(cfg.max_positions, 2048))
+        load_s = time.perf_counter() - t_load
+        ctl.send(Ready(rank, role.kind, role.stage, role.tp_rank, list(role.layers), str(device), load_s,
+                       peak_memory(device), ctl.offset))
         where = "serving"
         try:
             worker.run()

@@ -159,6 +159,31 @@ class StageWorker:
         self.tp_peers = [r for r in topo.stage_ranks(p, s) if r != role.rank] if role.is_leader else []
         self.mailbox = Mailbox(ctl, dp) if role.is_leader else None
 
+    @torch.no_grad()
+    def warm_up(self, max_seq: int) -> None:
+        """On a GPU, pay the one-time costs before the first request: compile the kernels of a prefill
+        (both length classes the kernels specialise on) and, on stages that decode, allocate the KV
+        buffers the pipeline can fill at once and capture their decode graphs, ``max_seq`` positions
+        each (a longer microbatch later gets a longer buffer, captured then)."""
+        if self.device.type != "cuda":
+            return
+        cfg, m = self.model.cfg, self.model
+        for t in (16, 17):
+            x = (torch.zeros(1, t, dtype=torch.long, device=self.device) if self.role.is_first
+                 else torch.zeros(1, t, cfg.hidden_size, dtype=m.dtype, device=self.device))
+            index = torch.tensor([t - 1]) if self.role.is_last else None
+            m(x, torch.arange(t).view(1, t), m.new_cache(1, t), index)
+        if self.pool is not None and self.pool.cuda_graphs:
+            leases = [self.pool.acquire(-1 - i, self.ubatch_size, max_seq) for i in range(self.role.num_stages)]
+            b = self.ubatch_size
+            x = (torch.zeros(b, 1, dtype=torch.long) if self.role.is_first
+                 else torch.zeros(b, 1, cfg.hidden_size, dtype=m.dtype, device=self.device))
+            for lease in leases:
+                self.pool.decode(lease, x, torch.zeros(b, 1, dtype=torch.long), None)
+            for i in range(len(leases)):
+                self.pool.release(-1 - i)
+        torch.cuda.synchronize(self.device)
+
     # ---- timeline -------------------------------------------------------------------------------------
     def event(self, kind: str, start: float, ubatch: int = -1) -> None:
         if self.device.type == "cuda":
