@@ -6,10 +6,16 @@
     next layers compute), beside the raw contiguous copy of the same number of bytes measured in the
     same run (the ceiling). For the layerwise rung what matters is the time it adds to the compute it
     overlaps, so the table also shows compute alone and the exposed time of streaming after vs during it.
-    A last row times ``replicate_step`` (the real per-step path: every slot at its own position).
+    For the token step slice, ``buffered`` is the per-step path a token stage runs (``StepReplicator``:
+    set up once, positions from the decode's device tensor); the generic ``stream_out`` is printed
+    beside it. A last row times the per-step path with every slot at its own position (device and host
+    positions, and the generic ``replicate_step``).
+    Then the cost of one call of each entry point on tiny tensors (µs/call, i.e. the fixed overhead).
 (2) End-to-end generation time of ``dejavu.engine.Engine`` with streaming off vs on (on: as a token
-    stage replicates, the prompt's cache copied to host memory one layer per decode step, and every
-    token step's slice after its step), i.e. the overhead DéjàVu's replication costs (paper: ~2%).
+    stage replicates, with a ``StepReplicator`` per stage: the prompt's cache copied to host memory one
+    layer per decode step, and every token step's slice after its step), i.e. the overhead DéjàVu's
+    replication costs (paper: ~2%). The warm-up call also restores the replica and compares it with
+    the caches; pinned allocations during the timed calls are counted (should be 0).
 
     python bench/streaming.py --device cuda                 # default shape: 24 layers, batch 8, 32 x 64
     python bench/streaming.py --device cpu                  # tiny shape, smoke test
@@ -35,7 +41,8 @@ from dejavu.model.config import ModelConfig, parse_dtype  # noqa: E402
 from dejavu.model.weights import StateDictSource  # noqa: E402
 from dejavu.sampling import SamplingParams  # noqa: E402
 from dejavu.streaming import (LADDER, LayerwiseStreamer, LocalTransport, Partition, StagingPool,  # noqa: E402
-                              StreamOptions, StreamStats, make_plan, replicate_box, replicate_step, stream_out)
+                              StepReplicator, StreamOptions, StreamStats, make_plan, replicate_step, restore,
+                              stream_in, stream_out)
 
 GPU_DEFAULTS = dict(layers=24, batch=8, heads=32, head_dim=64, prompt_len=512, new_tokens=64, dtype="bf16")
 CPU_DEFAULTS = dict(layers=4, batch=2, heads=4, head_dim=16, prompt_len=32, new_tokens=8, dtype="fp32")
@@ -121,6 +128,15 @@ def ladder(a, stage, device, dtype) -> list[dict]:
     prefill()  # real contents in the caches
     prefill_prompt_stage()
     decode()
+    # The per-step path as a token stage runs it: set up once per cache, positions straight from the
+    # decode's device tensor (a CUDA-graph decode keeps them on the device), pinned buffer reserved.
+    step_pos_dev = step_pos.to(device)
+    fast = StepReplicator(kv.data, part, transport, depth=4, reserve=2)
+
+    def fast_step(positions=step_pos_dev):
+        fast.step(positions, key="ladder/step")  # the same key every call: one reused pinned buffer
+        fast.wait()
+
     rows = []
     for what, cache, positions, compute in (
             ("token step slice", kv, (P, P + 1), decode),
@@ -140,6 +156,11 @@ def ladder(a, stage, device, dtype) -> list[dict]:
 
         for mode in LADDER:
             row[f"{mode}_s"] = timed(out(mode), device, a.iters)
+        buffered = out("buffered")
+        if what == "token step slice":  # buffered = the real per-step path; the generic one beside it
+            row["buffered_generic_s"] = row["buffered_s"]
+            row["buffered_s"] = timed(fast_step, device, a.iters)
+            buffered = fast_step
 
         def during():
             s = LayerwiseStreamer(cache.data, plan, 0, transport, prefix=f"{what}/overlap",
@@ -148,7 +169,7 @@ def ladder(a, stage, device, dtype) -> list[dict]:
             s.finish()
 
         row["compute_s"] = timed(compute, device, a.iters)
-        row["buffered_after_compute_s"] = timed(lambda: (compute(), out("buffered")()), device, a.iters)
+        row["buffered_after_compute_s"] = timed(lambda: (compute(), buffered()), device, a.iters)
         row["layerwise_during_compute_s"] = timed(during, device, a.iters)
         row["buffered_exposed_s"] = row["buffered_after_compute_s"] - row["compute_s"]
         row["layerwise_exposed_s"] = row["layerwise_during_compute_s"] - row["compute_s"]
@@ -156,77 +177,125 @@ def ladder(a, stage, device, dtype) -> list[dict]:
             row[f"{k}_GBps"] = nbytes / row[f"{k}_s"] / 1e9
         rows.append(row)
 
-    # The per-step replication path: each slot at its own position (right-padded prompts).
+    # The per-step replication path with each slot at its own position (right-padded prompts): the
+    # fast path with device positions (buffered), with host positions, and the generic replicate_step.
     positions = [P - i % 3 for i in range(B)]
+    positions_dev = torch.tensor(positions, device=device).view(B, 1)
     step_bytes = B * a.layers * 2 * a.heads * a.head_dim * dtype.itemsize
 
-    def rep():
+    def generic():
         replicate_step(kv.data, part, range(B), positions, transport, key="rep/step").wait()
 
     src = torch.empty(step_bytes, dtype=torch.uint8, device=device)
     dst = torch.empty(step_bytes, dtype=torch.uint8, pin_memory=on_gpu)
     rows.append({"what": "replicate_step (per-slot positions)", "bytes": step_bytes,
                  "raw_s": timed(lambda: dst.copy_(src, non_blocking=True), device, a.iters),
-                 "buffered_s": timed(rep, device, a.iters)})
+                 "buffered_s": timed(lambda: fast_step(positions_dev), device, a.iters),
+                 "host_positions_s": timed(lambda: fast_step(positions), device, a.iters),
+                 "buffered_generic_s": timed(generic, device, a.iters)})
     return rows
+
+
+def call_overhead(device: torch.device, iters: int = 2000) -> dict:
+    """Microseconds per call of each streaming entry point on tiny tensors (2 layers, 2 slots, 2 heads x
+    4, one position): what a call costs besides moving bytes. Wall time per call, waited each time."""
+    part = Partition((0, 2), (0, 2), (0, 2))
+    cache = torch.randn(part.cache_shape(16, 4), device=device)
+    plan = make_plan([part], [part], (8, 9))
+    transport, pool, stats = LocalTransport(), StagingPool(device), StreamStats()
+    back = torch.empty_like(cache)
+    rep = StepReplicator(cache, part, transport, depth=4, reserve=2, stats=stats)
+    pos_dev = torch.tensor([[8], [9]], device=device)
+    buffered = StreamOptions.named("buffered")
+    calls = {
+        "stream_out buffered": lambda: stream_out(cache, plan, 0, transport, prefix="o", options=buffered,
+                                                  staging=pool, stats=stats).wait(),
+        "stream_in buffered": lambda: stream_in(back, plan, 0, transport, prefix="o", options=buffered,
+                                                staging=pool, stats=stats).wait(),
+        "replicate_step": lambda: replicate_step(cache, part, range(2), [8, 9], transport, key="r",
+                                                 stats=stats).wait(),
+        "StepReplicator.step (device positions)": lambda: (rep.step(pos_dev, key="f"), rep.wait()),
+        "StepReplicator.step (host positions)": lambda: (rep.step([8, 9], key="f"), rep.wait()),
+    }
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    out = {}
+    for name, fn in calls.items():
+        for _ in range(50):
+            fn()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        sync()
+        out[name] = (time.perf_counter() - t0) / iters * 1e6
+    return out
 
 
 # ---- (2) end to end ---------------------------------------------------------------------------------
 class StreamingEngine(Engine):
-    """The engine with DéjàVu's replication on, as a token stage runs it: after the prefill each stage's
-    prompt cache is replicated to host memory (one gathered copy, on the side stream, overlapping the
-    first decode steps), and every decode step's new KV slice follows it."""
+    """The engine with DéjàVu's replication on, as a token stage runs it: one :class:`StepReplicator` per
+    stage cache sends every decode step's new KV slice (positions straight from the decode's device
+    tensor: no host sync) and, one layer per decode step, the prompt's cache (one 15 ms copy would hold
+    the device->host copy engine, and every step's token read-back would queue behind it).
 
-    def __init__(self, stages, transport: LocalTransport, stats: StreamStats, **kw) -> None:
+    Host buffers for ``steps`` steps and the prompt's layers are pinned when the replicators are made
+    (the first call: the warm-up), and dropped ones are reused by the next call, so a timed call pins
+    nothing. The compute stream never waits for a copy; the host waits only when a replicator's ring of
+    ``depth`` copies in flight is full."""
+
+    def __init__(self, stages, transport: LocalTransport, stats: StreamStats, *, steps: int, depth: int = 8,
+                 **kw) -> None:
         super().__init__(stages, **kw)
-        self.transport, self.stats = transport, stats
-        self._lengths: list[int] = []
+        self.transport, self.stats, self.steps, self.depth = transport, stats, steps, depth
+        self._reps: list[StepReplicator] = []
         self._steps = 0
-        self._pending: list = []
         self._prompt_layers: list = []
-
-    def _parts(self, batch: int):
-        return [Partition((s.first, s.last), (0, s.cache_shape(batch, 1).kv_heads), (0, batch)) for s in self.stages]
+        self._written = 0  # positions [0, written) of every slot are replicated (equal-length prompts)
+        self.verify_next = False  # restore the next call's replica and compare it with the caches
+        self.replica_matches: bool | None = None
 
     def prefill(self, prompts, slab):
         logits = super().prefill(prompts, slab)
-        self._lengths, self._steps = [len(p) for p in prompts], 0
-        batch, longest = len(prompts), max(self._lengths)
-        # The prompt's replica goes one layer per decode step: one big copy would hold the device->host
-        # copy engine for ~15 ms, and every step's token read-back would queue behind it.
-        self._prompt_layers = [(cache, part, layer_box, f"rep/s{i}/prompt/{layer_box.name()}")
-                               for i, (cache, part) in enumerate(zip(slab.caches, self._parts(batch)))
-                               for layer_box in part.box((0, longest)).split_layers()]
+        batch, longest = len(prompts), max(len(p) for p in prompts)
+        parts = [Partition((s.first, s.last), (0, c.shape.kv_heads), (0, batch))
+                 for s, c in zip(self.stages, slab.caches)]
+        boxes = [p.box((0, longest)).split_layers() for p in parts]
+        if len(self._reps) != len(slab.caches) or any(r.cache is not c.data for r, c in zip(self._reps, slab.caches)):
+            self._reps = [StepReplicator(c.data, p, self.transport, depth=self.depth, stats=self.stats)
+                          for c, p in zip(slab.caches, parts)]
+            for r, b in zip(self._reps, boxes):
+                r.reserve(steps=self.steps, boxes=b)
+        self._steps, self._written = 0, longest
+        self._prompt_layers = [(rep, box, f"rep/s{i}/prompt/{box.name()}")
+                               for i, (rep, bs) in enumerate(zip(self._reps, boxes)) for box in bs]
         return logits
-
-    def _replicate_prompt_layer(self) -> None:
-        cache, part, box, key = self._prompt_layers.pop(0)
-        self._pending.append(replicate_box(cache.data, part, box, self.transport, key=key, stats=self.stats))
 
     def _decode(self, slab, x, positions):
         logits = super()._decode(slab, x, positions)
-        batch = len(self._lengths)
-        host_positions = [n + self._steps for n in self._lengths]
-        if len(self._pending) > 4 * len(self.stages):  # a bounded number of copies in flight
-            for h in self._pending[: len(self.stages)]:
-                h.wait()
-            del self._pending[: len(self.stages)]
-        for i, (cache, part) in enumerate(zip(slab.caches, self._parts(batch))):
-            self._pending.append(replicate_step(cache.data, part, range(batch), host_positions, self.transport,
-                                                key=f"rep/s{i}/t{self._steps}", stats=self.stats))
+        for i, rep in enumerate(self._reps):
+            rep.step(positions, key=f"rep/s{i}/t{self._steps}")
         if self._prompt_layers:
-            self._replicate_prompt_layer()
+            rep, box, key = self._prompt_layers.pop(0)
+            rep.box(box, key)
         self._steps += 1
+        self._written += 1
         return logits
 
     def generate(self, prompts, params):
         out = super().generate(prompts, params)
         while self._prompt_layers:
-            self._replicate_prompt_layer()
-        for h in self._pending:
-            h.wait()
-        self._pending = []
-        self.transport.drop("")  # the next run reuses the pinned buffers
+            rep, box, key = self._prompt_layers.pop(0)
+            rep.box(box, key)
+        for rep in self._reps:
+            rep.wait()
+        if self.verify_next:  # what a replacement stage would get back
+            self.verify_next, self.replica_matches = False, True
+            for i, rep in enumerate(self._reps):
+                fresh = torch.zeros_like(rep.cache)
+                restore(fresh, rep.part, self.transport, prefix=f"rep/s{i}/")
+                hi = min(self._written, rep.cache.shape[4])
+                self.replica_matches &= torch.equal(fresh[..., :hi, :], rep.cache[..., :hi, :])
+        self.transport.drop("")  # the next call reuses the pinned buffers
         return out
 
 
@@ -235,12 +304,18 @@ def end_to_end(a, stages, device) -> dict:
     prompts = [torch.randint(3, a.vocab, (a.prompt_len,), generator=g).tolist() for _ in range(a.batch)]
     params = SamplingParams(max_new_tokens=a.new_tokens)
     stats = StreamStats()
+    transport = LocalTransport()
     off = Engine(stages)
-    on = StreamingEngine(stages, LocalTransport(), stats)
+    on = StreamingEngine(stages, transport, stats, steps=a.new_tokens)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = {"off": [], "on": []}
     outputs = {}
+    pinned_before_timed = None
+    on.verify_next = True  # the warm-up call also checks the replica
     for r in range(a.e2e_repeats + 1):  # the first round warms up (graphs, pinned buffers)
+        if r == 1:
+            pinned_before_timed = transport.pinned_allocs
+            stats.reset()
         for name, engine in (("off", off), ("on", on)) if r % 2 else (("on", on), ("off", off)):
             sync()
             t0 = time.perf_counter()
@@ -250,7 +325,9 @@ def end_to_end(a, stages, device) -> dict:
                 times[name].append(time.perf_counter() - t0)
     t_off, t_on = statistics.median(times["off"]), statistics.median(times["on"])
     return {"off_s": t_off, "on_s": t_on, "overhead": t_on / t_off - 1, "runs": times,
-            "same_tokens": outputs["on"] == outputs["off"], "stream_stats": stats.as_dict()}
+            "same_tokens": outputs["on"] == outputs["off"], "replica_matches": on.replica_matches,
+            "stream_stats": stats.as_dict(),
+            "pinned_allocs_while_timed": transport.pinned_allocs - pinned_before_timed}
 
 
 # ---- report -----------------------------------------------------------------------------------------
@@ -258,7 +335,7 @@ def us(x: float) -> str:
     return f"{x * 1e6:10.1f}"
 
 
-def table(rows: list[dict], e2e: dict | None) -> str:
+def table(rows: list[dict], e2e: dict | None, overhead: dict | None = None) -> str:
     lines = [f"{'what':38s} {'bytes':>11s} {'raw us':>10s} {'naive us':>10s} {'buffered':>10s} {'layerwise':>10s}"
              f" {'compute':>10s} {'exp.buf':>10s} {'exp.lw':>10s}"]
     for r in rows:
@@ -270,9 +347,20 @@ def table(rows: list[dict], e2e: dict | None) -> str:
         if "naive_GBps" in r:
             lines.append(f"  {r['what']}: GB/s raw {r['raw_GBps']:.1f}, naive {r['naive_GBps']:.1f}, "
                          f"buffered {r['buffered_GBps']:.1f}, layerwise {r['layerwise_GBps']:.1f}")
+    for r in rows:
+        if "buffered_generic_s" in r:
+            host = f", host positions {r['host_positions_s'] * 1e6:.1f} us" if "host_positions_s" in r else ""
+            lines.append(f"  {r['what']}: buffered = StepReplicator {r['buffered_s'] * 1e6:.1f} us{host} "
+                         f"({r['buffered_s'] / r['raw_s']:.2f}x raw); "
+                         f"generic path {r['buffered_generic_s'] * 1e6:.1f} us")
+    if overhead:
+        lines.append("per-call cost on tiny tensors (us/call, waited): " +
+                     ", ".join(f"{k} {v:.1f}" for k, v in overhead.items()))
     if e2e:
         lines.append(f"end to end: streaming off {e2e['off_s']:.3f} s, on {e2e['on_s']:.3f} s, overhead "
-                     f"{100 * e2e['overhead']:+.2f}% (same tokens: {e2e['same_tokens']})")
+                     f"{100 * e2e['overhead']:+.2f}% (same tokens: {e2e['same_tokens']}; replica restores the cache: "
+                     f"{e2e['replica_matches']}; pinned allocations "
+                     f"while timed: {e2e['pinned_allocs_while_timed']})")
     return "\n".join(lines)
 
 
@@ -311,15 +399,16 @@ def main(argv=None) -> dict:
     cfg = model_config(a)
     stages = build_stages(cfg, random_weights(cfg, device, dtype), 1, dtype=dtype, device=device)
     rows = ladder(a, stages[0], device, dtype)
+    overhead = call_overhead(device, iters=2000 if device.type == "cuda" else 300)
     e2e = None if a.skip_e2e else end_to_end(a, stages, device)
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "shape": {k: getattr(a, k) for k in ("layers", "batch", "heads", "head_dim", "prompt_len", "new_tokens",
                                              "dtype", "vocab")},
-        "ladder": rows, "end_to_end": e2e, "targets": targets(rows, e2e),
+        "ladder": rows, "call_overhead_us": overhead, "end_to_end": e2e, "targets": targets(rows, e2e),
     }
-    print(table(rows, e2e))
+    print(table(rows, e2e, overhead))
     print("targets:", json.dumps(result["targets"]))
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ once, whatever the stage counts or TP degrees on either side.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Iterable, Sequence
@@ -168,6 +169,14 @@ class Plan:
 
     def incoming(self, dst: int) -> list[Chunk]:
         return [c for c in self.chunks if c.dst == dst]
+
+    @functools.cached_property
+    def memo(self) -> dict:
+        """What callers derive from this plan, kept with it (stream.py's message lists): a token step
+        replays the same plan object every step, and looking it up by identity costs nothing, where
+        hashing a frozen plan walks every chunk. (cached_property writes the instance dict directly,
+        so this works on a frozen dataclass and takes no part in equality or hashing.)"""
+        return {}
 
 
 def _bounds(parts: Sequence[Partition]) -> tuple[Range, Range, Range]:

@@ -24,8 +24,9 @@ Functions a worker calls:
 
 from __future__ import annotations
 
-import contextlib
 import functools
+import math
+import threading
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -35,7 +36,7 @@ import torch
 from .plan import Box, Chunk, Partition, Plan
 from .staging import StagingPool, StepSlice, gather, gather_step, region, scatter, scatter_step
 from .stats import StreamStats
-from .transports.base import ChunkError, Pending, Transport, nbytes, side_stream
+from .transports.base import ChunkError, Pending, Transport, dtype_name, nbytes, side_stream
 
 LADDER = ("naive", "buffered", "layerwise")
 
@@ -76,10 +77,16 @@ class Message:
         return {"box": self.box.to_meta()}
 
 
-@functools.lru_cache(maxsize=1024)
+_MEMO_LIMIT = 512
+
+
 def messages(plan: Plan, options: StreamOptions, prefix: str) -> tuple[Message, ...]:
-    """The plan's chunks cut into transfers, in the order both sides issue them (cached: a token step
-    replays the same plan every step)."""
+    """The plan's chunks cut into transfers, in the order both sides issue them (kept in ``plan.memo``:
+    a token step replays the same plan object every step)."""
+    memo_key = ("messages", options.buffered, options.layerwise, prefix)
+    found = plan.memo.get(memo_key)
+    if found is not None:
+        return found
     items: list[tuple[int, Box]] = []
     for ci, chunk in enumerate(plan.chunks):
         boxes = chunk.box.split_layers() if options.layerwise or not options.buffered else [chunk.box]
@@ -93,20 +100,69 @@ def messages(plan: Plan, options: StreamOptions, prefix: str) -> tuple[Message, 
         c = plan.chunks[ci]
         out.append(Message(c, box, tag, f"{prefix}/{box.name()}", plan.senders[c.src].local(box),
                            plan.receivers[c.dst].local(box)))
-    return tuple(out)
+    if len(plan.memo) > _MEMO_LIMIT:  # a caller naming every stream anew (prefix) must not grow it forever
+        plan.memo.clear()
+    return plan.memo.setdefault(memo_key, tuple(out))
 
 
-@contextlib.contextmanager
-def on_side_stream(device: torch.device):
-    """Run the body's GPU work on the streaming side stream, after everything already queued on the
-    current (compute) stream; on the CPU, just run it."""
-    if device.type != "cuda":
-        yield
-        return
-    side = side_stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        yield
+def _side_messages(plan: Plan, options: StreamOptions, prefix: str, side: str, index: int) -> tuple[Message, ...]:
+    """The messages sender ``index`` issues (side "src") or receiver ``index`` posts (side "dst")."""
+    memo_key = (side, index, options.buffered, options.layerwise, prefix)
+    found = plan.memo.get(memo_key)
+    if found is None:
+        found = plan.memo.setdefault(memo_key, tuple(m for m in messages(plan, options, prefix)
+                                                      if getattr(m.chunk, side) == index))
+    return found
+
+
+_EVENTS = threading.local()
+
+
+def follow(waiter: "torch.cuda.Stream", stream: "torch.cuda.Stream") -> None:
+    """``waiter.wait_stream(stream)`` through one reusable event per thread and device, where
+    ``wait_stream`` makes (and later destroys) an event per call; a waiting stream holds on to the
+    event's state at the time of the wait, so re-recording it afterwards is safe."""
+    events = _EVENTS.__dict__
+    event = events.get(stream.device_index)
+    if event is None:
+        event = events[stream.device_index] = torch.cuda.Event()
+    event.record(stream)
+    waiter.wait_event(event)
+
+
+class on_side_stream:
+    """``with on_side_stream(device):`` runs the body's GPU work on the streaming side stream, after
+    everything already queued on the current (compute) stream; on the CPU it just runs the body.
+
+    A class rather than a generator-based context manager, and ``set_stream`` rather than
+    ``torch.cuda.stream``: this is entered once per streamed operation, up to every token step.
+    """
+
+    __slots__ = ("device", "_prev", "_ctx")
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self._prev, self._ctx = device, None, None
+
+    def __enter__(self) -> None:
+        if self.device.type != "cuda":
+            return
+        side = side_stream(self.device)
+        if self.device.index is not None and self.device.index != torch.cuda.current_device():
+            self._ctx = torch.cuda.stream(side)  # another device: let torch switch devices and back
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            self._ctx.__enter__()
+            return
+        self._prev = torch.cuda.current_stream()
+        follow(side, self._prev)
+        torch.cuda.set_stream(side)
+
+    def __exit__(self, *exc) -> None:
+        if self._prev is not None:
+            torch.cuda.set_stream(self._prev)
+            self._prev = None
+        elif self._ctx is not None:
+            self._ctx.__exit__(*exc)
+            self._ctx = None
 
 
 class Handle:
@@ -134,7 +190,7 @@ class Handle:
             for p in self.pending:
                 p.wait()
             if self.device is not None:  # whatever the side stream wrote is visible to the compute
-                torch.cuda.current_stream(self.device).wait_stream(side_stream(self.device))
+                follow(torch.cuda.current_stream(self.device), side_stream(self.device))
             self.seconds = time.perf_counter() - self.t0 if self.t0 is not None else 0.0
             if self.stats is not None:
                 self.stats.add(self.path, self.transport.name, self.nbytes, self.seconds)
@@ -178,7 +234,7 @@ class LayerwiseStreamer:
                  staging: StagingPool | None = None) -> None:
         self.cache, self.part, self.transport = cache, plan.senders[src], transport
         self.peers, self.options = peers, options
-        self.todo = [m for m in messages(plan, options, prefix) if m.chunk.src == src]
+        self.todo = list(_side_messages(plan, options, prefix, "src", src))
         self.handle = Handle(transport, stats, path)
         pool = staging or StagingPool(cache.device)
         self.slots = _Slots(pool, options.staging_slots or len(self.todo))
@@ -242,7 +298,7 @@ def stream_in(cache: torch.Tensor, plan: Plan, dst: int, transport: Transport, *
     ``peers[src]`` is the rank (or store index) of sender ``src``. Only the plan's positions are
     written; the rest of ``cache`` is left as it was.
     """
-    todo = [m for m in messages(plan, options, prefix) if m.chunk.dst == dst]
+    todo = _side_messages(plan, options, prefix, "dst", dst)
     handle = Handle(transport, stats, path, cache.device)
     slots = _Slots(staging or StagingPool(cache.device), options.staging_slots or len(todo))
 
@@ -321,26 +377,47 @@ def restore(cache: torch.Tensor, part: Partition, transport: Transport, *, prefi
             stats: StreamStats | None = None, path: str = "recovery") -> int:
     """Write every replicated chunk stored under ``prefix`` back into ``cache``; returns how many.
 
-    Chunks are boxes (:func:`replicate_box`) or step slices (:func:`replicate_step`); each carries
-    its region, so order does not matter (they are disjoint, and a re-sent step replaced its key).
+    Chunks are boxes (:func:`replicate_box`, :meth:`StepReplicator.box`) or step slices
+    (:func:`replicate_step`, :meth:`StepReplicator.step`); each carries its region, so order does not
+    matter (they are disjoint, and a re-sent step replaced its key). A step slice's positions are in its
+    meta, or (StepReplicator: the host never saw them) as int64 at byte ``positions_at`` of the chunk.
     """
     t0 = time.perf_counter()
     blobs = transport.fetch_all(prefix, peer=peer)
-    want = str(cache.dtype).removeprefix("torch.")
+    want = dtype_name(cache.dtype)
+    head_dim, itemsize = cache.shape[-1], cache.element_size()
     total = 0
     for blob in blobs:
         if blob.meta.get("dtype") != want:
             raise ChunkError(f"replica chunk {blob.key!r} holds {blob.meta.get('dtype')} data; the cache is {want}")
-        data = blob.data.view(cache.dtype)
         if "box" in blob.meta:
-            scatter(cache, part, Box.from_meta(blob.meta["box"]), data.to(cache.device))
+            box = Box.from_meta(blob.meta["box"])
+            size = box.count() * head_dim * itemsize
+            _check_size(blob, size)
+            scatter(cache, part, box, blob.data[:size].view(cache.dtype).to(cache.device))
         elif "step" in blob.meta:
-            scatter_step(cache, part, StepSlice.from_meta(blob.meta["step"]), data)
+            meta = blob.meta["step"]
+            if "positions" not in meta:
+                at, n = blob.meta.get("positions_at"), len(meta["slots"])
+                if at is None:
+                    raise ChunkError(f"replica chunk {blob.key!r} has no positions (neither in its meta "
+                                     f"nor a 'positions_at')")
+                _check_size(blob, at + 8 * n)
+                meta = dict(meta, positions=blob.data[at:at + 8 * n].clone().view(torch.int64).tolist())
+            step = StepSlice.from_meta(meta)
+            size = math.prod(step.shape(head_dim)) * itemsize
+            _check_size(blob, size)
+            scatter_step(cache, part, step, blob.data[:size].view(cache.dtype))
         else:
             raise ChunkError(f"replica chunk {blob.key!r} names no region (neither 'box' nor 'step' in its meta)")
-        total += blob.data.numel()
+        total += size
     if cache.is_cuda:
         torch.cuda.current_stream(cache.device).synchronize()
     if stats is not None:
         stats.add(path, transport.name, total, time.perf_counter() - t0)
     return len(blobs)
+
+
+def _check_size(blob, size: int) -> None:
+    if blob.data.numel() < size:
+        raise ChunkError(f"replica chunk {blob.key!r} holds {blob.data.numel()} bytes, its region needs {size}")

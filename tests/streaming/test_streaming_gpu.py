@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import streaming_cases as cases
-from dejavu.streaming import (LADDER, LocalTransport, Partition, StreamOptions, StreamStats, replicate_box,
-                              replicate_step, restore, stream_in, stream_out, swap_in, swap_out)
+from dejavu.streaming import (LADDER, LocalTransport, Partition, StepReplicator, StreamOptions, StreamStats,
+                              replicate_box, replicate_step, restore, stream_in, stream_out, swap_in, swap_out)
 from test_streaming_procs import PEER, env, free_port
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -58,6 +58,54 @@ def test_swap_and_replication_on_gpu():
         for t in range(3):
             p = 4 + t + s % 2
             assert torch.equal(fresh[:, :, s, :, p].view(torch.int16), cache[:, :, s, :, p].view(torch.int16))
+
+
+def test_step_replicator_on_gpu():
+    """The fast path with device positions (no host sync), host positions and prompt boxes: pinned
+    buffers reserved up front, host never blocked by queued compute, bit-identical restore."""
+    import time
+
+    part = cases.WHOLE
+    cache = cases.global_cache(torch.bfloat16).cuda()
+    transport, stats = LocalTransport(), StreamStats()
+    rep = StepReplicator(cache, part, transport, prefix="f/", depth=16, reserve=7, stats=stats)
+    boxes = [part.box((0, 4)).with_(layers=(l, l + 1)) for l in range(cases.LAYERS)]
+    rep.reserve(boxes=boxes + boxes[:1])
+    rep.step([0, 0, 0, 0], key="warm/t")  # first use: the allocator's blocks for the box temporaries
+    rep.box(boxes[0], key="warm/box")
+    rep.wait()
+    stats.reset()
+    allocs = transport.pinned_allocs
+    lengths = torch.tensor([[4], [5], [4], [6]], device="cuda")
+    a = torch.randn(4096, 4096, device="cuda")
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(20):
+        a = a @ a.T / 4096  # compute still queued while the steps are issued
+    for t in range(5):
+        rep.step(lengths + t, key=f"f/t{t}")  # a temporary: snapshotted on the compute stream
+        rep.box(boxes[t], key=f"f/prompt/{t}")
+    rep.step([1, 1, 2, 2], key="f/t5")  # host positions
+    issued = time.perf_counter() - t0
+    rep.wait()
+    total = time.perf_counter() - t0
+    assert issued < total / 4, (issued, total)
+    assert transport.pinned_allocs == allocs  # nothing pinned while streaming
+    assert transport._store["f/t0"].buf.is_pinned()
+    rep.box(boxes[5], key="f/prompt/5")
+    rep.wait()
+    fresh = torch.zeros_like(cache)
+    assert restore(fresh, part, transport, prefix="f/") == 12
+    written = torch.zeros(cache.shape[:5], dtype=torch.bool, device="cuda")
+    written[..., :4] = True
+    for t in range(5):
+        for s in range(cases.SLOTS):
+            written[:, :, s, :, int(lengths[s]) + t] = True
+    for s, p in enumerate([1, 1, 2, 2]):
+        written[:, :, s, :, p] = True
+    assert torch.equal(fresh[written].view(torch.int16), cache[written].view(torch.int16))
+    assert (fresh[~written].view(torch.int16) == 0).all()
+    assert stats.as_dict()["replication"]["local"]["count"] == 12
 
 
 def test_layerwise_overlaps_the_compute_stream():

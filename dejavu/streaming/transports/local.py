@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import DONE, Blob, ChunkError, Pending, Transport, nbytes
+from .base import DONE, Blob, ChunkError, Pending, Transport, dtype_name, nbytes
 
 
 @dataclass
@@ -39,12 +39,14 @@ class LocalTransport(Transport):
         # dropped ones are reused.
         self._free: dict[int, list[torch.Tensor]] = {}
         self.pinned_batch_bytes = pinned_batch_bytes
+        self.pinned_allocs = 0  # cudaHostAlloc calls so far (a benchmark checks none happen while timed)
 
     def reserve(self, size: int, count: int) -> None:
         """Pin ``count`` buffers of ``size`` bytes now (e.g. one per step a replica will hold)."""
         if not self.pin_memory or count < 1:
             return
         block = torch.empty(size * count, dtype=torch.uint8, pin_memory=True)
+        self.pinned_allocs += 1
         self._free.setdefault(size, []).extend(block[i * size:(i + 1) * size] for i in range(count))
 
     def _buffer(self, size: int, pinned: bool) -> torch.Tensor:
@@ -60,16 +62,31 @@ class LocalTransport(Transport):
         if entry.buf.is_pinned():
             self._free.setdefault(entry.buf.numel(), []).append(entry.buf)
 
-    def flush(self, key: str, src: torch.Tensor, *, peer: int = -1, tag: int = 0,
-              meta: dict | None = None) -> Pending:
-        size = nbytes(src)
+    def _entry(self, key: str, size: int, pinned: bool) -> _Entry:
         entry = self._store.get(key)
         if entry is None or entry.buf.numel() != size:
             if entry is not None:
                 self._release(entry)
-            entry = _Entry(self._buffer(size, self.pin_memory and src.is_cuda), {})
+            entry = _Entry(self._buffer(size, pinned), {})
             self._store[key] = entry
-        entry.meta = dict(meta or {}, dtype=str(src.dtype).removeprefix("torch."), shape=list(src.shape))
+        return entry
+
+    def claim(self, key: str, size: int, meta: dict, *, pinned: bool) -> torch.Tensor:
+        """The flat uint8 host buffer of ``size`` bytes stored under ``key`` (from the reserved pinned
+        buffers when ``pinned``), for a caller that fills it itself with an async device copy (see
+        replicator.py); ``meta`` is stored as given and must name the ``dtype``. Until the caller's copy
+        has landed, the chunk must not be fetched, and ``key`` must not be flushed or dropped."""
+        entry = self._entry(key, size, pinned and self.pin_memory)
+        entry.meta = meta
+        return entry.buf
+
+    def holds(self, key: str) -> bool:
+        return key in self._store
+
+    def flush(self, key: str, src: torch.Tensor, *, peer: int = -1, tag: int = 0,
+              meta: dict | None = None) -> Pending:
+        entry = self._entry(key, nbytes(src), self.pin_memory and src.is_cuda)
+        entry.meta = dict(meta or {}, dtype=dtype_name(src.dtype), shape=list(src.shape))
         host = entry.typed(src.dtype, src.shape)
         if not src.is_cuda:
             host.copy_(src)
