@@ -208,7 +208,7 @@ class Attention(nn.Module):
         if group > 1 and t == 1 and self.alibi_slopes is None:
             # One query per slot: fold the query group into the query axis, so each KV head is read once
             # (no repeat_interleave copy of the cache) and the [b, 1, 1, span] mask still broadcasts.
-            o = F.scaled_dot_product_attention(q.reshape(b, self.kv_heads, group, -1), keys, values, attn_mask=mask)
+            o = _attention(q.reshape(b, self.kv_heads, group, -1), keys, values, attn_mask=mask)
             return o.view(b, self.heads, 1, -1)
         return _sdpa_gqa(q, keys, values, group, attn_mask=mask)
 
@@ -216,9 +216,27 @@ class Attention(nn.Module):
 def _sdpa_gqa(q, keys, values, group: int, **kw) -> torch.Tensor:
     if group > 1:
         if _HAS_GQA:
-            return F.scaled_dot_product_attention(q, keys, values, enable_gqa=True, **kw)
+            return _attention(q, keys, values, enable_gqa=True, **kw)
         keys = keys.repeat_interleave(group, dim=1)
         values = values.repeat_interleave(group, dim=1)
+    return _attention(q, keys, values, **kw)
+
+
+try:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    # Not cuDNN's attention: it builds an execution plan for every new shape (tens of milliseconds), and
+    # a serving prefill meets a new prompt length almost every time. Flash / memory-efficient kernels
+    # have no per-shape set-up; the math kernel is the fallback for what they refuse.
+    _GPU_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+except ImportError:  # torch < 2.3
+    sdpa_kernel = None
+
+
+def _attention(q, keys, values, **kw) -> torch.Tensor:
+    if q.is_cuda and sdpa_kernel is not None:
+        with sdpa_kernel(_GPU_BACKENDS):
+            return F.scaled_dot_product_attention(q, keys, values, **kw)
     return F.scaled_dot_product_attention(q, keys, values, **kw)
 
 
