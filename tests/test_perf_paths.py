@@ -266,3 +266,95 @@ def test_cuda_skinny_matmul_against_torch(dtype):
         gate, up = F.linear(x, w).split(8192, -1)
         # The fp16-tuned tilings must also fit shared memory in fp32 (two weight tiles for SwiGLU).
         assert _rel(fused.skinny_mm(x, w, None, 2), F.silu(gate) * up) < tol
+
+
+def _norm_reference(x, delta, dbias, norm, w, b, act):
+    """add, norm, ``x @ w.T + b`` and the activation as the plain PyTorch path computes them."""
+    import torch.nn.functional as F
+
+    h = x + (delta + dbias if dbias is not None else delta) if delta is not None else x
+    hf = h.float()
+    if isinstance(norm, torch.nn.LayerNorm):
+        xn = F.layer_norm(hf, norm.normalized_shape, norm.weight.float() if norm.weight is not None else None,
+                          norm.bias.float() if norm.bias is not None else None, norm.eps).to(h.dtype)
+    else:  # RMSNorm: cast before the weight, as Llama does
+        xn = norm.weight * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + norm.eps)).to(h.dtype)
+    y = F.linear(xn, w, b)
+    if act == 1:
+        y = F.relu(y)
+    if act == 2:
+        gate, up = y.split(y.shape[-1] // 2, -1)
+        y = F.silu(gate) * up
+    return h, y
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_cuda_norm_matmul_against_torch(dtype):
+    """The add + norm folded into the skinny matmul's prologue, at the decode shapes it serves (OPT qkv with
+    biases, fc_in + ReLU, Llama gate_up + SwiGLU, an LM head), with the launch configs it would pick."""
+    from dejavu.model import fused
+    from dejavu.model.layers import RMSNorm
+
+    if not fused.HAVE_TRITON:
+        pytest.skip("no triton")
+    torch.manual_seed(0)
+    dev, K = "cuda", 2048
+    tol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5}[dtype]
+    rms = RMSNorm(K, 1e-5).to(dev, dtype)
+    rms.weight.data.uniform_(0.5, 1.5)
+    ln = torch.nn.LayerNorm(K).to(dev, dtype)
+    ln.weight.data.uniform_(0.5, 1.5)
+    ln.bias.data.normal_()
+    shapes = [(ln, 6144, True, 0), (ln, 8192, True, 1), (rms, 16384, False, 2), (rms, 3072, False, 0),
+              (ln, 50272, False, 0)]
+    for m in (1, 3, 8, 32):
+        x = torch.randn(m, K, dtype=dtype, device=dev) + 0.5
+        d, db = torch.randn(m, K, dtype=dtype, device=dev), torch.randn(K, dtype=dtype, device=dev)
+        for i, (norm, n, has_bias, act) in enumerate(shapes):
+            w = torch.randn(n, K, dtype=dtype, device=dev) / K ** 0.5
+            b = torch.randn(n, dtype=dtype, device=dev) if has_bias else None
+            # One residual form per shape and rows, in turn (each is a compile): with delta and its bias,
+            # delta alone, none (the first layer's norm).
+            delta, dbias = ((d, db), (d, None), (None, None))[(i + m) % 3]
+            h, y = fused.norm_skinny_mm(x, delta, dbias, norm, w, b, act)
+            h_ref, y_ref = _norm_reference(x, delta, dbias, norm, w, b, act)
+            where = (m, n, act, delta is None, dbias is None)
+            assert torch.equal(h, h_ref), where
+            assert _rel(y, y_ref) < tol, (where, _rel(y, y_ref))
+        assert fused.norm_skinny_mm(x, d, db, rms, w, None, 0, keep_h=False)[0] is None
+
+
+@cuda
+@pytest.mark.parametrize("name", ["llama", "opt", "gpt2"])
+def test_cuda_graph_step_with_norm_folded_into_matmuls(models, name, monkeypatch):
+    """fp16 decode through CUDA graphs: the norms folded into the matmuls (DEJAVU_NORM_MATMUL=1, the
+    default) give the two-launch path's logits and tokens, and the fold is really taken."""
+    from dejavu.model import fused
+
+    folder, _ = models[name]
+    calls = []
+    real = fused.norm_skinny_mm
+    monkeypatch.setattr(fused, "norm_skinny_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    outs, logits = [], []
+    for on in ("1", "0"):
+        monkeypatch.setenv("DEJAVU_NORM_MATMUL", on)
+        stages = _stages(folder, 2, dtype="fp16", device="cuda")
+        eng = Engine(stages)
+        outs.append([g.output_ids for g in eng.generate(PROMPTS, SamplingParams(max_new_tokens=NEW))])
+        # One eager static step on the same state: logits, not just the argmax.
+        cache = [s.new_cache(2, 16) for s in stages]
+        x = torch.tensor([[5, 7, 9, 11, 3], [4, 8, 12, 16, 20]], device="cuda")
+        for s, c in zip(stages, cache):
+            x = s(x, torch.arange(5).expand(2, -1), c, torch.tensor([4, 4]) if s.is_last else None)
+        tok = x.argmax(-1, keepdim=True)
+        for s, c in zip(stages, cache):
+            tok = s(tok, torch.full((2, 1), 5, device="cuda"), c, torch.zeros(2, dtype=torch.long) if s.is_last
+                    else None, static=True)
+        logits.append(tok.float())
+        if on == "1":
+            assert calls, "the fused norm + matmul was not used"
+            calls.clear()
+    assert not calls
+    assert outs[0] == outs[1]
+    assert _rel(logits[0], logits[1]) < 2e-3
