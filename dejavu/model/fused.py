@@ -237,31 +237,11 @@ if HAVE_TRITON:
         tl.store(O + b * stride_ob + h * stride_oh + d, o.to(O.dtype.element_ty), mask=d < HEAD_DIM)
 
     @triton.jit
-    def _residual_tile(X, D, DB, m, k, mm, km, stride_xm, stride_dm, HAS_D: tl.constexpr, HAS_DB: tl.constexpr):
-        """Rows m, columns k of h = x + (delta + delta_bias), rounded where the reference rounds."""
-        mask = mm[:, None] & km[None, :]
-        x = tl.load(X + m[:, None] * stride_xm + k[None, :], mask=mask, other=0.0)
-        if HAS_D:
-            d = tl.load(D + m[:, None] * stride_dm + k[None, :], mask=mask, other=0.0)
-            if HAS_DB:
-                d = (d.to(tl.float32) + tl.load(DB + k, mask=km, other=0.0).to(tl.float32)[None, :]).to(x.dtype)
-            x = (x.to(tl.float32) + d.to(tl.float32)).to(x.dtype)
-        return x
-
-    @triton.jit
     def _skinny_mm_kernel(X, W, B, Y, M, N, K, stride_xm, stride_wn, stride_ym, GATE_OFF,
-                          D, DB, NW, NB, H_OUT, stride_dm, stride_hm, eps,
                           HAS_BIAS: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr = False,
-                          PREFETCH: tl.constexpr = 0, NORM: tl.constexpr = 0, HAS_D: tl.constexpr = False,
-                          HAS_DB: tl.constexpr = False, HAS_NW: tl.constexpr = False, HAS_NB: tl.constexpr = False,
-                          STORE_H: tl.constexpr = False, BLOCK_MS: tl.constexpr = 1, STAT_K: tl.constexpr = 64):
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0):
         # y[m, n] = x[m, :] . w[n, :] (+ b[n]) for a few rows m: each program streams BLOCK_N rows of w
         # once for every m. ACT: 0 none, 1 relu, 2 swiglu (silu(x.w[n]) * x.w[n + GATE_OFF]).
-        # NORM (1 RMSNorm, 2 LayerNorm): the rows fed to the dot are norm(h), h = x + (d + db), which
-        # every program computes for itself (a first pass over K for the row statistics, then the main
-        # loop normalises each tile as it goes); the programs share the store of h into H_OUT, a buffer
-        # other than X (the other programs are still reading X).
         pid = tl.program_id(0)
         n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         m = tl.arange(0, BLOCK_M)
@@ -282,61 +262,13 @@ if HAVE_TRITON:
                                               [W + (rows[:, None] + GATE_OFF) * stride_wn + kk[None, :]],
                                               dtype=tl.int32, is_pure=False, pack=1)
             tl.extra.cuda.gdc_wait()
-        if NORM > 0:
-            # Row statistics in fp32, over tiles as wide as registers allow: the M real rows only (BLOCK_MS,
-            # not the dot's 16-row minimum), so that a few rows take one or two round trips to L2 before
-            # the weights start streaming. LayerNorm: per-tile mean and squared deviations merged with
-            # Chan's formula (one pass, as stable as the reference's Welford).
-            ms = tl.arange(0, BLOCK_MS)
-            msm = ms < M
-            mean = tl.zeros([BLOCK_MS], dtype=tl.float32)
-            m2 = tl.zeros([BLOCK_MS], dtype=tl.float32)
-            programs = tl.num_programs(0)
-            for k0 in range(0, K, STAT_K):
-                k = k0 + tl.arange(0, STAT_K)
-                km = k < K
-                h = _residual_tile(X, D, DB, ms, k, msm, km, stride_xm, stride_dm, HAS_D, HAS_DB)
-                if STORE_H:
-                    mine = km & ((k // 64) % programs == pid)  # 64-column slices, dealt round the programs
-                    tl.store(H_OUT + ms[:, None] * stride_hm + k[None, :], h, mask=msm[:, None] & mine[None, :])
-                hf = h.to(tl.float32)
-                if NORM == 1:
-                    m2 += tl.sum(hf * hf, axis=1)
-                else:
-                    nt = tl.minimum(K - k0, STAT_K).to(tl.float32)
-                    done = tl.cast(k0, tl.float32)  # columns merged so far (all earlier tiles are full)
-                    tile_mean = tl.sum(hf, axis=1) / nt
-                    dev = tl.where(km[None, :], hf - tile_mean[:, None], 0.0)
-                    shift = tile_mean - mean
-                    mean += shift * (nt / (done + nt))
-                    m2 += tl.sum(dev * dev, axis=1) + shift * shift * (done * nt / (done + nt))
-            rstd = tl.rsqrt(m2 / K + eps)
-            # Onto the dot's BLOCK_M rows (rows past M: 0, never stored).
-            same = m[:, None] == ms[None, :]
-            rstd = tl.sum(tl.where(same, rstd[None, :], 0.0), axis=1)
-            mean = tl.sum(tl.where(same, mean[None, :], 0.0), axis=1)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         if ACT == 2:
             acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             km = k < K
-            if NORM == 0:
-                x = tl.load(X + m[:, None] * stride_xm + k[None, :], mask=mm[:, None] & km[None, :], other=0.0)
-            else:
-                h = _residual_tile(X, D, DB, m, k, mm, km, stride_xm, stride_dm, HAS_D, HAS_DB)
-                hf = h.to(tl.float32)
-                if NORM == 1:
-                    # As Llama's RMSNorm: normalised, cast, then scaled and cast again.
-                    x = (hf * rstd[:, None]).to(h.dtype)
-                    x = (x.to(tl.float32) * tl.load(NW + k, mask=km, other=0.0).to(tl.float32)[None, :]).to(h.dtype)
-                else:
-                    y = (hf - mean[:, None]) * rstd[:, None]
-                    if HAS_NW:
-                        y = y * tl.load(NW + k, mask=km, other=0.0).to(tl.float32)[None, :]
-                    if HAS_NB:
-                        y = y + tl.load(NB + k, mask=km, other=0.0).to(tl.float32)[None, :]
-                    x = y.to(h.dtype)
+            x = tl.load(X + m[:, None] * stride_xm + k[None, :], mask=mm[:, None] & km[None, :], other=0.0)
             w = tl.load(W + n[:, None] * stride_wn + k[None, :], mask=nm[:, None] & km[None, :], other=0.0)
             acc += tl.dot(x, tl.trans(w), input_precision=PREC)
             if ACT == 2:
@@ -499,32 +431,6 @@ SKINNY_CONFIG: dict = {
 CUBLAS_FASTER = {(16, 2048, 8192), (32, 2048, 8192), (32, 3072, 2048), (16, 2048, 2048), (16, 3072, 2048)}
 
 
-# The fused norm + matmul (``norm_skinny_mm``): its own tilings where the sweep found better ones than the
-# plain skinny kernel's, and the shapes where add_norm + the old matmul stayed faster
-# (bench/decode_kernels.py --parts norm_matmul). Every program reads x and delta of all the rows twice
-# (statistics, then the main loop): at 32 rows of 2048 that is 512 KB of L2 reads per program beside its
-# ~256 KB weight slab, expected to cost more than the add_norm launch it saves, so the fold stops at 16
-# rows until measured otherwise.
-NORM_MM_MAX_ROWS = 16
-NORM_STAT_ELEMS = 4096  # elements of each row tile in the statistics pass (32 a thread at 4 warps)
-NORM_MM_CONFIG: dict = {}
-NORM_MM_SLOWER: set = set()
-
-
-def norm_mm_enabled(x: torch.Tensor, n_out: int) -> bool:
-    """Fold the add + norm in front of an ``n_out``-wide projection of ``x`` into its matmul?
-    ``DEJAVU_NORM_MATMUL=0`` keeps the two launches (A/B measurements)."""
-    rows = x.numel() // x.shape[-1]
-    return (rows <= NORM_MM_MAX_ROWS and os.environ.get("DEJAVU_NORM_MATMUL", "1") != "0" and skinny_enabled(x)
-            and _norm_key(rows, n_out, x.shape[-1]) not in NORM_MM_SLOWER)
-
-
-def _norm_key(m: int, n: int, k: int) -> tuple[int, int, int]:
-    # Keyed by the rows' power of two, not the 16-row bucket of SKINNY_CONFIG: the prologue's cost grows
-    # with the rows (1 and 8 rows may well decide differently).
-    return _pow2(m), n, k
-
-
 def _bucket(m: int) -> int:
     return max(16, _pow2(m))
 
@@ -537,17 +443,12 @@ def use_skinny(m: int, n: int, k: int) -> bool:
 
 
 def load_tuning(path: str) -> None:
-    """Best launch configs per shape from ``bench/decode_kernels.py --out``: tilings, and where cuBLAS (or,
-    for the fused norm + matmul, the two-launch path) is faster."""
+    """Best launch configs per shape from ``bench/decode_kernels.py --out`` (None: cuBLAS is faster)."""
     import json
 
     for row in json.load(open(path)):
         if row["case"].startswith("attn"):
             ATTN_CONFIG[(row["b"], int(row["case"].split("=")[1]))] = tuple(row["best"])
-        elif row["case"].startswith("norm "):  # fused norm + matmul against add_norm + the old matmul
-            key = _norm_key(row["m"], row["n"] // 2 if MATMUL_ACT.get(row["case"][5:]) == 2 else row["n"], row["k"])
-            NORM_MM_CONFIG[key] = tuple(row["best"])
-            (NORM_MM_SLOWER.add if row["best_us"] >= row["old_us"] else NORM_MM_SLOWER.discard)(key)
         elif "cublas_us" in row and row["m"] != 1:  # m=1 runs the same kernel as m=8
             out = row["n"] // 2 if MATMUL_ACT.get(row["case"]) == 2 else row["n"]
             SKINNY_CONFIG[(_bucket(row["m"]), out, row["k"])] = tuple(row["best"])
@@ -556,10 +457,6 @@ def load_tuning(path: str) -> None:
 
 
 MATMUL_ACT = {"llama.gate_up": 2}
-
-
-def _norm_mm_config(m: int, n: int, k: int) -> tuple[int, int, int, int]:
-    return NORM_MM_CONFIG.get(_norm_key(m, n, k)) or _skinny_config(m, n, k)
 
 
 def _skinny_config(m: int, n: int, k: int) -> tuple[int, int, int, int]:
@@ -590,77 +487,29 @@ def skinny_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     act: 0 none, 1 relu, 2 swiglu (weight holds [gate; up]; returns silu(x gate) * (x up), half width).
     """
     shape = x.shape
-    x2 = _rows(x)
-    y = _launch_skinny(x2, weight, bias, act, config or _skinny_config(x2.shape[0], _n_out(weight, act), x2.shape[1]))
-    return y.view(*shape[:-1], y.shape[-1])
-
-
-def norm_skinny_mm(x: torch.Tensor, delta: torch.Tensor | None, delta_bias: torch.Tensor | None, norm,
-                   weight: torch.Tensor, bias: torch.Tensor | None = None, act: int = 0, config: tuple | None = None,
-                   keep_h: bool = True) -> tuple:
-    """``add_norm`` and ``skinny_mm`` in one launch: h = x + (delta + delta_bias), y = norm(h) @ weight.T
-    (+ bias, act). Returns (h, y); h is ``x`` itself without delta, None when ``keep_h`` is False.
-
-    Every program normalises the few rows itself (at a few rows their bytes are small next to its weight
-    slab), so the norm's kernel and the gap between the two launches go. ``norm`` is our RMSNorm or
-    nn.LayerNorm.
-    """
-    shape = x.shape
-    x2 = _rows(x)
-    m, k = x2.shape
-    d2 = _rows(delta) if delta is not None else x2
-    store_h = delta is not None and keep_h
-    h = torch.empty_like(x2) if store_h else x2
-    rms = not hasattr(norm, "normalized_shape")
-    nw, nb = norm.weight, None if rms else norm.bias
-    cfg = config or _norm_mm_config(m, _n_out(weight, act), k)
-    y = _launch_skinny(x2, weight, bias, act, cfg, D=d2, DB=_or(delta_bias, x2), NW=_or(nw, x2), NB=_or(nb, x2),
-                       H_OUT=h, stride_dm=d2.stride(0), stride_hm=h.stride(0), eps=norm.eps, NORM=1 if rms else 2,
-                       HAS_D=delta is not None, HAS_DB=delta_bias is not None, HAS_NW=nw is not None,
-                       HAS_NB=nb is not None, STORE_H=store_h, BLOCK_MS=_pow2(m),
-                       STAT_K=max(64, min(_pow2(k), NORM_STAT_ELEMS // _pow2(m))))
-    new_h = None if not keep_h else h.view(shape) if delta is not None else x
-    return new_h, y.view(*shape[:-1], y.shape[-1])
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
-
-
-def _or(t: torch.Tensor | None, dummy: torch.Tensor) -> torch.Tensor:
-    return t if t is not None else dummy  # an unused pointer argument (its HAS_ flag is off)
-
-
-def _n_out(weight: torch.Tensor, act: int) -> int:
-    return weight.shape[0] // 2 if act == 2 else weight.shape[0]
-
-
-def _launch_skinny(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: int, config: tuple,
-                   **norm) -> torch.Tensor:
-    """Launch ``_skinny_mm_kernel`` over x2 [m, k]; ``norm``: the prologue's arguments (none: plain x)."""
-    m, k = x2.shape
-    n = weight.shape[0]
-    n_out = _n_out(weight, act)
-    y = torch.empty(m, n_out, dtype=x2.dtype, device=x2.device)
-    block_n, block_k, stages, warps = config
+    k = shape[-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m, n = x2.shape[0], weight.shape[0]
+    n_out = n // 2 if act == 2 else n
+    y = torch.empty(m, n_out, dtype=x.dtype, device=x.device)
+    block_n, block_k, stages, warps = config or _skinny_config(m, n_out, k)
     # The tilings were tuned in fp16; keep the pipelined tiles inside shared memory for fp32 (and swiglu's
     # two weight tiles): (stages - 1) * (x tile + w tiles) must fit.
     block_m = max(16, _pow2(m))
-    per_stage = lambda: (block_m + (2 if act == 2 else 1) * block_n) * block_k * x2.element_size()  # noqa: E731
+    per_stage = lambda: (block_m + (2 if act == 2 else 1) * block_n) * block_k * x.element_size()  # noqa: E731
     while (stages - 1) * per_stage() > 160 * 1024 and stages > 2:
         stages -= 1
     while (stages - 1) * per_stage() > 160 * 1024 and block_k > 32:
         block_k //= 2
-    if not norm:
-        norm = dict(D=x2, DB=x2, NW=x2, NB=x2, H_OUT=x2, stride_dm=0, stride_hm=0, eps=0.0)
+    pdl = _pdl(x)
     _skinny_mm_kernel[(triton.cdiv(n_out, block_n),)](
         x2, weight, bias if bias is not None else weight, y, m, n_out, k, x2.stride(0), weight.stride(0),
         y.stride(0), n_out if act == 2 else 0, HAS_BIAS=bias is not None, ACT=act,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_stages=stages, num_warps=warps,
-        PREC="ieee" if x2.dtype == torch.float32 else "tf32", PREFETCH=_prefetch_lines(n, k, act), **norm,
-        **_pdl(x2))
-    return y
+        PREC="ieee" if x.dtype == torch.float32 else "tf32", PREFETCH=_prefetch_lines(n, k, act), **pdl)
+    return y.view(*shape[:-1], n_out)
 
 
 if HAVE_TRITON and os.environ.get("DEJAVU_KERNEL_TUNING"):
