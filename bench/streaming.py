@@ -7,10 +7,14 @@
     same run (the ceiling). For the layerwise rung what matters is the time it adds to the compute it
     overlaps, so the table also shows compute alone and the exposed time of streaming after vs during it.
     For the token step slice, ``buffered`` is the per-step path a token stage runs (``StepReplicator``:
-    set up once, positions from the decode's device tensor); the generic ``stream_out`` is printed
-    beside it. A last row times the per-step path with every slot at its own position (device and host
-    positions, and the generic ``replicate_step``).
-    Then the cost of one call of each entry point on tiny tensors (µs/call, i.e. the fixed overhead).
+    set up once, positions from the decode's device tensor, on a GPU one CUDA graph replay per step on
+    the side stream); the generic ``stream_out`` is printed beside it. A last row times the per-step
+    path with every slot at its own position (device and host positions, and the generic
+    ``replicate_step``).
+    Then the cost of one call of each entry point on tiny tensors (µs/call, i.e. the fixed overhead),
+    and (GPU) the host time of each streaming call issued while ~20 ms of compute is queued ahead of it:
+    microseconds if it only queues work, milliseconds if it waits for the compute (a control row shows
+    the latter: the first launch of a kernel, which CUDA loads lazily once the queue has drained).
 (2) End-to-end generation time of ``dejavu.engine.Engine`` with streaming off vs on (on: as a token
     stage replicates, with a ``StepReplicator`` per stage: the prompt's cache copied to host memory one
     layer per decode step, and every token step's slice after its step), i.e. the overhead DéjàVu's
@@ -131,11 +135,24 @@ def ladder(a, stage, device, dtype) -> list[dict]:
     # The per-step path as a token stage runs it: set up once per cache, positions straight from the
     # decode's device tensor (a CUDA-graph decode keeps them on the device), pinned buffer reserved.
     step_pos_dev = step_pos.to(device)
-    fast = StepReplicator(kv.data, part, transport, depth=4, reserve=2)
+    fast = StepReplicator(kv.data, part, transport, depth=4, reserve=4)  # a host buffer + graph per slot
 
     def fast_step(positions=step_pos_dev):
-        fast.step(positions, key="ladder/step")  # the same key every call: one reused pinned buffer
+        fast.step(positions, key="ladder/step")  # the same key every call: its buffer goes back each time
         fast.wait()
+
+    def fast_issue_s(positions=step_pos_dev) -> float:
+        """Median host seconds inside step() alone (the rest of buffered_s is the copy landing)."""
+        sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+        times = []
+        for _ in range(a.iters):
+            sync()
+            t0 = time.perf_counter()
+            fast.step(positions, key="ladder/step")
+            times.append(time.perf_counter() - t0)
+            fast.wait()
+        sync()
+        return statistics.median(times)
 
     rows = []
     for what, cache, positions, compute in (
@@ -160,6 +177,7 @@ def ladder(a, stage, device, dtype) -> list[dict]:
         if what == "token step slice":  # buffered = the real per-step path; the generic one beside it
             row["buffered_generic_s"] = row["buffered_s"]
             row["buffered_s"] = timed(fast_step, device, a.iters)
+            row["buffered_issue_s"] = fast_issue_s()
             buffered = fast_step
 
         def during():
@@ -193,7 +211,83 @@ def ladder(a, stage, device, dtype) -> list[dict]:
                  "buffered_s": timed(lambda: fast_step(positions_dev), device, a.iters),
                  "host_positions_s": timed(lambda: fast_step(positions), device, a.iters),
                  "buffered_generic_s": timed(generic, device, a.iters)})
+    rows[0]["step_replicator"] = {"graph_replays": fast.graph_replays, "steps": fast.steps,
+                                  "overflow_steps": fast.overflow_steps, "graph_error": fast.graph_error}
     return rows
+
+
+def issue_while_busy(a, stage, device, dtype, rounds: int = 5) -> dict | None:
+    """Median host microseconds of each streaming call issued while ~20 ms of compute is queued ahead of
+    it, every call warmed up first (as a worker's warm-up would), plus a control: the first launch of a
+    kernel nothing has used yet (CUDA loads it lazily, after the queued work has drained)."""
+    if device.type != "cuda":
+        return None
+    B, P = a.batch, a.prompt_len
+    kv = stage.new_cache(B, P + a.new_tokens)
+    part = Partition((0, a.layers), (0, a.heads), (0, B))
+    transport, pool = LocalTransport(), StagingPool(device)
+    rep = StepReplicator(kv.data, part, transport, depth=8, reserve=8)
+    boxes = part.box((0, P)).split_layers()
+    rep.reserve(boxes=boxes)
+    plan = make_plan([part], [part], (0, P))
+    pos_dev = torch.full((B, 1), P, dtype=torch.long, device=device)
+    big = torch.randn(4096, 4096, device=device, dtype=dtype)
+
+    def busy():
+        x = big
+        for _ in range(80):
+            x = x @ big
+        return x
+
+    streamer = []  # the microbatch's streamer, made before the compute is queued (not timed)
+
+    def new_streamer():
+        streamer.append(LayerwiseStreamer(kv.data, plan, 0, transport, prefix="busy/lw",
+                                          options=StreamOptions.named("layerwise"), staging=pool))
+
+    def settle():
+        rep.wait()
+        while streamer:
+            streamer.pop().finish()
+        transport.drop("busy/s")  # the steps' and boxes' buffers go back; the layerwise keys are re-sent
+        torch.cuda.synchronize()
+
+    calls = {  # name: (set-up before the compute is queued, the timed call)
+        "StepReplicator.step (device positions)": (None, lambda i: rep.step(pos_dev, key=f"busy/s/t{i}")),
+        "StepReplicator.step (host positions)": (None, lambda i: rep.step([P] * B, key=f"busy/s/h{i}")),
+        "StepReplicator.box (one prompt layer)":
+            (None, lambda i: rep.box(boxes[i % len(boxes)], key=f"busy/s/b{i}")),
+        "LayerwiseStreamer.on_layer_done (one layer)": (new_streamer, lambda i: streamer[-1].on_layer_done(0)),
+    }
+    busy()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    busy()
+    torch.cuda.synchronize()
+    out = {"queued_compute_ms": (time.perf_counter() - t0) * 1e3}
+    for name, (prepare, call) in calls.items():
+        times = []
+        for i in range(2 + rounds):  # 2 warm-up rounds: kernels loaded, host buffers pinned
+            if prepare is not None:
+                prepare()
+            if i < 2:
+                call(i)
+                settle()
+                continue
+            busy()
+            t0 = time.perf_counter()
+            call(i)
+            times.append(time.perf_counter() - t0)
+            settle()
+        out[name] = statistics.median(times) * 1e6
+    x = torch.ones(4, dtype=torch.float64, device=device)
+    torch.cuda.synchronize()
+    busy()
+    t0 = time.perf_counter()
+    torch.special.i1e(x)
+    out["control: first launch of an unused kernel"] = (time.perf_counter() - t0) * 1e6
+    torch.cuda.synchronize()
+    return out
 
 
 def call_overhead(device: torch.device, iters: int = 2000) -> dict:
@@ -204,7 +298,7 @@ def call_overhead(device: torch.device, iters: int = 2000) -> dict:
     plan = make_plan([part], [part], (8, 9))
     transport, pool, stats = LocalTransport(), StagingPool(device), StreamStats()
     back = torch.empty_like(cache)
-    rep = StepReplicator(cache, part, transport, depth=4, reserve=2, stats=stats)
+    rep = StepReplicator(cache, part, transport, depth=4, reserve=4, stats=stats)
     pos_dev = torch.tensor([[8], [9]], device=device)
     buffered = StreamOptions.named("buffered")
     calls = {
@@ -261,7 +355,7 @@ class StreamingEngine(Engine):
                  for s, c in zip(self.stages, slab.caches)]
         boxes = [p.box((0, longest)).split_layers() for p in parts]
         if len(self._reps) != len(slab.caches) or any(r.cache is not c.data for r, c in zip(self._reps, slab.caches)):
-            self._reps = [StepReplicator(c.data, p, self.transport, depth=self.depth, stats=self.stats)
+            self._reps = [StepReplicator(c.data, p, self.transport, depth=self.depth, box_depth=4, stats=self.stats)
                           for c, p in zip(slab.caches, parts)]
             for r, b in zip(self._reps, boxes):
                 r.reserve(steps=self.steps, boxes=b)
@@ -335,7 +429,7 @@ def us(x: float) -> str:
     return f"{x * 1e6:10.1f}"
 
 
-def table(rows: list[dict], e2e: dict | None, overhead: dict | None = None) -> str:
+def table(rows: list[dict], e2e: dict | None, overhead: dict | None = None, busy: dict | None = None) -> str:
     lines = [f"{'what':38s} {'bytes':>11s} {'raw us':>10s} {'naive us':>10s} {'buffered':>10s} {'layerwise':>10s}"
              f" {'compute':>10s} {'exp.buf':>10s} {'exp.lw':>10s}"]
     for r in rows:
@@ -350,12 +444,23 @@ def table(rows: list[dict], e2e: dict | None, overhead: dict | None = None) -> s
     for r in rows:
         if "buffered_generic_s" in r:
             host = f", host positions {r['host_positions_s'] * 1e6:.1f} us" if "host_positions_s" in r else ""
+            if "buffered_issue_s" in r:
+                host += f" (of which {r['buffered_issue_s'] * 1e6:.1f} us in step() on the host)"
             lines.append(f"  {r['what']}: buffered = StepReplicator {r['buffered_s'] * 1e6:.1f} us{host} "
                          f"({r['buffered_s'] / r['raw_s']:.2f}x raw); "
                          f"generic path {r['buffered_generic_s'] * 1e6:.1f} us")
+    fast = rows[0].get("step_replicator")
+    if fast:
+        lines.append(f"  StepReplicator in the token step row: {fast['graph_replays']} of {fast['steps']} steps one "
+                     f"CUDA graph replay, {fast['overflow_steps']} past its reserve"
+                     + (f"; graph capture FAILED: {fast['graph_error']}" if fast["graph_error"] else ""))
     if overhead:
         lines.append("per-call cost on tiny tensors (us/call, waited): " +
                      ", ".join(f"{k} {v:.1f}" for k, v in overhead.items()))
+    if busy:
+        lines.append(f"host time per call with {busy['queued_compute_ms']:.1f} ms of compute queued (us; ms here = "
+                     "the call waited for the compute): " + ", ".join(
+                         f"{k} {v:.1f}" for k, v in busy.items() if k != "queued_compute_ms"))
     if e2e:
         lines.append(f"end to end: streaming off {e2e['off_s']:.3f} s, on {e2e['on_s']:.3f} s, overhead "
                      f"{100 * e2e['overhead']:+.2f}% (same tokens: {e2e['same_tokens']}; replica restores the cache: "
@@ -400,15 +505,17 @@ def main(argv=None) -> dict:
     stages = build_stages(cfg, random_weights(cfg, device, dtype), 1, dtype=dtype, device=device)
     rows = ladder(a, stages[0], device, dtype)
     overhead = call_overhead(device, iters=2000 if device.type == "cuda" else 300)
+    busy = issue_while_busy(a, stages[0], device, dtype)
     e2e = None if a.skip_e2e else end_to_end(a, stages, device)
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "shape": {k: getattr(a, k) for k in ("layers", "batch", "heads", "head_dim", "prompt_len", "new_tokens",
                                              "dtype", "vocab")},
-        "ladder": rows, "call_overhead_us": overhead, "end_to_end": e2e, "targets": targets(rows, e2e),
+        "ladder": rows, "call_overhead_us": overhead, "issue_while_busy_us": busy, "end_to_end": e2e,
+        "targets": targets(rows, e2e),
     }
-    print(table(rows, e2e, overhead))
+    print(table(rows, e2e, overhead, busy))
     print("targets:", json.dumps(result["targets"]))
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,8 @@
 - staging.py: gather / scatter of non-contiguous cache regions through reusable staging buffers;
 - transports/: flush / fetch over local host memory, disk, torch.distributed, MPI, a peer's host memory;
 - stream.py: stream_out / stream_in with the naive / buffered / layerwise ladder, swap, replication;
-- replicator.py: StepReplicator, the per-token-step replication fast path (set up once per cache);
+- replicator.py: StepReplicator, the per-token-step replication fast path (set up once per cache:
+  reserved host buffers that are the stored replicas, on a GPU one CUDA graph each, replayed per step);
 - stats.py: bytes and seconds per path and transport.
 """
 

@@ -34,7 +34,7 @@ from typing import Sequence
 import torch
 
 from .plan import Box, Chunk, Partition, Plan
-from .staging import StagingPool, StepSlice, gather, gather_step, region, scatter, scatter_step
+from .staging import StagingPool, StepSlice, gather, gather_step, scatter, scatter_step
 from .stats import StreamStats
 from .transports.base import ChunkError, Pending, Transport, dtype_name, nbytes, side_stream
 
@@ -226,6 +226,10 @@ class LayerwiseStreamer:
     Pass :meth:`on_layer_done` as the stage's ``on_layer_done`` callback (it gets the local layer
     index); each message is issued as soon as every layer it covers has been written. Call
     :meth:`finish` after the forward; it issues whatever is left and returns the :class:`Handle`.
+
+    ``staging``: a :class:`StagingPool` the caller keeps across microbatches (reuse it once the previous
+    handle is waited), so that no call allocates device memory while the stage computes; without it each
+    streamer takes fresh buffers from the caching allocator (a cudaMalloc when it has none cached).
     """
 
     def __init__(self, cache: torch.Tensor, plan: Plan, src: int, transport: Transport, *, prefix: str,

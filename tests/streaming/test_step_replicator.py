@@ -153,3 +153,50 @@ def test_odd_row_sizes(head_dim):
     assert restore(fresh, part, transport, prefix="t") == 1
     for s, p in enumerate([4, 0, 2]):
         assert equal(fresh[:, :, s, :, p], cache[:, :, s, :, p])
+
+
+def test_reserved_buffers_are_the_stored_replicas():
+    """reserve(): the steps land in buffers set up front (on a GPU each has its captured graph), which go
+    back to the replicator when their key is dropped or re-sent; past them the transport gives buffers.
+    Every stored step must restore exactly, whichever buffer it landed in."""
+    cache = stage_cache(torch.bfloat16)
+    transport = LocalTransport()
+    rep = StepReplicator(cache, PART, transport, prefix="r/", depth=2, reserve=3)
+    assert rep.reserved_steps == 4  # rounded up to whole rounds of the ring
+
+    def address(key):
+        return {b.key: b.data.data_ptr() for b in transport.fetch_all(key)}[key]
+
+    snapshots = {}
+
+    def step(t, key=None):
+        pos = [(t + 2 * s) % cases.MAX_SEQ for s in range(2)]
+        key = key or f"r/t{t}"
+        rep.step(pos, key=key)
+        rep.wait()
+        snapshots[key] = (pos, [cache[:, :, s, :, p].clone() for s, p in enumerate(pos)])
+        cache.view(torch.int16).add_(1)  # the stage goes on writing the cache
+
+    for t in range(4):
+        step(t)
+    assert rep.overflow_steps == 0
+    reserved = {address(f"r/t{t}") for t in range(4)}
+    assert len(reserved) == 4
+    step(4)  # past the reserve: the transport's own buffer
+    assert rep.overflow_steps == 1 and address("r/t4") not in reserved
+    old = address("r/t0")
+    assert transport.drop("r/t0") == 1
+    step(5)  # lands in the buffer t0 gave back
+    assert rep.overflow_steps == 1 and address("r/t5") == old
+    step(6, key="r/t5")  # re-sent: replaced, its old buffer handed back and reused
+    assert rep.overflow_steps == 1 and sorted(transport.keys()) == ["r/t1", "r/t2", "r/t3", "r/t4", "r/t5"]
+    del snapshots["r/t0"]
+    for key, (pos, rows) in snapshots.items():
+        one = torch.zeros_like(cache)
+        assert restore(one, PART, transport, prefix=key) == 1
+        for s, p in enumerate(pos):
+            assert equal(one[:, :, s, :, p], rows[s]), (key, s, p)
+    transport.drop("r/")
+    for t in range(7, 11):  # every reserved buffer is back
+        step(t)
+    assert rep.overflow_steps == 1

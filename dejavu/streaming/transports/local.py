@@ -10,6 +10,7 @@ same size (a microbatch swapped out every round lands in the same pinned buffer)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -21,6 +22,7 @@ class _Entry:
     buf: torch.Tensor  # flat uint8 host buffer
     meta: dict
     view: tuple | None = None  # (dtype, shape, typed view of buf), kept: a swap reuses it every round
+    on_release: Callable[[], None] | None = None  # buf belongs to a caller (adopt): hand it back to them
 
     def typed(self, dtype: torch.dtype, shape) -> torch.Tensor:
         if self.view is None or self.view[0] != dtype or self.view[1] != shape:
@@ -49,6 +51,15 @@ class LocalTransport(Transport):
         self.pinned_allocs += 1
         self._free.setdefault(size, []).extend(block[i * size:(i + 1) * size] for i in range(count))
 
+    def buffers(self, size: int, count: int) -> list[torch.Tensor]:
+        """``count`` host buffers of ``size`` bytes carved from one new block (pinned where this transport
+        pins), for a caller that keeps them and stores into them with :meth:`adopt` (StepReplicator: its
+        CUDA graphs copy into fixed addresses). Counted in ``pinned_allocs``."""
+        pinned = self.pin_memory and count > 0
+        block = torch.empty(size * count, dtype=torch.uint8, pin_memory=pinned)
+        self.pinned_allocs += pinned
+        return [block[i * size:(i + 1) * size] for i in range(count)]
+
     def _buffer(self, size: int, pinned: bool) -> torch.Tensor:
         if not pinned:
             return torch.empty(size, dtype=torch.uint8)
@@ -59,7 +70,9 @@ class LocalTransport(Transport):
         return free.pop()
 
     def _release(self, entry: _Entry) -> None:
-        if entry.buf.is_pinned():
+        if entry.on_release is not None:
+            entry.on_release()
+        elif entry.buf.is_pinned():
             self._free.setdefault(entry.buf.numel(), []).append(entry.buf)
 
     def _entry(self, key: str, size: int, pinned: bool) -> _Entry:
@@ -79,6 +92,15 @@ class LocalTransport(Transport):
         entry = self._entry(key, size, pinned and self.pin_memory)
         entry.meta = meta
         return entry.buf
+
+    def adopt(self, key: str, buf: torch.Tensor, meta: dict, on_release: Callable[[], None]) -> None:
+        """Store the caller's flat uint8 host buffer ``buf`` under ``key`` (replacing what was there), for a
+        caller that fills it itself with an async device copy, like :meth:`claim`; when the chunk is dropped
+        or replaced, ``on_release()`` is called instead of reusing ``buf`` here (it goes back to its owner)."""
+        old = self._store.get(key)
+        if old is not None:
+            self._release(old)
+        self._store[key] = _Entry(buf, meta, on_release=on_release)
 
     def holds(self, key: str) -> bool:
         return key in self._store
@@ -119,6 +141,13 @@ class LocalTransport(Transport):
         for k in keys:
             self._release(self._store.pop(k))
         return len(keys)
+
+    def discard(self, key: str) -> bool:
+        """Forget the one chunk stored under exactly ``key`` (``drop`` takes a prefix); whether there was one."""
+        entry = self._store.pop(key, None)
+        if entry is not None:
+            self._release(entry)
+        return entry is not None
 
     def keys(self) -> list[str]:
         return list(self._store)
