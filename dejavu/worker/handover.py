@@ -14,7 +14,7 @@ import functools
 from collections import deque
 
 from ..model.kv_cache import KVCache
-from ..streaming import LayerwiseStreamer, StreamStats, make_plan, pipeline, stream_in
+from ..streaming import LayerwiseStreamer, StagingPool, StreamStats, make_plan, pipeline, stream_in
 from .dataplane import DataPlane
 from .topology import Role, Topology
 
@@ -76,8 +76,13 @@ class KVReceiver(_Handover):
     def __init__(self, dp: DataPlane, topo: Topology, role: Role, stats: StreamStats, *, num_kv_heads: int) -> None:
         super().__init__(dp, topo, role, stats)
         self.topo_kv_heads = num_kv_heads
+        # The token cache is longer than the prompt, so each message is scattered from a staging buffer;
+        # one pool for the worker's life, so a hand-over never allocates (each receive waits for its own).
+        self.staging: StagingPool | None = None
 
     def receive(self, cache: KVCache, prompt_len: int) -> None:
         plan = self.plan(cache.shape.batch, prompt_len)
+        if self.staging is None:
+            self.staging = StagingPool(cache.device)
         stream_in(cache.data, plan, self.index, self.transport, prefix="kv", peers=self.prompt_ranks,
-                  stats=self.stats, path=PATH).wait()
+                  stats=self.stats, path=PATH, staging=self.staging).wait()
