@@ -130,19 +130,33 @@ def run_bench(cfg: Config, raw: DictConfig, run_dir: Path) -> int:
     return result if isinstance(result, int) else 0
 
 
+def end_point(run_dir: Path, code: int, reason: str) -> None:
+    """End this run with exit ``code``. In a sweep, a failed point is recorded in its folder
+    (``failed.json``, listed by the sweep index) and the sweep goes on to the next one; the sweep exits
+    non-zero at its end (``runners.callbacks.SweepIndex``). An interrupt (130) still ends the sweep."""
+    if HydraConfig.get().mode != RunMode.MULTIRUN or code == 130:
+        sys.exit(code)
+    from dejavu.results.compare import FAILED_POINT
+    from dejavu.results.scrub import scrub_text
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / FAILED_POINT).write_text(json.dumps({"exit_code": code, "reason": scrub_text(reason)}, indent=1) + "\n")
+    print(f"dejavu-run: this sweep point failed (exit {code}); going on with the next one", file=sys.stderr)
+
+
 def run(raw: DictConfig) -> dict[str, Any] | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         checked = check(raw)
     except ConfigError as e:
         print(f"dejavu-run: {e}", file=sys.stderr)
-        sys.exit(2)
+        return end_point(run_dir, 2, f"configuration: {e}")
     cfg = checked.cfg
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.bench is not None:
         code = run_bench(cfg, raw, run_dir)
         if code:
-            sys.exit(code)
+            return end_point(run_dir, code, f"benchmark exited with {code}")
         return None
 
     plan = None
@@ -151,11 +165,11 @@ def run(raw: DictConfig) -> dict[str, Any] | None:
             outcome, procs, plan = launch(checked, run_dir)
         except ConfigError as e:  # found while preparing: still before launch
             print(f"dejavu-run: {e}", file=sys.stderr)
-            sys.exit(2)
+            return end_point(run_dir, 2, f"configuration: {e}")
         except LaunchError as e:  # a host unreachable or unprepared, or a process that would not start
             print(f"dejavu-run: cannot launch (nothing was started, or what was started has been stopped):\n{e}",
                   file=sys.stderr)
-            sys.exit(3)
+            return end_point(run_dir, 3, f"launch: {e}")
         except KeyboardInterrupt:
             print("dejavu-run: interrupted while starting; every process started was stopped", file=sys.stderr)
             sys.exit(130)
@@ -171,7 +185,7 @@ def run(raw: DictConfig) -> dict[str, Any] | None:
                 log_to_wandb(cfg, raw, run_dir)
             except Exception as e:  # noqa: BLE001 — the run's failure is the message that matters
                 print(f"dejavu-run: could not log the failed run to W&B: {e}", file=sys.stderr)
-        sys.exit(130 if outcome.interrupted else 1)
+        return end_point(run_dir, 130 if outcome.interrupted else 1, "the run failed; see its logs/ and the report above")
     print_report(cfg, run_dir)
     log_to_wandb(cfg, raw, run_dir)
     return json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else None

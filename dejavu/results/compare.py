@@ -29,6 +29,7 @@ from .scrub import scrub
 from .writer import SUMMARY, load_summary
 
 SWEEP_INDEX = "sweep_index.json"
+FAILED_POINT = "failed.json"  # written in a sweep point's folder when that point failed (runners/app.py)
 SWEEP_INDEX_FORMAT = "dejavu-sweep-index/1"
 
 # (row label, flattened summary key)
@@ -79,8 +80,16 @@ def _natural_key(p: Path) -> list[Any]:
 
 
 def _run_dirs_under(folder: Path) -> list[Path]:
-    found = [s.parent for s in folder.rglob(SUMMARY) if "wandb" not in s.relative_to(folder).parts]
+    """Run folders under ``folder``: those with a summary, and sweep points that failed before writing one."""
+    found = {s.parent for name in (SUMMARY, FAILED_POINT) for s in folder.rglob(name)
+             if "wandb" not in s.relative_to(folder).parts}
     return sorted(found, key=lambda p: _natural_key(p.relative_to(folder)))
+
+
+def failed_points(sweep_dir: str | Path) -> list[dict]:
+    """The sweep index's entries of points that failed (each with its exit code and reason)."""
+    index = json.loads((Path(sweep_dir) / SWEEP_INDEX).read_text())
+    return [r for r in index["runs"] if r.get("failed")]
 
 
 def _hydra_overrides(run_dir: Path) -> list[str]:
@@ -111,7 +120,11 @@ def write_sweep_index(sweep_dir: str | Path, overrides: Mapping[str, Sequence[st
     for run_dir in _run_dirs_under(sweep_dir):
         rel = run_dir.relative_to(sweep_dir).as_posix()
         ov = list(overrides[rel]) if overrides is not None and rel in overrides else _hydra_overrides(run_dir)
-        runs.append({"run_dir": rel, "overrides": scrub(ov), "summary": key_metrics(load_summary(run_dir))})
+        entry = {"run_dir": rel, "overrides": scrub(ov),
+                 "summary": key_metrics(load_summary(run_dir)) if (run_dir / SUMMARY).exists() else {}}
+        if (run_dir / FAILED_POINT).exists():
+            entry["failed"] = json.loads((run_dir / FAILED_POINT).read_text())
+        runs.append(entry)
     path = sweep_dir / SWEEP_INDEX
     path.write_text(json.dumps({"format": SWEEP_INDEX_FORMAT, "runs": runs}, indent=2) + "\n")
     return path
@@ -135,6 +148,8 @@ def load_runs(path: str | Path) -> list[RunSummary]:
         runs = []
         for e in entries:
             run_dir = path / e["run_dir"]
+            if e.get("failed") and not (run_dir / SUMMARY).exists():
+                continue  # a point that failed before serving anything has no numbers to compare
             # The full summary when the folder is still there, else the key metrics kept in the index.
             summary = load_summary(run_dir) if (run_dir / SUMMARY).exists() else unflatten(e.get("summary", {}))
             label = " ".join(e.get("overrides") or []) or e["run_dir"]

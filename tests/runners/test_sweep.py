@@ -63,3 +63,17 @@ def test_sweep_point_folders_are_named_by_the_swept_keys_only(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["dejavu-run", "-m", "logger=none"])
     root.hydra.sweeper.params = None
     assert sweep_point_name(4, _root_=root) == "4"
+
+
+def test_a_failing_point_is_recorded_and_the_sweep_goes_on(tmp_path, tiny_checkpoint):
+    """The first point asks for prompts longer than the model's positions (refused before launch); the
+    second must still run, the index must list both, and the sweep must exit non-zero naming the first."""
+    sweep = tmp_path / "sweep"
+    r = dejavu_run(["-m", *tiny_model_args(tiny_checkpoint("llama-gqa-bias")), "workload.input_len=100000,12",
+                    "logger=none", f"hydra.sweep.dir={sweep}"], timeout=300)
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
+    index = json.loads((sweep / "sweep_index.json").read_text())
+    bad, good = index["runs"]
+    assert bad["failed"]["exit_code"] == 2 and "input_len" in bad["failed"]["reason"]
+    assert "failed" not in good and good["summary"]["counts/completed"] == 4
+    assert "1 sweep point(s) failed" in r.stderr and bad["run_dir"] in r.stderr
