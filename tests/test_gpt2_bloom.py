@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import tiny_models
 from dejavu.engine import Engine, build_stages
 from dejavu.model import bloom as bloom_module
 from dejavu.model.config import ModelConfig
@@ -23,24 +22,15 @@ from dejavu.model.stage import StageModel
 from dejavu.model.tp import ThreadGroup
 from dejavu.model.weights import CheckpointError, HFCheckpoint
 from dejavu.sampling import SamplingParams
+from tiny_models import REFERENCE_NEW as NEW, REFERENCE_PROMPTS as PROMPTS
 from tiny_models import hf_greedy
 
-# Unequal lengths, so the batch is right-padded and slots decode at different positions.
-PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31], [40]]
-NEW = 32
 FAMILIES = ["gpt2", "bloom", "bloom-6heads", "bloom-post-ln-residual"]  # tiny checkpoints in conftest
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_checkpoint):
-    cache: dict[str, list[list[int]]] = {}
-
-    def get(name: str) -> list[list[int]]:
-        if name not in cache:
-            cache[name] = hf_greedy(tiny_checkpoint(name), PROMPTS, NEW)
-        return cache[name]
-
-    return get
+@pytest.fixture
+def reference(hf_reference):
+    return hf_reference
 
 
 def generate(folder: Path, stages: int = 1, comm=None, src=None) -> list[list[int]]:
