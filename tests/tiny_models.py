@@ -8,11 +8,11 @@ import torch
 
 TINY = dict(vocab_size=96, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=128)
 
-
 # The prompts every token-equality test runs: unequal lengths, so the batch is right-padded and the
 # slots decode at different positions.
 REFERENCE_PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31], [40]]
 REFERENCE_NEW = 32
+
 
 def llama(folder: Path, *, tied: bool = False, kv_heads: int = 2, bias: bool = True, layers: int = 4) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
