@@ -165,6 +165,15 @@ def build_workload(spec: WorkloadSpec, *, vocab_size: int | None = None, max_pos
         raise WorkloadError(str(e).replace("workload.", f"{key_prefix}." if key_prefix else "")) from None
 
 
+def longest_request(spec: WorkloadSpec) -> int | None:
+    """Positions the longest request writes (prompt + new tokens), or None for text prompts (their
+    lengths need the tokenizer). Lets GPU workers size their KV buffers before the first request."""
+    check_spec(spec)
+    if _text_prompts(spec) is not None:
+        return None
+    return max((p + g for p, g in _sizes(spec, None)), default=None)
+
+
 def _build(spec: WorkloadSpec, vocab_size: int | None, max_positions: int | None, tokenizer: Any,
            special_ids: Iterable[int]) -> list[Request]:
     check_spec(spec)

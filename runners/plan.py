@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .schema import BackendName, Config
-from .validate import Checked
+from .validate import Checked, longest_request
 
 
 @dataclass
@@ -156,6 +156,7 @@ def build(checked: Checked, inputs: dict[str, str], *, proc_dir: str, ports: Por
         **(extra_env or {}),
         **{k: str(v) for k, v in cfg.cluster.env.items()},
     }
+    longest = longest_request(cfg) if b.device != "cpu" else None
     workers = []
     for rank in range(n):
         args = [
@@ -168,6 +169,8 @@ def build(checked: Checked, inputs: dict[str, str], *, proc_dir: str, ports: Por
             args += ["--num_requests", w.num_requests]
         if not b.cuda_graphs:
             args += ["--no_cuda_graphs"]
+        if b.device != "cpu" and longest:
+            args += ["--max_seq_len", longest]  # GPU workers size the KV buffers they capture at start-up
         if b.name != BackendName.mpi:  # under mpirun, rank and size come from MPI
             args += ["--rank", rank, "--world_size", n]
         # LOCAL_RANK: its index among the workers of its host, so each picks its own GPU there.

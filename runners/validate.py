@@ -200,6 +200,13 @@ def _check_workload(cfg: Config, model_config, problems: list[str]) -> None:
         problems.append(str(e))
 
 
+def longest_request(cfg: Config) -> int | None:
+    """Positions the longest request of the run writes (None for text prompts); see dejavu.workload."""
+    from dejavu.workload import longest_request as longest
+
+    return longest(workload_spec(cfg))
+
+
 def workload_spec(cfg: Config):
     from dejavu.workload import WorkloadSpec
 

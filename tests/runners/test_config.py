@@ -189,3 +189,24 @@ def test_streaming_microbench_preset_runs_the_bench(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "buffered" in r.stdout
     assert "ladder" in json.loads((run / "streaming.json").read_text())
+
+
+def test_gpu_workers_get_the_longest_request_as_their_kv_buffer_length(tmp_path, monkeypatch):
+    """GPU workers capture their KV buffers at start-up: the plan sizes them to the longest request."""
+    import runners.validate
+    from runners.plan import build, local_ports, write_inputs
+
+    monkeypatch.setattr(runners.validate, "_local_gpus", lambda: 1)  # this machine has none; the plan is the same
+
+    def worker_args(*overrides):
+        checked = check(compose_cfg("model=opt-125m", "workload.prompts=null", *overrides))
+        plan = build(checked, write_inputs(checked, tmp_path), proc_dir=str(tmp_path), ports=local_ports(checked.cfg),
+                     controller_host="127.0.0.1", controller_ip="127.0.0.1")
+        return plan.workers[0].args
+
+    gpu = worker_args("backend=nccl", "workload.input_len=100", "workload.output_len=28")
+    assert gpu[gpu.index("--max_seq_len") + 1] == "128"
+    trace = worker_args("backend=nccl", "workload=trace")  # the bundled trace file's longest entry
+    entries = json.loads(open(compose_cfg("workload=trace").workload.input_sizes_file).read())
+    assert trace[trace.index("--max_seq_len") + 1] == str(max(p + g for p, g in entries))
+    assert "--max_seq_len" not in worker_args("backend=gloo")  # CPU workers size buffers as requests come
