@@ -126,6 +126,8 @@ def check_options(opts: WorkerOptions) -> None:
         raise ValueError(f"--backend {opts.backend!r} is unknown; expected one of {', '.join(BACKENDS)}")
     if opts.ubatch_size < 1:
         raise ValueError(f"--ubatch_size must be >= 1, got {opts.ubatch_size}")
+    if opts.max_seq_len is not None and opts.max_seq_len < 1:
+        raise ValueError(f"--max_seq_len must be >= 1 (positions of a KV buffer), got {opts.max_seq_len}")
     from ..model.config import parse_dtype
 
     for flag in ("weights_data_type", "inference_data_type"):

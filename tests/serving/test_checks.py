@@ -87,6 +87,8 @@ def test_worker_flags_refused_or_unknown():
         check_options(WorkerOptions(ckpt_path="x", backend="tcp"))
     with pytest.raises(ValueError, match="--inference_data_type"):
         check_options(WorkerOptions(ckpt_path="x", inference_data_type="fp8"))
+    with pytest.raises(ValueError, match="--max_seq_len must be >= 1"):
+        check_options(WorkerOptions(ckpt_path="x", max_seq_len=0))
 
 
 def test_worker_topology_checks(model):
