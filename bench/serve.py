@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from generate import SHAPES, hf_model, our_stage, short, sync  # noqa: E402
+from pipeline import entry_point, model_overrides  # noqa: E402
 
 from dejavu.engine import Engine  # noqa: E402
 from dejavu.model.config import parse_dtype  # noqa: E402
@@ -89,7 +90,7 @@ def serve_hf(model, requests, size: int, device) -> tuple[float, list[list[int]]
     return time.perf_counter() - t, outs
 
 
-def serve_serving_path(hf, requests, size: int, dtype: torch.dtype, device, folder: Path, run_dir: Path,
+def serve_serving_path(requests, size: int, dtype: torch.dtype, device, folder: Path, run_dir: Path,
                        timeout: float) -> tuple[float, list[list[int]], list[list[int]], dict]:
     """One ``dejavu-run`` (controller + one worker process) over the workload's sizes; returns the
     makespan, the prompts the controller drew, the outputs, and the summary."""
@@ -97,9 +98,7 @@ def serve_serving_path(hf, requests, size: int, dtype: torch.dtype, device, fold
     sizes = run_dir.parent / f"sizes-{size}.json"
     sizes.write_text(json.dumps([[len(p), m] for p, m in requests]))
     d = short(dtype)
-    cmd = [shutil.which("dejavu-run") or sys.executable, *([] if shutil.which("dejavu-run") else ["-m", "runners.app"]),
-           "model.source=hf_folder", f"+model.path={folder}", f"model.name={folder.name}",
-           "topology=single", f"topology.ubatch_size={size}", "workload=trace", f"workload.input_sizes_file={sizes}",
+    cmd = [*entry_point(), *model_overrides(str(folder)), "topology=single", f"topology.ubatch_size={size}", "workload=trace", f"workload.input_sizes_file={sizes}",
            "workload.num_requests=null", "backend=nccl" if device.type == "cuda" else "backend=gloo",
            f"backend.device={device.type}", f"backend.weights_data_type={d}", f"backend.inference_data_type={d}",
            "logger=none", "print_answers=false", "runner.echo=false", f"runner.timeout_s={timeout}",
@@ -190,7 +189,7 @@ def main(argv=None) -> int:
                       f"{row['match_vs_hf_fp32']['ours']:.3f} HF {row['match_vs_hf_fp32']['hf']:.3f}", flush=True)
             if args.path != "engine":
                 runs = Path(args.runs_dir).resolve() if args.runs_dir else tmp
-                span, prompts, served, summary = serve_serving_path(hf, requests, size, dtype, device, folder,
+                span, prompts, served, summary = serve_serving_path(requests, size, dtype, device, folder,
                                                                     runs / f"run-b{size}", args.timeout)
                 # The controller drew its own random prompts of the same sizes: HF serves those too.
                 same = [(p, m) for p, (_, m) in zip(prompts, requests)]

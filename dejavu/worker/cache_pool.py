@@ -78,9 +78,6 @@ class CachePool:
         self.leases[ubatch] = lease
         return lease
 
-    def get(self, ubatch: int) -> Lease | None:
-        return self.leases.get(ubatch)
-
     def release(self, ubatch: int) -> None:
         lease = self.leases.pop(ubatch, None)
         if lease is not None:
