@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from .model.config import ModelConfig
+from .model.cuda_graphs import PrefillGraphs
 from .model.kv_cache import KVCache
 from .model.stage import StageModel
 from .model.tp import Communicator
@@ -57,13 +58,14 @@ class _Slab:
     max_seq: int
     caches: list[KVCache]
     graphs: list | None
+    prefill: list[PrefillGraphs] | None = None  # per stage: short prefills as graphs, captured on first use
 
 
 class Engine:
     """Generation over a chain of stages in one process.
 
-    On a CUDA device the decode steps replay CUDA graphs (``cuda_graphs=False`` runs them eagerly), and
-    greedy batches keep the next tokens on the device: step s+1 is queued before the host reads the
+    On a CUDA device the decode steps (and prefills of a few tokens, see ``PrefillGraphs``) replay CUDA
+    graphs (``cuda_graphs=False`` runs them eagerly), and greedy batches keep the next tokens on the device: step s+1 is queued before the host reads the
     tokens of step s, so the GPU never waits on Python. ``cache_len`` fixes the cache length (at least
     what each call needs) so that calls with different prompt lengths reuse one set of graphs.
     """
@@ -100,7 +102,8 @@ class Engine:
         caches = [s.new_cache(batch, max_seq) for s in self.stages]
         # Captured before the prefill; the capture keeps the caches' contents.
         graphs = [s.capture_decode(c) for s, c in zip(self.stages, caches)] if self.cuda_graphs else None
-        self._slab = _Slab(batch, max_seq, caches, graphs)
+        prefill = [PrefillGraphs(s) for s in self.stages] if self.cuda_graphs else None
+        self._slab = _Slab(batch, max_seq, caches, graphs, prefill)
         return self._slab
 
     def _decode(self, slab: _Slab, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -134,6 +137,11 @@ class Engine:
         tokens = torch.zeros(batch, int(lengths.max()), dtype=torch.long)
         for i, ids in enumerate(prompts):
             tokens[i, : len(ids)] = torch.tensor(ids)
+        if slab.prefill is not None and all(g.fits(c, tokens.shape[1]) for g, c in zip(slab.prefill, slab.caches)):
+            x = tokens.to(self.device)
+            for stage, graphs, cache in zip(self.stages, slab.prefill, slab.caches):
+                x = graphs(x, cache, lengths - 1 if stage.is_last else None)
+            return x
         # Positions stay on the CPU: each stage plans its step from them without a device sync.
         positions = torch.arange(tokens.shape[1]).expand(batch, -1)
         return self._forward(tokens.to(self.device), positions, slab.caches, lengths - 1)

@@ -166,6 +166,7 @@ def test_cuda_graph_engine_matches_transformers(models, name):
     assert eng.cuda_graphs
     out = eng.generate(PROMPTS, SamplingParams(max_new_tokens=NEW))
     assert [g.output_ids for g in out] == ref
+    assert all(g.replays == 1 for g in eng._slab.prefill), "the prompts should have gone through prefill graphs"
     # Sampling (host-side) through the graphs is the eager path's too.
     params = SamplingParams(max_new_tokens=NEW, temperature=0.8, top_k=20, seed=3)
     eager = Engine(_stages(folder, 2, dtype="fp32", device="cuda"), cuda_graphs=False)

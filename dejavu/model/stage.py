@@ -101,8 +101,8 @@ class StageModel(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-                logits_index: torch.Tensor | None = None, on_layer_done=None, *, static: bool = False
-                ) -> torch.Tensor:
+                logits_index: torch.Tensor | None = None, on_layer_done=None, *, static: bool = False,
+                host_positions: torch.Tensor | None = None) -> torch.Tensor:
         """Run the stage.
 
         x: token ids [batch, T] on the first stage, hidden states [batch, T, hidden] after it.
@@ -114,8 +114,9 @@ class StageModel(nn.Module):
             streaming library can ship that layer while the next one computes.
         static: static shapes and no host reads (attention over the whole cache, masked by position), so
             that the call can be captured in a CUDA graph (see ``dejavu.model.cuda_graphs``).
+        host_positions: the CPU copy of device ``positions``, where the caller has one (a captured prefill).
         """
-        host = positions if positions.device.type == "cpu" else None
+        host = positions if positions.device.type == "cpu" else host_positions
         positions = positions.to(self.device, non_blocking=True)
         plan = cache.begin(positions, host, static=static)
         if self.fused:

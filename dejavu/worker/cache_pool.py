@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..model.cuda_graphs import PrefillGraphs
 from ..model.kv_cache import KVCache
 from ..model.stage import StageModel
 
@@ -30,6 +31,7 @@ from ..model.stage import StageModel
 class Buffer:
     cache: KVCache  # all slots, max_seq positions
     graph: object | None = None  # DecodeGraph, captured at the buffer's first decode step
+    prefill: PrefillGraphs | None = None  # short prefills into this buffer, captured on first use
 
 
 @dataclass
@@ -56,6 +58,8 @@ class CachePool:
         self.free: list[Buffer] = []
         self.leases: dict[int, Lease] = {}
         self.allocated = 0  # buffers made so far (a test and the logs read it)
+        # One memory pool for every buffer's prefill graphs: a stage runs one prefill at a time.
+        self.graph_pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
 
     def acquire(self, ubatch: int, slots: int, max_seq: int) -> Lease:
         """A buffer for microbatch ``ubatch`` of ``slots`` requests writing positions below ``max_seq``."""
@@ -82,6 +86,22 @@ class CachePool:
         lease = self.leases.pop(ubatch, None)
         if lease is not None:
             self.free.append(lease.buffer)
+
+    @torch.no_grad()
+    def prefill(self, lease: Lease, x: torch.Tensor, logits_index: torch.Tensor | None) -> torch.Tensor:
+        """The prompts of the leased slots from position 0: x [b, t] ids or [b, t, hidden]. A short prefill
+        replays a graph (see PrefillGraphs) whose output is its own tensor, like decode's."""
+        b, t = x.shape[:2]
+        x = x.to(self.model.device)
+        if self.cuda_graphs:
+            buf = lease.buffer
+            if buf.prefill is None:
+                buf.prefill = PrefillGraphs(self.model)
+                buf.prefill.pool = self.graph_pool
+            if buf.prefill.fits(lease.cache, t):
+                return buf.prefill(x, lease.cache, logits_index)
+        # Positions on the CPU: the stage plans the step from them without a device sync.
+        return self.model(x, torch.arange(t).expand(b, t), lease.cache, logits_index)
 
     @torch.no_grad()
     def decode(self, lease: Lease, x: torch.Tensor, positions: torch.Tensor,

@@ -273,12 +273,15 @@ class StageWorker:
         else:
             ub.lease = self.pool.acquire(ub.id, b, ub.max_seq)
             ub.cache = ub.lease.cache
-        positions = torch.arange(t).expand(b, t)  # on the CPU: the stage plans the step without a sync
         index = torch.tensor(ub.lens) - 1 if self.role.is_last else None
-        # Disaggregated: each layer's cache leaves for the token stages as soon as it is written.
-        hook = self.sender.start(ub.cache, t) if self.sender is not None else None
         t0 = self.ctl.now()
-        out = self.model(x.to(self.device), positions, ub.cache, index, on_layer_done=hook)
+        if self.sender is not None:
+            # Disaggregated: each layer's cache leaves for the token stages as soon as it is written.
+            hook = self.sender.start(ub.cache, t)
+            positions = torch.arange(t).expand(b, t)  # on the CPU: the stage plans the step without a sync
+            out = self.model(x.to(self.device), positions, ub.cache, index, on_layer_done=hook)
+        else:
+            out = self.pool.prefill(ub.lease, x, index)
         self.event("prefill", t0, ub.id)
         self.forward(meta, out)
         if self.role.is_last and self.is_sampler:

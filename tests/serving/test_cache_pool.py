@@ -2,7 +2,7 @@
 
 A reused buffer still holds the previous microbatch's keys and values, and a microbatch smaller than
 the buffer runs in part of it; neither may change a token. On a GPU the same is checked through the
-pool's CUDA-graph decode (skipped without one).
+pool's CUDA graphs, decode and prefill (skipped without one).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def _greedy_through_pool(pool: CachePool, ubatch: int, prompts: list[list[int]],
     tokens = torch.zeros(b, t, dtype=torch.long)
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = torch.tensor(p)
-    logits = model(tokens.to(model.device), torch.arange(t).expand(b, t), lease.cache, lens - 1)
+    logits = pool.prefill(lease, tokens, lens - 1)
     outs = [[tok] for tok in sample(logits, [SamplingParams()] * b, 0)]
     for k in range(new - 1):
         x = torch.tensor([o[-1] for o in outs]).view(b, 1)
@@ -84,4 +84,9 @@ def test_pool_refuses_what_does_not_fit(tiny_checkpoint):
 @pytest.mark.parametrize("name", ["llama-gqa-bias", "opt-pre"])
 def test_graph_decode_in_pooled_buffers_gives_the_engine_tokens(tiny_checkpoint, name):
     stage = _stage(tiny_checkpoint(name), device="cuda")
-    _check(stage, CachePool(stage, batch=4, cuda_graphs=True))
+    pool = CachePool(stage, batch=4, cuda_graphs=True)
+    _check(stage, pool)
+    # Every prefill was short: each ran through a graph of its (slots, padded length), reused by the
+    # second microbatch of the same shape.
+    graphs = pool.free[0].prefill
+    assert graphs.replays == 4 and len(graphs.graphs) == 2
