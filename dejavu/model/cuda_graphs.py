@@ -12,9 +12,10 @@ graph's own and is overwritten by the next replay: consume it (or copy it) first
 Prefill has the same problem at small batch: an OPT-1.3B prompt of 512 tokens at batch 1 is ~3 ms of
 GPU work behind ~13 ms of host-side launches (cuBLAS alone spends ~40 us of CPU per projection). So
 :class:`PrefillGraphs` captures prefills of up to ``max_tokens`` tokens (slots x length), one graph per
-(slots, length rounded up to ``bucket``), on first use: prompts are right-padded to the bucket, which the
-cache layout already allows (a slot's positions past its prompt hold garbage that decode overwrites before
-reading). Bigger prefills keep the GPU busy from eager launches and run eagerly.
+(slots, length rounded up to a power of two, at least ``bucket``): prompts are right-padded to it, which
+the cache layout already allows (a slot's positions past its prompt hold garbage that decode overwrites
+before reading). Padding costs GPU time, which is cheap exactly where graphs are used: those prefills are
+launch-bound. Bigger prefills keep the GPU busy from eager launches and run eagerly.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from .kv_cache import KVCache
 
 PREFILL_GRAPH_TOKENS = 2048  # slots x padded length at most; past it the eager launches keep up with the GPU
-PREFILL_BUCKET = 64  # prompt lengths are padded up to a multiple of this (fewer graphs, a little more work)
+PREFILL_BUCKET = 64  # the shortest padded length; longer prompts are padded to the next power of two
 
 
 class DecodeGraph:
@@ -110,16 +111,18 @@ class PrefillGraph:
         cache.step = None
 
     def __call__(self, x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
-        """x: [slots, t] ids or [slots, t, hidden] with t <= length; index: [slots] (last stage)."""
-        t = x.shape[1]
+        """x: [b, t] ids or [b, t, hidden] with b <= slots and t <= length; index: [b] (last stage).
+        Returns the first ``b`` rows of the output (the graph's own tensor)."""
+        b, t = x.shape[:2]
         if x.data_ptr() != self.x.data_ptr():
-            # The padding past t keeps what the last prefill left there: valid ids or finite states,
-            # seen only by padded positions (causal attention), whose cache rows are never read.
-            self.x[:, :t].copy_(x, non_blocking=True)
+            # The padding (positions past t, slots past b) keeps what the last prefill left there: valid
+            # ids or finite states. Padded positions are seen only by padded positions (causal attention)
+            # and their cache rows are never read; spare slots are not the caller's.
+            self.x[:b, :t].copy_(x, non_blocking=True)
         if self.index is not None:
-            self.index.copy_(index, non_blocking=True)
+            self.index[:b].copy_(index, non_blocking=True)
         self.graph.replay()
-        return self.out if self.index is not None else self.out[:, :t]
+        return self.out[:b] if self.index is not None else self.out[:b, :t]
 
 
 class PrefillGraphs:
@@ -134,7 +137,15 @@ class PrefillGraphs:
         self.replays = 0  # prefills run through a graph (tests and benches read it)
 
     def padded(self, length: int, max_seq: int) -> int:
-        return min(-(-length // self.bucket) * self.bucket, max_seq)
+        return min(max(self.bucket, 1 << (length - 1).bit_length()), max_seq)
+
+    def lengths(self, cache: KVCache) -> list[int]:
+        """Every padded length that fits a graph over all of ``cache``'s slots (what a warm-up captures)."""
+        out, n = [], self.bucket
+        while cache.shape.batch * n <= self.max_tokens and n <= cache.shape.max_seq:
+            out.append(n)
+            n *= 2
+        return out
 
     def fits(self, cache: KVCache, length: int) -> bool:
         """Whether a prefill of ``length`` tokens into every slot of ``cache`` runs through a graph."""
@@ -142,8 +153,9 @@ class PrefillGraphs:
                 and cache.shape.batch * self.padded(length, cache.shape.max_seq) <= self.max_tokens)
 
     def __call__(self, x: torch.Tensor, cache: KVCache, index: torch.Tensor | None) -> torch.Tensor:
-        """Prefill ``x`` ([slots, t] or [slots, t, hidden]) into ``cache`` from position 0; the stage's
-        output ([slots, vocab] logits for ``index`` on the last stage, else [slots, t, hidden])."""
+        """Prefill ``x`` ([b, t] or [b, t, hidden]) into the first ``b`` slots of ``cache`` from position 0
+        (a graph over all its slots: the others prefill padding); the stage's output ([b, vocab] logits for
+        ``index`` on the last stage, else [b, t, hidden])."""
         key = (cache.shape.batch, self.padded(x.shape[1], cache.shape.max_seq))
         graph = self.graphs.get(key)
         if graph is None or graph.cache.data.data_ptr() != cache.data.data_ptr():

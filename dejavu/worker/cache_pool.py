@@ -94,14 +94,29 @@ class CachePool:
         b, t = x.shape[:2]
         x = x.to(self.model.device)
         if self.cuda_graphs:
-            buf = lease.buffer
-            if buf.prefill is None:
-                buf.prefill = PrefillGraphs(self.model)
-                buf.prefill.pool = self.graph_pool
-            if buf.prefill.fits(lease.cache, t):
-                return buf.prefill(x, lease.cache, logits_index)
+            # A graph over the whole buffer: a microbatch of fewer requests leaves the spare slots to padding.
+            graphs, full = self.prefill_graphs(lease.buffer), lease.buffer.cache
+            if graphs.fits(full, t):
+                return graphs(x, full, logits_index)
         # Positions on the CPU: the stage plans the step from them without a device sync.
         return self.model(x, torch.arange(t).expand(b, t), lease.cache, logits_index)
+
+    def prefill_graphs(self, buf: Buffer) -> PrefillGraphs:
+        if buf.prefill is None:
+            buf.prefill = PrefillGraphs(self.model)
+            buf.prefill.pool = self.graph_pool
+        return buf.prefill
+
+    @torch.no_grad()
+    def warm_prefill(self, lease: Lease) -> None:
+        """Capture now the prefill graphs of every padded length that fits the leased buffer."""
+        full = lease.buffer.cache
+        graphs = self.prefill_graphs(lease.buffer)
+        for n in graphs.lengths(full):
+            x = (torch.zeros(self.batch, n, dtype=torch.long, device=self.model.device) if self.model.is_first
+                 else torch.zeros(self.batch, n, self.model.cfg.hidden_size, dtype=self.model.dtype,
+                                  device=self.model.device))
+            graphs(x, full, torch.zeros(self.batch, dtype=torch.long) if self.model.is_last else None)
 
     @torch.no_grad()
     def decode(self, lease: Lease, x: torch.Tensor, positions: torch.Tensor,

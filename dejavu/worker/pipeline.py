@@ -164,7 +164,8 @@ class StageWorker:
         """On a GPU, pay the one-time costs before the first request: compile the kernels of a prefill
         (both length classes the kernels specialise on) and, on stages that decode, allocate the KV
         buffers the pipeline can fill at once and capture their decode graphs, ``max_seq`` positions
-        each (a longer microbatch later gets a longer buffer, captured then)."""
+        each (a longer microbatch later gets a longer buffer, captured then), and, where the stage also
+        prefills, the graphs of its short prefills."""
         if self.device.type != "cuda":
             return
         cfg, m = self.model.cfg, self.model
@@ -180,6 +181,8 @@ class StageWorker:
                  else torch.zeros(b, 1, cfg.hidden_size, dtype=m.dtype, device=self.device))
             for lease in leases:
                 self.pool.decode(lease, x, torch.zeros(b, 1, dtype=torch.long), None)
+                if self.sender is None and self.receiver is None:  # this stage prefills into its buffers
+                    self.pool.warm_prefill(lease)
             for i in range(len(leases)):
                 self.pool.release(-1 - i)
         torch.cuda.synchronize(self.device)
