@@ -7,9 +7,7 @@ replicates the same cache every step, so this object works out all of it once. O
     (compute stream) copy the step's positions into the ring slot's staging tail   [device positions]
                      record the slot's "ready" event
     (side stream)    wait for it; [host positions: copy them in from the slot's pinned buffer]
-                     replay one CUDA graph: one kernel that gathers the slice (and the positions) straight
-                     into the pinned landing buffer (kernels.py; without Triton: gather into the slot's
-                     staging buffer, then copy it to host memory)
+                     replay one CUDA graph: gather into the slot's staging buffer, copy it to host memory
                      record the slot's "done" event
 
 Each graph bakes its addresses, so there is one per *landing buffer*: the pinned host buffers reserved
@@ -49,13 +47,11 @@ from __future__ import annotations
 
 import functools
 import operator
-import os
 import time
 from typing import Callable, Sequence
 
 import torch
 
-from . import kernels
 from .plan import Box, Partition
 from .staging import StagingPool, region
 from .stats import StreamStats
@@ -186,9 +182,6 @@ class StepReplicator:
             self._side = side_stream(self.device)
             self._box_staging = StagingPool(self.device)  # taken on the side stream: its blocks are its own
             self._use_graphs = graphs
-            # Graphs gather straight into their pinned landing buffers with one kernel (kernels.py), where
-            # Triton runs; DEJAVU_DIRECT_GATHER=0 keeps torch.gather + copy (A/B measurements).
-            self._direct = graphs and kernels.usable(cache) and os.environ.get("DEJAVU_DIRECT_GATHER", "1") != "0"
             self._graph_pool = None
             self._load_kernels()
         if reserve:
@@ -243,8 +236,6 @@ class StepReplicator:
             buf.record_stream(self._side)
         with torch.cuda.stream(self._side):
             torch.gather(self._src, 4, self._index[0], out=self._out[0])  # tails are zeros: valid positions
-            if self._direct:  # compiles it too: into the staging buffer, reading its own (zero) tail
-                kernels.gather_step(self._src, self._tails[0], self._out[0], self._tails[0])
             snapshot = torch.empty(n, dtype=torch.int64, device=self.device)
             snapshot.copy_(torch.zeros(n, dtype=torch.int32, device=self.device))
             snapshot.copy_(torch.zeros(n, 2, dtype=torch.int64, device=self.device)[:, 0])  # strided positions
@@ -253,10 +244,6 @@ class StepReplicator:
             for ring in (self._ring, self._box_ring):  # an event's first record creates it: do that now too
                 for event in ring.ready + ring.done:
                     event.record(self._side)
-
-    def _landed_data(self, land: torch.Tensor) -> torch.Tensor:
-        """The slice part of a landing buffer, typed as the gather's element."""
-        return land[:self.data_bytes].view(self._src.dtype)
 
     def _capture(self, j: int):
         """The graph that fills landing buffer ``j`` through staging slot ``j % depth``: the gather,
@@ -273,14 +260,8 @@ class StepReplicator:
                 # thread_local: another thread of the worker may allocate meanwhile; nothing here does.
                 graph.capture_begin(pool=self._graph_pool, capture_error_mode="thread_local")
                 try:
-                    if self._direct:  # straight into the pinned landing buffer: one kernel
-                        land = self._landing[j]
-                        kernels.gather_step(self._src, self._tails[s], self._landed_data(land),
-                                            land[self.positions_at:self.positions_at + 8 * len(self.slots)]
-                                            .view(torch.int64))
-                    else:
-                        torch.gather(self._src, 4, self._index[s], out=self._out[s])
-                        self._landing[j].copy_(self._staging[s], non_blocking=True)
+                    torch.gather(self._src, 4, self._index[s], out=self._out[s])
+                    self._landing[j].copy_(self._staging[s], non_blocking=True)
                 finally:
                     graph.capture_end()
         except Exception as e:  # keep working (eagerly) and say why; tests and the bench check this
