@@ -246,8 +246,6 @@ def test_cuda_kernels_against_torch(dtype):
             v = vc[i, :, :L].double().repeat_interleave(H // KV, 0)
             refs.append(F.scaled_dot_product_attention(q[i].double().unsqueeze(1), k, v).squeeze(1))
         assert _rel(o, torch.stack(refs)) < tol, (b, H, KV, hd, S)
-        # The fused split reduction leaves its counters at zero: the same call gives the same bits.
-        assert torch.equal(fused.decode_attention(q, kc, vc, pos), o)
 
 
 @cuda

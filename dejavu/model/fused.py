@@ -8,8 +8,7 @@ a handful of launches:
 - ``rope_write``: RoPE on q and k, and k, v stored into the cache at each token's position, one pass.
 - ``decode_attention``: one query per slot over its cached keys 0..pos, split along the keys
   (flash-decoding) so that batch 1 still fills the GPU, reading each KV head once for its whole
-  query group; the last split of each head group to finish merges the splits (no second kernel);
-  static shapes, so it lives in a CUDA graph.
+  query group; static shapes, so it lives in a CUDA graph.
 - ``silu_mul``: SwiGLU's act(gate) * up.
 
 Every kernel rounds where the PyTorch reference rounds (e.g. RMSNorm casts before the weight, RoPE
@@ -164,13 +163,12 @@ if HAVE_TRITON:
         tl.store(cache_k + s_kv + vh[:, None] * s_head + d[None, :], v, mask=vm)
 
     @triton.jit
-    def _decode_attn_kernel(Q, K, V, POS, O, MX, LX, ACC, CNT,
+    def _decode_attn_kernel(Q, K, V, POS, O, MX, LX, ACC,
                             stride_qb, stride_qh, stride_kb, stride_kh, stride_ks,
                             stride_vb, stride_vh, stride_vs, stride_pb, stride_ob, stride_oh, scale_log2,
                             H: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
                             HEAD_DIM: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                            SPLIT_LEN: tl.constexpr, NUM_SPLITS: tl.constexpr, PREC: tl.constexpr,
-                            FUSED_REDUCE: tl.constexpr = False, PDL: tl.constexpr = False):
+                            SPLIT_LEN: tl.constexpr, NUM_SPLITS: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr = False):
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
@@ -217,29 +215,6 @@ if HAVE_TRITON:
             tl.store(MX + idx, m_i, mask=gm)
             tl.store(LX + idx, l_i, mask=gm)
             tl.store(ACC + idx[:, None] * D + d[None, :], acc, mask=gm[:, None])
-            if FUSED_REDUCE:
-                # The last split of this (slot, KV head) to finish merges them all: no reduce kernel. The
-                # counter's acq_rel atomic orders each split's stores before it, and the merge's loads
-                # after it (.cg: from L2, where the other programs' stores are); the last one resets it.
-                done = tl.atomic_add(CNT + pid, 1, sem="acq_rel")
-                if done == NUM_SPLITS - 1:
-                    first = (b * H + heads) * NUM_SPLITS
-                    top = tl.zeros([BLOCK_G], dtype=tl.float32) - float("inf")
-                    for sp in range(NUM_SPLITS):
-                        top = tl.maximum(top, tl.load(MX + first + sp, mask=gm, other=float("-inf"),
-                                                      cache_modifier=".cg"))
-                    top = tl.where(top == float("-inf"), 0.0, top)
-                    num = tl.zeros([BLOCK_G, D], dtype=tl.float32)
-                    den = tl.zeros([BLOCK_G], dtype=tl.float32)
-                    for sp in range(NUM_SPLITS):
-                        w = tl.exp2(tl.load(MX + first + sp, mask=gm, other=float("-inf"), cache_modifier=".cg") - top)
-                        den += w * tl.load(LX + first + sp, mask=gm, other=0.0, cache_modifier=".cg")
-                        num += w[:, None] * tl.load(ACC + (first + sp)[:, None] * D + d[None, :], mask=gm[:, None],
-                                                    other=0.0, cache_modifier=".cg")
-                    o = num / den[:, None]
-                    tl.store(O + b * stride_ob + heads[:, None] * stride_oh + d[None, :], o.to(O.dtype.element_ty),
-                             mask=gm[:, None] & dm[None, :])
-                    tl.atomic_xchg(CNT + pid, 0)
 
     @triton.jit
     def _decode_reduce_kernel(MX, LX, ACC, O, stride_ob, stride_oh, H: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -395,22 +370,6 @@ def _splits(batch: int, kv_heads: int, max_seq: int, block_n: int, target: int =
     return triton.cdiv(max_seq, split_len), split_len
 
 
-_COUNTERS: dict = {}
-
-
-def _split_counters(device: torch.device, n: int) -> torch.Tensor:
-    """Zeroed int32 counters, one per (slot, KV head), for the fused split reduction. One buffer per device,
-    shared by every layer and step (they run one after another on the compute stream; each use leaves its
-    counters at zero). Made outside any graph capture: the first call is an eager (warm-up) step."""
-    have = _COUNTERS.get(device)
-    if have is None or have.numel() < n:
-        if torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("the decode attention's split counters must be made before a graph capture: run "
-                               "one eager step of this batch size first (DecodeGraph's warm-up does)")
-        have = _COUNTERS[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-    return have
-
-
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
                      scale: float | None = None, config: tuple | None = None) -> torch.Tensor:
     """One query per slot: q [b, H, d]; keys/values [b, KV, S, d] (cache views); positions [b] or [b, 1]
@@ -433,18 +392,15 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         acc = torch.empty(b * heads * num_splits, d_pad, dtype=torch.float32, device=q.device)
     else:
         mx = lx = acc = out
-    fused_reduce = num_splits > 1 and os.environ.get("DEJAVU_FUSED_REDUCE", "1") != "0"
-    counters = _split_counters(q.device, b * kv_heads) if fused_reduce else out
     _decode_attn_kernel[(b * kv_heads, num_splits)](
-        q, keys, values, pos, out, mx, lx, acc, counters,
+        q, keys, values, pos, out, mx, lx, acc,
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2), pos.stride(0), out.stride(0), out.stride(1),
         scale * 1.4426950408889634,
         H=heads, GROUP=group, BLOCK_G=max(16, _pow2(group)), HEAD_DIM=head_dim, D=d_pad, BLOCK_N=block_n,
         SPLIT_LEN=split_len, NUM_SPLITS=num_splits, num_warps=warps, num_stages=stages,
-        PREC="ieee" if q.dtype == torch.float32 else "tf32", FUSED_REDUCE=fused_reduce,
-        **_pdl(q))  # fp32 stays fp32 (no TF32)
-    if num_splits > 1 and not fused_reduce:
+        PREC="ieee" if q.dtype == torch.float32 else "tf32", **_pdl(q))  # fp32 stays fp32 (no TF32)
+    if num_splits > 1:
         _decode_reduce_kernel[(b * heads,)](
             mx, lx, acc, out, out.stride(0), out.stride(1), H=heads, HEAD_DIM=head_dim, D=d_pad,
             NUM_SPLITS=num_splits, BLOCK_S=_pow2(num_splits), num_warps=2, **_pdl(q))
