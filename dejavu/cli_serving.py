@@ -124,7 +124,7 @@ def worker_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv_window", type=int, default=2,
                    help="prompt stages: microbatches whose KV hand-over may be outstanding")
     p.add_argument("--no_cuda_graphs", action="store_true",
-                   help="on a GPU, run decode steps eagerly instead of replaying them as CUDA graphs")
+                   help="on a GPU, run decode steps and short prefills eagerly instead of replaying them as CUDA graphs")
     p.add_argument("--max_seq_len", type=int, default=None,
                    help="GPU: positions of the KV buffers allocated and captured at start-up "
                         "(default: the model's, at most 2048; longer requests get longer buffers when they come)")

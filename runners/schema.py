@@ -126,7 +126,7 @@ class BackendConf:
     device: str = "cpu"  # cpu | cuda
     weights_data_type: str = "fp32"
     inference_data_type: str = "fp32"
-    cuda_graphs: bool = True  # on a GPU, decode steps replay CUDA graphs (false: eager, e.g. to compare)
+    cuda_graphs: bool = True  # on a GPU, decode steps and short prefills replay CUDA graphs (false: eager)
     # mpirun MCA settings from the seed's run guide (MPI sometimes blocks large messages over TCP).
     btl_tcp_max_send_size: Optional[int] = None
     btl_sm_max_send_size: Optional[int] = None

@@ -174,6 +174,19 @@ def test_cuda_graph_engine_matches_transformers(models, name):
         [g.output_ids for g in eager.generate(PROMPTS, params)]
 
 
+def test_prefill_graph_lengths(models):
+    """Which prefills replay a graph: padded to a power of two (at least 64, at most the cache), at most
+    2048 tokens over all the buffer's slots, never on the CPU or with tensor parallelism."""
+    from dejavu.model.cuda_graphs import PrefillGraphs
+
+    folder, _ = models["opt"]
+    graphs = PrefillGraphs(_stages(folder, dtype="fp32")[0])
+    assert [graphs.padded(n, 576) for n in (1, 64, 65, 300, 512, 513, 600)] == [64, 64, 128, 512, 512, 576, 576]
+    cache = KVCache(CacheShape(2, 8, 2, 2048, 16), torch.float32)
+    assert graphs.lengths(cache) == [64, 128, 256]
+    assert not graphs.fits(cache, 10)  # a CPU cache: eager
+
+
 @cuda
 def test_capture_keeps_cache_contents(models):
     folder, _ = models["opt"]

@@ -49,7 +49,7 @@ class WorkerOptions:
     controller_ip: Optional[str] = None  # default: $DEJAVU_CONTROLLER_IP, else 127.0.0.1
     port: Optional[int] = None  # default: $DEJAVU_CONTROLLER_PORT, else 5600
     kv_window: int = 2
-    no_cuda_graphs: bool = False  # run decode steps eagerly on a GPU (graphs are the default there)
+    no_cuda_graphs: bool = False  # run decode steps and short prefills eagerly on a GPU (graphs are the default there)
     max_seq_len: Optional[int] = None  # GPU: KV buffers captured at start-up hold this many positions
     connect_timeout_s: float = 120.0
     swapping: bool = False
