@@ -20,11 +20,15 @@ launch-bound. Bigger prefills keep the GPU busy from eager launches and run eage
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .kv_cache import KVCache
 
-PREFILL_GRAPH_TOKENS = 2048  # slots x padded length at most; past it the eager launches keep up with the GPU
+# Slots x padded length at most; past it the eager launches keep up with the GPU. DEJAVU_PREFILL_GRAPH_TOKENS
+# overrides it (0: no prefill graphs), for A/B measurements.
+PREFILL_GRAPH_TOKENS = int(os.environ.get("DEJAVU_PREFILL_GRAPH_TOKENS", "2048"))
 PREFILL_BUCKET = 64  # the shortest padded length; longer prompts are padded to the next power of two
 
 
