@@ -32,6 +32,28 @@ PREFILL_GRAPH_TOKENS = int(os.environ.get("DEJAVU_PREFILL_GRAPH_TOKENS", "2048")
 PREFILL_BUCKET = 64  # the shortest padded length; longer prompts are padded to the next power of two
 
 
+def input_buffer(stage, batch: int, length: int) -> torch.Tensor:
+    """A zeroed input for ``stage``: token ids [batch, length] on the first stage, else hidden states."""
+    if stage.is_first:
+        return torch.zeros(batch, length, dtype=torch.long, device=stage.device)
+    return torch.zeros(batch, length, stage.cfg.hidden_size, dtype=stage.dtype, device=stage.device)
+
+
+def _capture(run, device, warmup: int, pool=None, mode: str = "global"):
+    """(graph, output) of ``run()``, after ``warmup`` real runs on a side stream (they compile the Triton
+    kernels and create cuBLAS handles, so the capture sees only launches)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            run()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode=mode):
+        out = run()
+    return graph, out
+
+
 class DecodeGraph:
     def __init__(self, stage, cache: KVCache, warmup: int = 2) -> None:
         if stage.device.type != "cuda":
@@ -40,28 +62,16 @@ class DecodeGraph:
             raise ValueError(f"the cache is on {cache.data.device} but the stage on {stage.device}")
         self.stage, self.cache = stage, cache
         b, dev = cache.shape.batch, stage.device
-        if stage.is_first:
-            self.x = torch.zeros(b, 1, dtype=torch.long, device=dev)
-        else:
-            self.x = torch.zeros(b, 1, stage.cfg.hidden_size, dtype=stage.dtype, device=dev)
+        self.x = input_buffer(stage, b, 1)
         self.positions = torch.zeros(b, 1, dtype=torch.long, device=dev)
         index = torch.zeros(b, dtype=torch.long, device=dev) if stage.is_last else None
 
         def step():
             return stage.forward(self.x, self.positions, cache, index, static=True)
 
-        # Warm-up runs really execute (compiling the Triton kernels, creating cuBLAS handles) and write
-        # keys/values at position 0 of every slot: keep what was there.
+        # The warm-up runs write keys/values at position 0 of every slot: keep what was there.
         saved = cache.data[:, :, :, :, 0].clone()
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                step()
-        torch.cuda.current_stream(dev).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = step()
+        self.graph, self.out = _capture(step, dev, warmup)
         cache.data[:, :, :, :, 0].copy_(saved)
         cache.step = None
 
@@ -88,10 +98,7 @@ class PrefillGraph:
 
     def __init__(self, stage, cache: KVCache, length: int, pool, warmup: int = 1) -> None:
         b, dev = cache.shape.batch, stage.device
-        if stage.is_first:
-            self.x = torch.zeros(b, length, dtype=torch.long, device=dev)
-        else:
-            self.x = torch.zeros(b, length, stage.cfg.hidden_size, dtype=stage.dtype, device=dev)
+        self.x = input_buffer(stage, b, length)
         host = torch.arange(length).expand(b, length)
         self.positions = host.contiguous().to(dev)
         self.index = torch.zeros(b, dtype=torch.long, device=dev) if stage.is_last else None
@@ -100,18 +107,9 @@ class PrefillGraph:
         def run():
             return stage.forward(self.x, self.positions, cache, self.index, host_positions=host)
 
-        # Warm-up runs really execute and write positions [0, length) of every slot: the caller is about
-        # to prefill exactly these, so nothing of value is overwritten.
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                run()
-        torch.cuda.current_stream(dev).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        # thread_local: a worker's other threads (control plane, KV streaming) may use CUDA meanwhile.
-        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
-            self.out = run()
+        # The warm-up runs write positions [0, length) of every slot: the caller is about to prefill exactly
+        # these. thread_local: a worker's other threads (control plane, KV streaming) may use CUDA meanwhile.
+        self.graph, self.out = _capture(run, dev, warmup, pool, "thread_local")
         cache.step = None
 
     def __call__(self, x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:

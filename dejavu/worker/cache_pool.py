@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..model.cuda_graphs import PrefillGraphs
+from ..model.cuda_graphs import PrefillGraphs, input_buffer
 from ..model.kv_cache import KVCache
 from ..model.stage import StageModel
 
@@ -113,10 +113,8 @@ class CachePool:
         full = lease.buffer.cache
         graphs = self.prefill_graphs(lease.buffer)
         for n in graphs.lengths(full):
-            x = (torch.zeros(self.batch, n, dtype=torch.long, device=self.model.device) if self.model.is_first
-                 else torch.zeros(self.batch, n, self.model.cfg.hidden_size, dtype=self.model.dtype,
-                                  device=self.model.device))
-            graphs(x, full, torch.zeros(self.batch, dtype=torch.long) if self.model.is_last else None)
+            graphs(input_buffer(self.model, self.batch, n), full,
+                   torch.zeros(self.batch, dtype=torch.long) if self.model.is_last else None)
 
     @torch.no_grad()
     def decode(self, lease: Lease, x: torch.Tensor, positions: torch.Tensor,
