@@ -299,7 +299,7 @@ def run_shape(shape: str, args, device: torch.device, bw: float, results: list) 
 
 # What each change bought: (name, environment switches, fused pre-norm pass, CUDA graphs).
 _OFF = {"DEJAVU_TRITON": "0", "DEJAVU_SKINNY": "0", "DEJAVU_PDL": "0", "DEJAVU_PREFETCH": "0",
-        "DEJAVU_SKINNY_ALL": "0"}
+        "DEJAVU_SKINNY_ALL": "0", "DEJAVU_SPLITK": "0"}
 _ALL = {"DEJAVU_TRITON": "1", "DEJAVU_SKINNY": "1", "DEJAVU_SKINNY_ALL": "1"}
 VARIANTS = [
     ("eager, torch ops", _OFF, False, False),
@@ -307,6 +307,8 @@ VARIANTS = [
     ("graphs, triton kernels", {**_OFF, "DEJAVU_TRITON": "1"}, False, True),
     ("graphs, triton, fused blocks", {**_OFF, "DEJAVU_TRITON": "1"}, True, True),
     ("+ skinny matmuls", {**_OFF, "DEJAVU_TRITON": "1", "DEJAVU_SKINNY": "1"}, True, True),
+    ("+ split-K summed by add+norm", {**_OFF, "DEJAVU_TRITON": "1", "DEJAVU_SKINNY": "1", "DEJAVU_SPLITK": "1"},
+     True, True),
     ("+ skinny everywhere, PDL", {**_OFF, **_ALL, "DEJAVU_PDL": "1"}, True, True),
     ("+ L2 prefetch", {**_OFF, **_ALL, "DEJAVU_PDL": "1", "DEJAVU_PREFETCH": "1"}, True, True),
 ]

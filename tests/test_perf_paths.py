@@ -262,6 +262,85 @@ def test_cuda_kernels_against_torch(dtype):
 
 
 @cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_split_k_into_add_norm_against_torch(dtype):
+    """A split-K projection's partial sums, added up by the next add+norm kernel, against
+    ``norm(h + (x @ w.T + bias))`` in PyTorch: RMSNorm and LayerNorm, both split shapes, 1-32 rows."""
+    import torch.nn.functional as F
+
+    from dejavu.model import fused
+    from dejavu.model.layers import RMSNorm
+
+    if not fused.HAVE_TRITON:
+        pytest.skip("no triton")
+    tol = {torch.float16: 4e-3, torch.bfloat16: 2e-2}[dtype]
+    rms = RMSNorm(2048, 1e-5).to("cuda", dtype)
+    ln = torch.nn.LayerNorm(2048).to("cuda", dtype)
+    for k in (2048, 8192):
+        w = torch.randn(2048, k, dtype=dtype, device="cuda") / k**0.5
+        bias = torch.randn(2048, dtype=dtype, device="cuda")
+        for m in (1, 8, 32):
+            x = torch.randn(m, 1, k, dtype=dtype, device="cuda")
+            h = torch.randn(m, 1, 2048, dtype=dtype, device="cuda")
+            config = fused.split_config(x, w)
+            assert config is not None, (m, k)
+            parts = fused.skinny_mm_split(x, w, config)
+            assert parts.parts.shape == (config[0], m, 2048)
+            assert _rel(parts.resolve(), F.linear(x, w)) < tol
+            for norm in (rms, ln):
+                want_h = h + (F.linear(x, w) + bias)
+                got_h, got_y = fused.add_norm(h, parts, bias, norm)
+                assert _rel(got_h, want_h) < tol and _rel(got_y, norm(want_h)) < tol, (k, m, norm)
+    # Outside the table (and in fp32) nothing is split.
+    assert fused.split_config(torch.randn(1, 3072, dtype=dtype, device="cuda"), w[:, :3072]) is None
+    assert fused.split_config(torch.randn(1, 2048, device="cuda"), torch.randn(2048, 2048, device="cuda")) is None
+
+
+@cuda
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_cuda_split_k_decode_step_matches_unsplit(family, monkeypatch):
+    """A 2048-wide two-layer stage (the shapes the split table names): the decode step, eager and through
+    a graph, with split-K projections gives the logits of the unsplit step (fp16 rounding aside)."""
+    from transformers import LlamaConfig, OPTConfig
+
+    from dejavu.model.stage import StageModel
+
+    if family == "llama":
+        hf = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=2, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=512)
+    else:
+        hf = OPTConfig(hidden_size=2048, ffn_dim=8192, num_hidden_layers=2, num_attention_heads=32,
+                       vocab_size=512, word_embed_proj_dim=2048)
+    cfg = ModelConfig.from_hf(hf.to_dict())
+    stage = StageModel(cfg, dtype="fp16", device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    with torch.no_grad():
+        for name, param in stage.named_parameters():  # built empty: norms at identity, the rest small
+            if "norm.weight" in name:
+                param.fill_(1.0)
+            elif "norm.bias" in name:
+                param.zero_()
+            else:
+                param.copy_(torch.randn(param.shape, generator=g, device="cuda") * 0.02)
+    b = 4
+    tokens = torch.randint(3, 512, (b, 8), device="cuda")
+    cache = stage.new_cache(b, 64)
+    stage(tokens, torch.arange(8).expand(b, 8), cache, torch.full((b,), 7))
+    x = torch.randint(3, 512, (b, 1), device="cuda")
+    pos = torch.full((b, 1), 8)
+    index = torch.zeros(b, dtype=torch.long)
+    logits = {}
+    for split in ("0", "1"):
+        monkeypatch.setenv("DEJAVU_SPLITK", split)
+        logits[split] = stage(x, pos, cache, index).float()
+        graph = stage.capture_decode(cache)
+        logits[split + "g"] = graph(x, pos.cuda()).float().clone()
+    for key in ("1", "1g", "0g"):
+        assert _rel(logits[key], logits["0"]) < 1e-2, key
+    assert torch.equal(logits["1"].argmax(-1), logits["0"].argmax(-1))
+
+
+@cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_cuda_skinny_matmul_against_torch(dtype):
     import torch.nn.functional as F

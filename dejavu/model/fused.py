@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -85,9 +86,10 @@ def _pow2(n: int) -> int:
 if HAVE_TRITON:
 
     @triton.jit
-    def _add_norm_kernel(X, D, B, W, NB, H_OUT, Y, stride_x, stride_d, stride_h, stride_y, N, eps,
+    def _add_norm_kernel(X, D, B, W, NB, H_OUT, Y, stride_x, stride_d, stride_h, stride_y, N, eps, stride_part,
                          HAS_D: tl.constexpr, HAS_B: tl.constexpr, HAS_W: tl.constexpr,
-                         HAS_NB: tl.constexpr, RMS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+                         HAS_NB: tl.constexpr, RMS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False,
+                         PARTS: tl.constexpr = 1):
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
@@ -96,7 +98,13 @@ if HAVE_TRITON:
         m = cols < N
         x = tl.load(X + row * stride_x + cols, mask=m, other=0.0)
         if HAS_D:
-            d = tl.load(D + row * stride_d + cols, mask=m, other=0.0)
+            if PARTS > 1:  # a split-K projection's fp32 partial sums (SplitSum): summed in order, then rounded
+                acc = tl.zeros([BLOCK], dtype=tl.float32)
+                for p in tl.static_range(PARTS):
+                    acc += tl.load(D + p * stride_part + row * stride_d + cols, mask=m, other=0.0)
+                d = acc.to(x.dtype)
+            else:
+                d = tl.load(D + row * stride_d + cols, mask=m, other=0.0)
             if HAS_B:
                 # The reference adds the bias to the projection first, then the sum to the residual.
                 d = (d.to(tl.float32) + tl.load(B + cols, mask=m, other=0.0).to(tl.float32)).to(x.dtype)
@@ -237,11 +245,13 @@ if HAVE_TRITON:
         tl.store(O + b * stride_ob + h * stride_oh + d, o.to(O.dtype.element_ty), mask=d < HEAD_DIM)
 
     @triton.jit
-    def _skinny_mm_kernel(X, W, B, Y, M, N, K, stride_xm, stride_wn, stride_ym, GATE_OFF,
+    def _skinny_mm_kernel(X, W, B, Y, M, N, K, K_PER, stride_xm, stride_wn, stride_ym, GATE_OFF,
                           HAS_BIAS: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0):
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr = False,
+                          PREFETCH: tl.constexpr = 0, SPLIT: tl.constexpr = 1):
         # y[m, n] = x[m, :] . w[n, :] (+ b[n]) for a few rows m: each program streams BLOCK_N rows of w
         # once for every m. ACT: 0 none, 1 relu, 2 swiglu (silu(x.w[n]) * x.w[n + GATE_OFF]).
+        # SPLIT > 1: program (i, s) sums only K slice s (K_PER long) and stores fp32 partials y[s, m, n].
         pid = tl.program_id(0)
         n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         m = tl.arange(0, BLOCK_M)
@@ -265,7 +275,8 @@ if HAVE_TRITON:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         if ACT == 2:
             acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        k_lo = tl.program_id(1) * K_PER
+        for k0 in range(k_lo, k_lo + K_PER, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             km = k < K
             x = tl.load(X + m[:, None] * stride_xm + k[None, :], mask=mm[:, None] & km[None, :], other=0.0)
@@ -275,6 +286,10 @@ if HAVE_TRITON:
                 w2 = tl.load(W + (n[:, None] + GATE_OFF) * stride_wn + k[None, :], mask=nm[:, None] & km[None, :],
                              other=0.0)
                 acc2 += tl.dot(x, tl.trans(w2), input_precision=PREC)
+        if SPLIT > 1:
+            tl.store(Y + (tl.program_id(1) * M + m[:, None]) * stride_ym + n[None, :], acc,
+                     mask=mm[:, None] & nm[None, :])
+            return
         if HAS_BIAS:
             acc += tl.load(B + n, mask=nm, other=0.0).to(tl.float32)[None, :]
         out_ty = Y.dtype.element_ty
@@ -307,7 +322,7 @@ if HAVE_TRITON:
 def add_norm(x: torch.Tensor, delta: torch.Tensor | None, bias: torch.Tensor | None, norm) -> tuple:
     """``h = x + (delta + bias)`` (when delta is given) and ``norm(h)``; returns (h, norm(h)).
 
-    ``norm`` is our RMSNorm or an ``nn.LayerNorm``.
+    ``norm`` is our RMSNorm or an ``nn.LayerNorm``; ``delta`` a tensor or a split-K ``SplitSum``.
     """
     shape = x.shape
     n = shape[-1]
@@ -316,15 +331,20 @@ def add_norm(x: torch.Tensor, delta: torch.Tensor | None, bias: torch.Tensor | N
     rms = not hasattr(norm, "normalized_shape")
     y = torch.empty_like(x2)
     h = torch.empty_like(x2) if delta is not None else x2
-    d2 = delta.reshape(-1, n) if delta is not None else x2
+    parts = 1
+    if isinstance(delta, SplitSum):
+        parts, d2 = delta.parts.shape[0], delta.parts  # [parts, rows, n], contiguous
+        assert d2.shape[1:] == (rows, n) and d2.is_contiguous()
+    else:
+        d2 = delta.reshape(-1, n) if delta is not None else x2
     w = norm.weight
     nb = None if rms else norm.bias
     eps = norm.eps
     _add_norm_kernel[(rows,)](
         x2, d2, bias if bias is not None else x2, w if w is not None else x2, nb if nb is not None else x2,
-        h, y, x2.stride(0), d2.stride(0), h.stride(0), y.stride(0), n, eps,
+        h, y, x2.stride(0), d2.stride(-2), h.stride(0), y.stride(0), n, eps, rows * n,
         HAS_D=delta is not None, HAS_B=bias is not None, HAS_W=w is not None, HAS_NB=nb is not None,
-        RMS=rms, BLOCK=_pow2(n), num_warps=4 if n <= 4096 else 8, **_pdl(x))
+        RMS=rms, BLOCK=_pow2(n), num_warps=4 if n <= 4096 else 8, PARTS=parts, **_pdl(x))
     return h.view(shape), y.view(shape)
 
 
@@ -505,11 +525,63 @@ def skinny_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
         block_k //= 2
     pdl = _pdl(x)
     _skinny_mm_kernel[(triton.cdiv(n_out, block_n),)](
-        x2, weight, bias if bias is not None else weight, y, m, n_out, k, x2.stride(0), weight.stride(0),
+        x2, weight, bias if bias is not None else weight, y, m, n_out, k, k, x2.stride(0), weight.stride(0),
         y.stride(0), n_out if act == 2 else 0, HAS_BIAS=bias is not None, ACT=act,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_stages=stages, num_warps=warps,
         PREC="ieee" if x.dtype == torch.float32 else "tf32", PREFETCH=_prefetch_lines(n, k, act), **pdl)
     return y.view(*shape[:-1], n_out)
+
+
+# (rows bucket, N, K) -> (splits, BLOCK_N, BLOCK_K, num_stages, num_warps): projections whose output feeds
+# an add+norm and whose grid cuBLAS and skinny_mm under-fill. Split-K probe on an H100 (2026-11-25), us at
+# M = 1/8/32: 2048x2048 6.0/6.3/6.5 (cuBLAS) -> 5.1/5.2/5.5; 2048x8192 15.7/15.5/16.3 -> 13.5/13.8/14.4.
+SPLIT_CONFIG: dict = {
+    (16, 2048, 2048): (4, 32, 64, 6, 4),
+    (32, 2048, 2048): (4, 32, 64, 6, 4),
+    (16, 2048, 8192): (4, 32, 128, 4, 4),
+    (32, 2048, 8192): (4, 32, 128, 4, 4),
+}
+
+
+@dataclass
+class SplitSum:
+    """A projection's output left as fp32 partial sums over slices of K, ``parts`` [splits, rows, n]. The
+    next add+norm kernel sums them in a fixed order as it reads them (so the split costs no kernel of its
+    own and the result does not depend on timing), then rounds to ``dtype`` as the matmul would have."""
+
+    parts: torch.Tensor
+    shape: torch.Size
+    dtype: torch.dtype
+
+    def resolve(self) -> torch.Tensor:
+        return self.parts.sum(0).to(self.dtype).view(self.shape)
+
+
+def split_config(x: torch.Tensor, weight: torch.Tensor) -> tuple | None:
+    """The split-K tiling for ``x @ weight.T``, or None where the projection is not split."""
+    if os.environ.get("DEJAVU_SPLITK", "1") == "0" or not skinny_enabled(x):
+        return None
+    n, k = weight.shape
+    return SPLIT_CONFIG.get((_bucket(x.numel() // k), n, k))
+
+
+def skinny_mm_split(x: torch.Tensor, weight: torch.Tensor, config: tuple) -> SplitSum:
+    """``x @ weight.T`` (no bias, no activation) as split-K partial sums; ``config`` from split_config."""
+    splits, block_n, block_k, stages, warps = config
+    shape = x.shape
+    k = shape[-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m, n = x2.shape[0], weight.shape[0]
+    k_per = k // splits
+    assert k_per * splits == k and k_per % block_k == 0, (k, config)
+    parts = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
+    _skinny_mm_kernel[(triton.cdiv(n, block_n), splits)](
+        x2, weight, weight, parts, m, n, k, k_per, x2.stride(0), weight.stride(0), n, 0, HAS_BIAS=False, ACT=0,
+        BLOCK_M=max(16, _pow2(m)), BLOCK_N=block_n, BLOCK_K=block_k, num_stages=stages, num_warps=warps,
+        PREC="tf32", SPLIT=splits)
+    return SplitSum(parts, torch.Size((*shape[:-1], n)), x.dtype)
 
 
 if HAVE_TRITON and os.environ.get("DEJAVU_KERNEL_TUNING"):

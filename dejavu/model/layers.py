@@ -34,12 +34,18 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-def linear(x: torch.Tensor, lin: nn.Linear, act: str | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, lin: nn.Linear, act: str | None = None, deferred: bool = False):
     """``lin(x)`` then the activation ``act`` ("relu", "silu_mul" = SwiGLU on [gate | up], or None).
 
     Decode-sized inputs on the GPU go through a Triton kernel that streams the weight at close to full
     bandwidth and applies bias and activation in its epilogue (cuBLAS under-fills the GPU there).
+    ``deferred``: the caller hands the output straight to an add+norm, so a projection that splits K
+    (``fused.SPLIT_CONFIG``) may return its partial sums (``fused.SplitSum``) for that kernel to add up.
     """
+    if deferred and act is None and lin.bias is None:
+        config = fused.split_config(x, lin.weight)
+        if config is not None:
+            return fused.skinny_mm_split(x, lin.weight, config)
     if fused.skinny_enabled(x):
         n = lin.weight.shape[0] // (2 if act == "silu_mul" else 1)
         if fused.use_skinny(x.numel() // x.shape[-1], n, x.shape[-1]):
@@ -55,10 +61,13 @@ def linear(x: torch.Tensor, lin: nn.Linear, act: str | None = None) -> torch.Ten
     return y
 
 
-def add_norm(h: torch.Tensor, delta: torch.Tensor | None, bias: torch.Tensor | None, norm: nn.Module):
-    """``h + (delta + bias)`` and its normalisation, as one kernel on the GPU: (new h, norm(new h))."""
+def add_norm(h: torch.Tensor, delta, bias: torch.Tensor | None, norm: nn.Module):
+    """``h + (delta + bias)`` and its normalisation, as one kernel on the GPU: (new h, norm(new h)).
+    ``delta``: a tensor, a ``fused.SplitSum`` (see ``linear``), or None."""
     if fused.enabled(h):
         return fused.add_norm(h, delta, bias, norm)
+    if isinstance(delta, fused.SplitSum):
+        delta = delta.resolve()
     if delta is not None:
         h = h + (delta + bias if bias is not None else delta)
     return h, norm(h)
@@ -152,16 +161,16 @@ class Attention(nn.Module):
         o = self.core(x, cache.plan_for(positions), cache, layer)
         return o + self.out_bias if self.out_bias is not None else o
 
-    def core(self, x: torch.Tensor, plan: StepPlan, cache: KVCache, layer: int) -> torch.Tensor:
+    def core(self, x: torch.Tensor, plan: StepPlan, cache: KVCache, layer: int, deferred: bool = False):
         """Attention and output projection, all-reduced; the output bias is left to the caller (so that
-        a fused kernel can add it together with the residual)."""
+        a fused kernel can add it together with the residual). ``deferred``: see ``linear``."""
         b, t, _ = x.shape
         qkv = linear(x, self.qkv)
         if self.alibi_slopes is None and fused.enabled(qkv):
             o = self._attend_fused(qkv, plan, cache, layer)
         else:
             o = self._attend_torch(qkv, plan, cache, layer)
-        o = linear(o.reshape(b, t, self.heads * self.head_dim), self.out)
+        o = linear(o.reshape(b, t, self.heads * self.head_dim), self.out, deferred=deferred and self.comm.size == 1)
         return self.comm.all_reduce_(o)
 
     def _attend_fused(self, qkv: torch.Tensor, plan: StepPlan, cache: KVCache, layer: int) -> torch.Tensor:
@@ -266,13 +275,13 @@ class GatedMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.core(x)
 
-    def core(self, x: torch.Tensor) -> torch.Tensor:
+    def core(self, x: torch.Tensor, deferred: bool = False):
         if self.act is F.silu:
             a = linear(x, self.gate_up, "silu_mul")
         else:
             gate, up = self.gate_up(x).split(self.inner, dim=-1)
             a = self.act(gate) * up
-        return self.comm.all_reduce_(linear(a, self.down))
+        return self.comm.all_reduce_(linear(a, self.down, deferred=deferred and self.comm.size == 1))
 
 
 class MLP(nn.Module):
@@ -289,13 +298,14 @@ class MLP(nn.Module):
         o = self.core(x)
         return o + self.fc_out_bias if self.fc_out_bias is not None else o
 
-    def core(self, x: torch.Tensor) -> torch.Tensor:
-        """The FFN all-reduced, without the output bias (a fused kernel adds it with the residual)."""
+    def core(self, x: torch.Tensor, deferred: bool = False):
+        """The FFN all-reduced, without the output bias (a fused kernel adds it with the residual).
+        ``deferred``: see ``linear``."""
         if self.act is F.relu:
             h = linear(x, self.fc_in, "relu")
         else:
             h = self.act(linear(x, self.fc_in))
-        return self.comm.all_reduce_(linear(h, self.fc_out))
+        return self.comm.all_reduce_(linear(h, self.fc_out, deferred=deferred and self.comm.size == 1))
 
 
 def activation(name: str):
