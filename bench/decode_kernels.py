@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -26,6 +25,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dejavu.model import fused  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import write_json  # noqa: E402
 
 MATMULS = {  # name: (N, K, bias, act)  act: 0 none, 1 relu, 2 swiglu (N = 2 * out)
     "opt.qkv": (6144, 2048, True, 0), "opt.out": (2048, 2048, False, 0), "opt.fc_in": (8192, 2048, True, 1),
@@ -176,7 +178,6 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--parts", default="matmul,attention,prefill")
     args = ap.parse_args()
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     rows: list = []
     parts = args.parts.split(",")
     if "matmul" in parts:
@@ -186,7 +187,7 @@ def main() -> int:
     if "prefill" in parts:
         prefill_overhead(rows, torch.float16)
     if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=1, default=str))
+        write_json(args.out, rows, default=str)
     return 0
 
 

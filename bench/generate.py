@@ -32,12 +32,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dejavu.engine import Engine  # noqa: E402
 from dejavu.model.config import ModelConfig, parse_dtype  # noqa: E402
 from dejavu.model.stage import StageModel  # noqa: E402
 from dejavu.model.weights import StateDictSource  # noqa: E402
 from dejavu.sampling import SamplingParams  # noqa: E402
+from report import write_json  # noqa: E402
 
 SHAPES = {
     # facebook/opt-1.3b
@@ -448,8 +450,7 @@ def main(argv=None) -> int:
         (run_variants if args.variants else run_shape)(shape, args, device, bw, results)
     report = {"info": info, "ceilings": ceilings, "results": results}
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1))
+        write_json(args.out, report)
     print(table(results))
     return 0
 

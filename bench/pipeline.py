@@ -26,6 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import write_json  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 
 # (input_len, output_len) per workload; --input-len / --output-len override them.
@@ -214,8 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(out, result)
     print(f"wrote {out} (run folders under {runs_dir})")
     return result
 

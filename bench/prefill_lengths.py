@@ -14,7 +14,6 @@ Prints a table and writes JSON (--out, default results/bench/prefill_lengths.jso
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -26,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from generate import SHAPES, hf_model, our_stage  # noqa: E402
+from report import write_json  # noqa: E402
 
 import dejavu.model.layers as layers  # noqa: E402
 
@@ -78,10 +78,7 @@ def main(argv=None) -> dict:
     for r in rows:
         print(f"{r['backends']:20s} {r['new_length_ms_median']:14.1f} {r['same_length_ms_median']:15.1f}")
     result = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "args": vars(a), "rows": rows}
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
+    print(f"wrote {write_json(a.out, result)}")
     return result
 
 

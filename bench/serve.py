@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from generate import SHAPES, hf_model, our_stage, short, sync  # noqa: E402
 from pipeline import entry_point, model_overrides  # noqa: E402
+from report import write_json  # noqa: E402
 
 from dejavu.engine import Engine  # noqa: E402
 from dejavu.model.config import parse_dtype  # noqa: E402
@@ -212,8 +213,7 @@ def main(argv=None) -> int:
             "torch": torch.__version__, "shape": args.shape, "dtype": short(dtype), "argv": sys.argv[1:],
             "workload": {k: getattr(args, k) for k in ("requests", "min_prompt", "max_prompt", "min_new", "max_new")}}
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"info": info, "results": rows}, indent=1))
+        write_json(args.out, {"info": info, "results": rows})
     print("| shape | dtype | batch | requests | engine tok/s | serving tok/s | HF tok/s | engine/HF | serving/HF |\n"
           "|---|---|---|---|---|---|---|---|---|")
 

@@ -39,12 +39,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dejavu.engine import Engine, build_stages  # noqa: E402
 from dejavu.model.config import ModelConfig, parse_dtype  # noqa: E402
 from dejavu.model.weights import StateDictSource  # noqa: E402
 from dejavu.sampling import SamplingParams  # noqa: E402
 from dejavu.streaming.transports.base import side_stream  # noqa: E402
+from report import write_json  # noqa: E402
 from dejavu.streaming import (LADDER, LayerwiseStreamer, LocalTransport, Partition, StagingPool,  # noqa: E402
                               StepReplicator, StreamOptions, StreamStats, make_plan, replicate_step, restore,
                               stream_in, stream_out)
@@ -593,10 +595,7 @@ def main(argv=None) -> dict:
     }
     print(table(rows, e2e, overhead, busy))
     print("targets:", json.dumps(result["targets"]))
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
+    print(f"wrote {write_json(a.out, result)}")
     return result
 
 
