@@ -65,8 +65,8 @@ class Engine:
     """Generation over a chain of stages in one process.
 
     On a CUDA device the decode steps (and prefills of a few tokens, see ``PrefillGraphs``) replay CUDA
-    graphs (``cuda_graphs=False`` runs them eagerly), and greedy batches keep the next tokens on the device: step s+1 is queued before the host reads the
-    tokens of step s, so the GPU never waits on Python. ``cache_len`` fixes the cache length (at least
+    graphs (``cuda_graphs=False`` runs them eagerly), and greedy batches keep the next tokens on the
+    device: step s+1 is queued before the host reads the tokens of step s, so the GPU never waits on Python. ``cache_len`` fixes the cache length (at least
     what each call needs) so that calls with different prompt lengths reuse one set of graphs.
     """
 

@@ -132,10 +132,11 @@ class PrefillGraphs:
     (slots, padded length) and captured on first use. Graphs of one collection share a memory pool (they
     never run at once); an output is valid until the next replay of any of them."""
 
-    def __init__(self, stage, max_tokens: int = PREFILL_GRAPH_TOKENS, bucket: int = PREFILL_BUCKET) -> None:
+    def __init__(self, stage, max_tokens: int = PREFILL_GRAPH_TOKENS, bucket: int = PREFILL_BUCKET,
+                 pool=None) -> None:
         self.stage, self.max_tokens, self.bucket = stage, max_tokens, bucket
         self.graphs: dict[tuple[int, int], PrefillGraph] = {}
-        self.pool = None
+        self.pool = pool  # a graph memory pool to share (made at the first capture when None)
         self.replays = 0  # prefills run through a graph (tests and benches read it)
 
     def padded(self, length: int, max_seq: int) -> int:

@@ -500,6 +500,12 @@ def _prefetch_lines(n: int, k: int, act: int) -> int:
     return 1 << (lines.bit_length() - 1) if lines >= 1 else 0
 
 
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as [rows, K] with unit stride along K (what the skinny kernels read)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
 def skinny_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, act: int = 0,
               config: tuple | None = None) -> torch.Tensor:
     """``x @ weight.T (+ bias)`` for x with few rows (decode), streaming the weight at full bandwidth.
@@ -508,9 +514,7 @@ def skinny_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     """
     shape = x.shape
     k = shape[-1]
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = _rows(x)
     m, n = x2.shape[0], weight.shape[0]
     n_out = n // 2 if act == 2 else n
     y = torch.empty(m, n_out, dtype=x.dtype, device=x.device)
@@ -570,9 +574,7 @@ def skinny_mm_split(x: torch.Tensor, weight: torch.Tensor, config: tuple) -> Spl
     splits, block_n, block_k, stages, warps = config
     shape = x.shape
     k = shape[-1]
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = _rows(x)
     m, n = x2.shape[0], weight.shape[0]
     k_per = k // splits
     assert k_per * splits == k and k_per % block_k == 0, (k, config)

@@ -51,15 +51,17 @@ def forward(stage, x: torch.Tensor, plan: StepPlan, cache: KVCache, logits_index
             on_layer_done=None) -> torch.Tensor:
     h = stage.embed(x, plan.positions) if stage.embed is not None else x.to(stage.dtype)
     delta = bias = None
+    # Deferred: a projection may leave split-K partial sums for the next add+norm to add up. Not with tensor
+    # parallelism (the partial sums would have to be all-reduced first), and not for the last layer's MLP,
+    # whose output goes to the head (or out of the stage) as a plain tensor.
+    deferred = stage.comm.size == 1
     last = len(stage.layers) - 1
     for i, block in enumerate(stage.layers):
         norm1, attn, norm2, mlp = block_parts(block)
         h, xn = add_norm(h, delta, bias, norm1)
-        # Deferred: the projection may leave split-K partial sums for the next add+norm to add up; the
-        # last layer's MLP output goes to the head (or out of the stage) as a plain tensor.
-        delta, bias = attn.core(xn, plan, cache, i, deferred=True), attn.out_bias
+        delta, bias = attn.core(xn, plan, cache, i, deferred=deferred), attn.out_bias
         h, xn = add_norm(h, delta, bias, norm2)
-        delta, bias = mlp.core(xn, deferred=i < last), getattr(mlp, "fc_out_bias", None)
+        delta, bias = mlp.core(xn, deferred=deferred and i < last), getattr(mlp, "fc_out_bias", None)
         if on_layer_done is not None:
             on_layer_done(i)
     if stage.head is None:

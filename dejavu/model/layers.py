@@ -39,8 +39,9 @@ def linear(x: torch.Tensor, lin: nn.Linear, act: str | None = None, deferred: bo
 
     Decode-sized inputs on the GPU go through a Triton kernel that streams the weight at close to full
     bandwidth and applies bias and activation in its epilogue (cuBLAS under-fills the GPU there).
-    ``deferred``: the caller hands the output straight to an add+norm, so a projection that splits K
-    (``fused.SPLIT_CONFIG``) may return its partial sums (``fused.SplitSum``) for that kernel to add up.
+    ``deferred``: the caller hands the output straight to an add+norm (no all-reduce between), so a
+    projection that splits K (``fused.SPLIT_CONFIG``) may return its partial sums (``fused.SplitSum``)
+    for that kernel to add up.
     """
     if deferred and act is None and lin.bias is None:
         config = fused.split_config(x, lin.weight)
@@ -170,7 +171,7 @@ class Attention(nn.Module):
             o = self._attend_fused(qkv, plan, cache, layer)
         else:
             o = self._attend_torch(qkv, plan, cache, layer)
-        o = linear(o.reshape(b, t, self.heads * self.head_dim), self.out, deferred=deferred and self.comm.size == 1)
+        o = linear(o.reshape(b, t, self.heads * self.head_dim), self.out, deferred=deferred)
         return self.comm.all_reduce_(o)
 
     def _attend_fused(self, qkv: torch.Tensor, plan: StepPlan, cache: KVCache, layer: int) -> torch.Tensor:
@@ -281,7 +282,7 @@ class GatedMLP(nn.Module):
         else:
             gate, up = self.gate_up(x).split(self.inner, dim=-1)
             a = self.act(gate) * up
-        return self.comm.all_reduce_(linear(a, self.down, deferred=deferred and self.comm.size == 1))
+        return self.comm.all_reduce_(linear(a, self.down, deferred=deferred))
 
 
 class MLP(nn.Module):
@@ -305,7 +306,7 @@ class MLP(nn.Module):
             h = linear(x, self.fc_in, "relu")
         else:
             h = self.act(linear(x, self.fc_in))
-        return self.comm.all_reduce_(linear(h, self.fc_out, deferred=deferred and self.comm.size == 1))
+        return self.comm.all_reduce_(linear(h, self.fc_out, deferred=deferred))
 
 
 def activation(name: str):

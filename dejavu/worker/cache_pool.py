@@ -103,8 +103,7 @@ class CachePool:
 
     def prefill_graphs(self, buf: Buffer) -> PrefillGraphs:
         if buf.prefill is None:
-            buf.prefill = PrefillGraphs(self.model)
-            buf.prefill.pool = self.graph_pool
+            buf.prefill = PrefillGraphs(self.model, pool=self.graph_pool)
         return buf.prefill
 
     @torch.no_grad()

@@ -33,6 +33,7 @@ import msgpack
 import torch
 import zmq
 
+from ..model.cuda_graphs import input_buffer
 from ..model.kv_cache import KVCache
 from ..model.stage import StageModel
 from ..protocol import Shutdown, Submit, Tokens
@@ -168,17 +169,15 @@ class StageWorker:
         prefills, the graphs of its short prefills."""
         if self.device.type != "cuda":
             return
-        cfg, m = self.model.cfg, self.model
+        m = self.model
         for t in (16, 17):
-            x = (torch.zeros(1, t, dtype=torch.long, device=self.device) if self.role.is_first
-                 else torch.zeros(1, t, cfg.hidden_size, dtype=m.dtype, device=self.device))
+            x = input_buffer(m, 1, t)
             index = torch.tensor([t - 1]) if self.role.is_last else None
             m(x, torch.arange(t).view(1, t), m.new_cache(1, t), index)
         if self.pool is not None and self.pool.cuda_graphs:
             leases = [self.pool.acquire(-1 - i, self.ubatch_size, max_seq) for i in range(self.role.num_stages)]
             b = self.ubatch_size
-            x = (torch.zeros(b, 1, dtype=torch.long) if self.role.is_first
-                 else torch.zeros(b, 1, cfg.hidden_size, dtype=m.dtype, device=self.device))
+            x = input_buffer(m, b, 1)
             for lease in leases:
                 self.pool.decode(lease, x, torch.zeros(b, 1, dtype=torch.long), None)
                 if self.sender is None and self.receiver is None:  # this stage prefills into its buffers
