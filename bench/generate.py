@@ -311,8 +311,13 @@ VARIANTS = [
     ("+ skinny matmuls", {**_OFF, "DEJAVU_TRITON": "1", "DEJAVU_SKINNY": "1"}, True, True),
     ("+ split-K summed by add+norm", {**_OFF, "DEJAVU_TRITON": "1", "DEJAVU_SKINNY": "1", "DEJAVU_SPLITK": "1"},
      True, True),
-    ("+ skinny everywhere, PDL", {**_OFF, **_ALL, "DEJAVU_PDL": "1"}, True, True),
-    ("+ L2 prefetch", {**_OFF, **_ALL, "DEJAVU_PDL": "1", "DEJAVU_PREFETCH": "1"}, True, True),
+]
+_SPLIT = {**_OFF, "DEJAVU_TRITON": "1", "DEJAVU_SKINNY": "1", "DEJAVU_SPLITK": "1"}
+VARIANTS += [
+    ("+ PDL (next kernel launched after wait)", {**_SPLIT, "DEJAVU_PDL": "1"}, True, True),
+    ("+ PDL, matmuls trigger after their loop", {**_SPLIT, "DEJAVU_PDL": "late"}, True, True),
+    ("+ PDL, L2 prefetch of weights", {**_SPLIT, "DEJAVU_PDL": "1", "DEJAVU_PREFETCH": "1"}, True, True),
+    ("+ PDL, skinny everywhere", {**_SPLIT, "DEJAVU_PDL": "1", "DEJAVU_SKINNY_ALL": "1"}, True, True),
 ]
 
 

@@ -296,11 +296,9 @@ def test_cuda_split_k_into_add_norm_against_torch(dtype):
     assert fused.split_config(torch.randn(1, 2048, device="cuda"), torch.randn(2048, 2048, device="cuda")) is None
 
 
-@cuda
-@pytest.mark.parametrize("family", ["llama", "opt"])
-def test_cuda_split_k_decode_step_matches_unsplit(family, monkeypatch):
-    """A 2048-wide two-layer stage (the shapes the split table names): the decode step, eager and through
-    a graph, with split-K projections gives the logits of the unsplit step (fp16 rounding aside)."""
+def _wide_stage_after_prefill(family: str, b: int = 4):
+    """A 2048-wide two-layer fp16 stage (the decode shapes the kernel tables name) with 8 tokens of each of
+    ``b`` slots prefilled; returns (stage, cache, next tokens, their positions, slot index)."""
     from transformers import LlamaConfig, OPTConfig
 
     from dejavu.model.stage import StageModel
@@ -322,13 +320,19 @@ def test_cuda_split_k_decode_step_matches_unsplit(family, monkeypatch):
                 param.zero_()
             else:
                 param.copy_(torch.randn(param.shape, generator=g, device="cuda") * 0.02)
-    b = 4
     tokens = torch.randint(3, 512, (b, 8), device="cuda")
     cache = stage.new_cache(b, 64)
     stage(tokens, torch.arange(8).expand(b, 8), cache, torch.full((b,), 7))
     x = torch.randint(3, 512, (b, 1), device="cuda")
-    pos = torch.full((b, 1), 8)
-    index = torch.zeros(b, dtype=torch.long)
+    return stage, cache, x, torch.full((b, 1), 8), torch.zeros(b, dtype=torch.long)
+
+
+@cuda
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_cuda_split_k_decode_step_matches_unsplit(family, monkeypatch):
+    """A 2048-wide two-layer stage (the shapes the split table names): the decode step, eager and through
+    a graph, with split-K projections gives the logits of the unsplit step (fp16 rounding aside)."""
+    stage, cache, x, pos, index = _wide_stage_after_prefill(family)
     logits = {}
     for split in ("0", "1"):
         monkeypatch.setenv("DEJAVU_SPLITK", split)
@@ -338,6 +342,28 @@ def test_cuda_split_k_decode_step_matches_unsplit(family, monkeypatch):
     for key in ("1", "1g", "0g"):
         assert _rel(logits[key], logits["0"]) < 1e-2, key
     assert torch.equal(logits["1"].argmax(-1), logits["0"].argmax(-1))
+
+
+@cuda
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_cuda_pdl_decode_step_is_bitwise_equal(family, monkeypatch):
+    """Programmatic dependent launch only changes when kernels start, never what they compute: every
+    mode's graph replay gives exactly the logits of the plain launch (a missing wait would read stale
+    activations and differ)."""
+    from dejavu.model import fused
+
+    if not fused._PDL_OK:
+        pytest.skip("PDL needs Hopper and a Triton with launch_pdl")
+    stage, cache, x, pos, _ = _wide_stage_after_prefill(family)
+    logits = {}
+    for mode, prefetch in (("0", "0"), ("1", "0"), ("late", "0"), ("1", "1")):
+        monkeypatch.setenv("DEJAVU_PDL", mode)
+        monkeypatch.setenv("DEJAVU_PREFETCH", prefetch)
+        graph = stage.capture_decode(cache)
+        logits[mode, prefetch] = [graph(x, pos.cuda()).float().clone() for _ in range(3)]
+    for key, runs in logits.items():
+        for run in runs:
+            assert torch.equal(run, logits["0", "0"][0]), key
 
 
 @cuda

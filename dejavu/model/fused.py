@@ -75,8 +75,9 @@ def _pdl(t: torch.Tensor) -> dict:
     """Programmatic dependent launch (Hopper): each kernel may start during its predecessor's tail and
     waits (griddepcontrol.wait) before touching anything the predecessor wrote. Off unless DEJAVU_PDL=1:
     on an H100 it made the decode step 15-20% slower (bench/NOTES-perf.md)."""
-    on = _PDL_OK and t.is_cuda and os.environ.get("DEJAVU_PDL", "0") == "1"
-    return {"PDL": on, "launch_pdl": True} if on else {"PDL": False}
+    mode = os.environ.get("DEJAVU_PDL", "0")
+    on = _PDL_OK and t.is_cuda and mode in ("1", "late")
+    return {"PDL": 2 if mode == "late" else 1, "launch_pdl": True} if on else {"PDL": 0}
 
 
 def _pow2(n: int) -> int:
@@ -88,11 +89,11 @@ if HAVE_TRITON:
     @triton.jit
     def _add_norm_kernel(X, D, B, W, NB, H_OUT, Y, stride_x, stride_d, stride_h, stride_y, N, eps, stride_part,
                          HAS_D: tl.constexpr, HAS_B: tl.constexpr, HAS_W: tl.constexpr,
-                         HAS_NB: tl.constexpr, RMS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False,
+                         HAS_NB: tl.constexpr, RMS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = 0,
                          PARTS: tl.constexpr = 1):
         if PDL:
-            tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         m = cols < N
@@ -132,10 +133,10 @@ if HAVE_TRITON:
     def _rope_write_kernel(QKV, POS, COS, SIN, CACHE, Q_OUT, stride_row, T,
                            s_kv, s_slot, s_head, s_seq,
                            H: tl.constexpr, KV: tl.constexpr, HEAD_DIM: tl.constexpr, D: tl.constexpr,
-                           ROPE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_KV: tl.constexpr, PDL: tl.constexpr = False):
+                           ROPE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_KV: tl.constexpr, PDL: tl.constexpr = 0):
         if PDL:
-            tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         row = tl.program_id(0).to(tl.int64)
         slot = row // T
         pos = tl.load(POS + row)
@@ -176,10 +177,10 @@ if HAVE_TRITON:
                             stride_vb, stride_vh, stride_vs, stride_pb, stride_ob, stride_oh, scale_log2,
                             H: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
                             HEAD_DIM: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                            SPLIT_LEN: tl.constexpr, NUM_SPLITS: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr = False):
+                            SPLIT_LEN: tl.constexpr, NUM_SPLITS: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr = 0):
         if PDL:
-            tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         pid = tl.program_id(0)
         sid = tl.program_id(1)
         KVH: tl.constexpr = H // GROUP
@@ -226,10 +227,10 @@ if HAVE_TRITON:
 
     @triton.jit
     def _decode_reduce_kernel(MX, LX, ACC, O, stride_ob, stride_oh, H: tl.constexpr, HEAD_DIM: tl.constexpr,
-                              D: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr = False):
+                              D: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr = 0):
         if PDL:
-            tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         pid = tl.program_id(0).to(tl.int64)
         b = pid // H
         h = pid % H
@@ -247,7 +248,7 @@ if HAVE_TRITON:
     @triton.jit
     def _skinny_mm_kernel(X, W, B, Y, M, N, K, K_PER, stride_xm, stride_wn, stride_ym, GATE_OFF,
                           HAS_BIAS: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr = False,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr = 0,
                           PREFETCH: tl.constexpr = 0, SPLIT: tl.constexpr = 1):
         # y[m, n] = x[m, :] . w[n, :] (+ b[n]) for a few rows m: each program streams BLOCK_N rows of w
         # once for every m. ACT: 0 none, 1 relu, 2 swiglu (silu(x.w[n]) * x.w[n + GATE_OFF]).
@@ -258,11 +259,10 @@ if HAVE_TRITON:
         nm = n < N
         mm = m < M
         if PDL:
-            tl.extra.cuda.gdc_launch_dependents()
             if PREFETCH > 0:
                 # The weights do not depend on the previous kernel: pull this program's first PREFETCH
                 # 128-byte lines of each row into L2 while that kernel finishes.
-                kk = tl.minimum(tl.arange(0, PREFETCH) * 64, K - 1)
+                kk = tl.program_id(1) * K_PER + tl.minimum(tl.arange(0, PREFETCH) * 64, K_PER - 1)
                 rows = tl.minimum(n, N - 1)
                 tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // dummy $0", "=r,l",
                                           [W + rows[:, None] * stride_wn + kk[None, :]], dtype=tl.int32,
@@ -272,6 +272,8 @@ if HAVE_TRITON:
                                               [W + (rows[:, None] + GATE_OFF) * stride_wn + kk[None, :]],
                                               dtype=tl.int32, is_pure=False, pack=1)
             tl.extra.cuda.gdc_wait()
+            if PDL == 1:
+                tl.extra.cuda.gdc_launch_dependents()
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         if ACT == 2:
             acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -286,6 +288,8 @@ if HAVE_TRITON:
                 w2 = tl.load(W + (n[:, None] + GATE_OFF) * stride_wn + k[None, :], mask=nm[:, None] & km[None, :],
                              other=0.0)
                 acc2 += tl.dot(x, tl.trans(w2), input_precision=PREC)
+        if PDL == 2:  # let the next kernel launch only once the weights are streamed
+            tl.extra.cuda.gdc_launch_dependents()
         if SPLIT > 1:
             tl.store(Y + (tl.program_id(1) * M + m[:, None]) * stride_ym + n[None, :], acc,
                      mask=mm[:, None] & nm[None, :])
@@ -303,10 +307,10 @@ if HAVE_TRITON:
         tl.store(Y + m[:, None] * stride_ym + n[None, :], acc.to(out_ty), mask=mm[:, None] & nm[None, :])
 
     @triton.jit
-    def _silu_mul_kernel(X, Y, stride_x, stride_y, N, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    def _silu_mul_kernel(X, Y, stride_x, stride_y, N, BLOCK: tl.constexpr, PDL: tl.constexpr = 0):
         if PDL:
-            tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         m = cols < N
@@ -582,7 +586,7 @@ def skinny_mm_split(x: torch.Tensor, weight: torch.Tensor, config: tuple) -> Spl
     _skinny_mm_kernel[(triton.cdiv(n, block_n), splits)](
         x2, weight, weight, parts, m, n, k, k_per, x2.stride(0), weight.stride(0), n, 0, HAS_BIAS=False, ACT=0,
         BLOCK_M=max(16, _pow2(m)), BLOCK_N=block_n, BLOCK_K=block_k, num_stages=stages, num_warps=warps,
-        PREC="tf32", SPLIT=splits)
+        PREC="tf32", SPLIT=splits, PREFETCH=_prefetch_lines(n, k_per, 0), **_pdl(x))
     return SplitSum(parts, torch.Size((*shape[:-1], n)), x.dtype)
 
 

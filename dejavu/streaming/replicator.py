@@ -13,7 +13,8 @@ replicates the same cache every step, so this object works out all of it once. O
 Each graph bakes its addresses, so there is one per *landing buffer*: the pinned host buffers reserved
 up front (:meth:`reserve`) are the stored replicas themselves (adopted by the :class:`LocalTransport`
 under the step's key, handed back when the key is dropped or replaced), and landing buffer ``j`` is
-tied to staging slot ``j % depth``. No host memcpy, no allocation, five host calls a step. A step that
+tied to staging slot ``j % depth``. No host memcpy, no allocation, five host calls a step (with device
+positions, four of them CUDA driver calls on raw handles: :mod:`~dejavu.streaming.driver`). A step that
 finds none of its slot's landing buffers free copies eagerly (gather, then copy) into another free one,
 or, past what was reserved, into a buffer the transport pins (which may synchronize the device: reserve
 enough). On the CPU the same bookkeeping runs with plain copies.
@@ -52,6 +53,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from . import driver
 from .plan import Box, Partition
 from .staging import StagingPool, region
 from .stats import StreamStats
@@ -170,6 +172,7 @@ class StepReplicator:
         self._give_back: list[Callable[[], None]] = []
         self._graphs: list = []
         self.graph_replays = 0  # steps issued as one graph replay (GPU)
+        self.driver_issues = 0  # of which issued by direct driver calls (driver.py)
         self.overflow_steps = 0  # steps that found no reserved buffer free (the transport gave one)
         self.graph_error: str | None = None  # why capturing failed, where it did (steps then run eagerly)
 
@@ -184,6 +187,15 @@ class StepReplicator:
             self._use_graphs = graphs
             self._graph_pool = None
             self._load_kernels()
+            # Raw handles for the driver issue path (driver.py): the side stream, the step ring's events
+            # (created by _load_kernels), one graph exec per landing buffer (None: replayed by PyTorch).
+            self._driver = driver.load() if _raw_stream is not None else None
+            self._side_raw = self._side.cuda_stream
+            self._ready_raw = [e.cuda_event for e in self._ring.ready]
+            self._done_raw = [e.cuda_event for e in self._ring.done]
+            self._tail_ptr = [t.data_ptr() for t in self._tails]
+            self._execs: list[int | None] = []
+            self._checked_ptr = None  # the checked device positions' address, where int64 and contiguous
         if reserve:
             self.reserve(steps=reserve)
 
@@ -207,6 +219,7 @@ class StepReplicator:
                         with torch.cuda.stream(self._side):
                             graph.replay()  # into staging and landing buffer j, both unused yet
                     self._graphs.append(graph)
+                    self._execs.append(graph.raw_cuda_graph_exec() if graph is not None and self._driver else None)
                 free.append(j)
         if not boxes:
             return
@@ -285,6 +298,9 @@ class StepReplicator:
         elif isinstance(positions, torch.Tensor) and positions.device.type != "cpu":
             self._check_device_positions(positions)
             self._checked, self._checked_flat = positions, positions.reshape(-1)
+            flat = self._checked_flat
+            self._checked_ptr = flat.data_ptr() if self.on_gpu and flat.dtype == torch.int64 and \
+                flat.is_contiguous() else None
             host = None
         else:
             host = self._host_positions(positions)
@@ -302,6 +318,9 @@ class StepReplicator:
         ring = self._ring
         s = self._slot(ring)
         j, buf = self._destination(key, s)
+        if host is None and j is not None and j % self.depth == s and self._checked_ptr is not None \
+                and self._driver is not None and self._execs[j] is not None and self._issue_by_driver(s, j):
+            return
         if host is None:  # the snapshot, on the caller's stream: the caller may overwrite its tensor next
             self._tails[s].copy_(self._checked_flat, non_blocking=True)
         else:
@@ -318,6 +337,28 @@ class StepReplicator:
                 self._gather_into(s, buf)
         finally:
             self._leave(ring, s, compute, self.data_bytes)
+
+    def _issue_by_driver(self, s: int, j: int) -> bool:
+        """The step of ``_step_on_gpu`` (device positions, landing buffer ``j``'s graph) as four driver
+        calls; False, with nothing queued, where this thread has no current CUDA context."""
+        drv, compute, side = self._driver, _raw_stream(self.device.index), self._side_raw
+        try:
+            drv.copy(self._tail_ptr[s], self._checked_ptr, 8 * len(self.slots), compute)
+        except driver.CudaError as e:
+            if e.code not in driver.Driver.NO_CONTEXT:
+                raise
+            self._driver = None  # this thread never made the device current: PyTorch's calls do
+            return False
+        drv.record(self._ready_raw[s], compute)
+        drv.wait(side, self._ready_raw[s])
+        drv.launch(self._execs[j], side)
+        drv.record(self._done_raw[s], side)
+        ring = self._ring
+        ring.busy[s], ring.bytes[s] = True, self.data_bytes
+        self._in_flight += 1
+        self.graph_replays += 1
+        self.driver_issues += 1
+        return True
 
     def _step_on_cpu(self, key: str, host: list[int]) -> None:
         s = self._slot(self._ring)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import streaming_cases as cases
+from dejavu.streaming import driver
 from dejavu.streaming import (LADDER, LocalTransport, Partition, StepReplicator, StreamOptions, StreamStats,
                               replicate_box, replicate_step, restore, stream_in, stream_out, swap_in, swap_out)
 from test_streaming_procs import PEER, env, free_port
@@ -130,7 +131,7 @@ def test_step_replicator_on_gpu():
     assert transport.drop("warm/") == 11  # the steps' buffers go back to the replicator
     torch.cuda.synchronize()
     stats.reset()
-    allocs, replays = transport.pinned_allocs, rep.graph_replays
+    allocs, replays, by_driver = transport.pinned_allocs, rep.graph_replays, rep.driver_issues
     with _no_gc():
         t0 = time.perf_counter()
         compute()
@@ -140,6 +141,7 @@ def test_step_replicator_on_gpu():
         total = time.perf_counter() - t0
     _never_blocked(issued, total, calls)
     assert rep.graph_replays - replays == 6 and rep.overflow_steps == 0  # each step one graph replay
+    assert rep.driver_issues - by_driver == (5 if driver.load() else 0)  # device positions: driver calls
     assert transport.pinned_allocs == allocs  # nothing pinned while streaming
     assert transport._store["f/t0"].buf.is_pinned()
     rep.box(boxes[5], key="f/prompt/5")
@@ -158,10 +160,13 @@ def test_step_replicator_on_gpu():
     assert stats.as_dict()["replication"]["local"]["count"] == 12
 
 
-def test_step_replicator_graphs_restore_every_step():
+@pytest.mark.parametrize("by_driver", ["1", "0"])
+def test_step_replicator_graphs_restore_every_step(by_driver, monkeypatch):
     """Graph replays through a ring shallower than the steps: re-sent keys, a device positions buffer
     overwritten right after each step (as a CUDA-graph decode does), int32 positions, and steps past
-    the reserve (filled eagerly): every stored step restores exactly."""
+    the reserve (filled eagerly): every stored step restores exactly, whether the steps with int64
+    device positions are issued as driver calls or through PyTorch."""
+    monkeypatch.setenv("DEJAVU_DRIVER_ISSUE", by_driver)
     part = cases.WHOLE
     cache = cases.global_cache(torch.float16).cuda()
     transport = LocalTransport()
@@ -184,6 +189,7 @@ def test_step_replicator_graphs_restore_every_step():
         stored[key] = pos
         if t == 9:
             assert rep.graph_replays == 10 and rep.overflow_steps == 0
+            assert rep.driver_issues == (3 if by_driver == "1" and driver.load() else 0)  # t = 1, 4, 7
     rep.wait()
     assert rep.overflow_steps == 1  # 10 keys in 9 reserved buffers
     assert sorted(transport.keys()) == sorted(stored)
