@@ -301,23 +301,22 @@ def run_shape(shape: str, args, device: torch.device, bw: float, results: list) 
 
 # What each change bought: (name, environment switches, fused pre-norm pass, CUDA graphs).
 _OFF = {"DEJAVU_TRITON": "0", "DEJAVU_SKINNY": "0", "DEJAVU_PDL": "0", "DEJAVU_PREFETCH": "0",
-        "DEJAVU_SKINNY_ALL": "0", "DEJAVU_SPLITK": "0"}
-_ALL = {"DEJAVU_TRITON": "1", "DEJAVU_SKINNY": "1", "DEJAVU_SKINNY_ALL": "1"}
+        "DEJAVU_SKINNY_ALL": "0", "DEJAVU_SPLITK": "0", "DEJAVU_ATTN_WRITE": "0"}
+_SKINNY = {**_OFF, "DEJAVU_TRITON": "1", "DEJAVU_SKINNY": "1"}
+_SPLIT = {**_SKINNY, "DEJAVU_SPLITK": "1"}
+_WRITE = {**_SPLIT, "DEJAVU_ATTN_WRITE": "1"}
 VARIANTS = [
     ("eager, torch ops", _OFF, False, False),
     ("graphs, torch ops", _OFF, False, True),
     ("graphs, triton kernels", {**_OFF, "DEJAVU_TRITON": "1"}, False, True),
     ("graphs, triton, fused blocks", {**_OFF, "DEJAVU_TRITON": "1"}, True, True),
-    ("+ skinny matmuls", {**_OFF, "DEJAVU_TRITON": "1", "DEJAVU_SKINNY": "1"}, True, True),
-    ("+ split-K summed by add+norm", {**_OFF, "DEJAVU_TRITON": "1", "DEJAVU_SKINNY": "1", "DEJAVU_SPLITK": "1"},
-     True, True),
-]
-_SPLIT = {**_OFF, "DEJAVU_TRITON": "1", "DEJAVU_SKINNY": "1", "DEJAVU_SPLITK": "1"}
-VARIANTS += [
-    ("+ PDL (next kernel launched after wait)", {**_SPLIT, "DEJAVU_PDL": "1"}, True, True),
-    ("+ PDL, matmuls trigger after their loop", {**_SPLIT, "DEJAVU_PDL": "late"}, True, True),
-    ("+ PDL, L2 prefetch of weights", {**_SPLIT, "DEJAVU_PDL": "1", "DEJAVU_PREFETCH": "1"}, True, True),
-    ("+ PDL, skinny everywhere", {**_SPLIT, "DEJAVU_PDL": "1", "DEJAVU_SKINNY_ALL": "1"}, True, True),
+    ("+ skinny matmuls", _SKINNY, True, True),
+    ("+ split-K summed by add+norm", _SPLIT, True, True),
+    ("+ rope/cache write inside decode attention", _WRITE, True, True),
+    ("+ PDL (next kernel launched after wait)", {**_WRITE, "DEJAVU_PDL": "1"}, True, True),
+    ("+ PDL, matmuls trigger after their loop", {**_WRITE, "DEJAVU_PDL": "late"}, True, True),
+    ("+ PDL late, skinny everywhere", {**_WRITE, "DEJAVU_PDL": "late", "DEJAVU_SKINNY_ALL": "1"}, True, True),
+    ("+ PDL late, L2 prefetch of weights", {**_WRITE, "DEJAVU_PDL": "late", "DEJAVU_PREFETCH": "1"}, True, True),
 ]
 
 

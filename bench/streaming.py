@@ -224,6 +224,19 @@ def ladder(a, stage, device, dtype) -> list[dict]:
             raw_p, buf_p, ratio = timed_pair(lambda: dst.copy_(src, non_blocking=True), fast_step, device,
                                              4 * a.iters)
             row.update(raw_paired_s=raw_p, buffered_paired_s=buf_p, paired_ratio=ratio)
+        if what == "token step slice" and on_gpu and fast._driver is not None:
+            # The issue path as driver calls (the default) vs PyTorch's calls, alternated call by call.
+            drv = fast._driver
+
+            def by_torch(fn):
+                fast._driver = None
+                try:
+                    return fn()
+                finally:
+                    fast._driver = drv
+            row["driver_paired_s"], row["torch_calls_paired_s"], _ = timed_pair(
+                fast_step, lambda: by_torch(fast_step), device, 4 * a.iters)
+            row["issue_driver_s"], row["issue_torch_calls_s"] = fast_issue_s(), by_torch(fast_issue_s)
         if what == "token step slice" and on_gpu:
             row["raw_behind_compute_s"] = landed_behind_compute(raw_behind(src, dst))
             row["buffered_behind_compute_s"] = landed_behind_compute(fast_behind)
@@ -274,6 +287,7 @@ def ladder(a, stage, device, dtype) -> list[dict]:
                  "host_positions_s": timed(lambda: fast_step(positions), device, a.iters),
                  "buffered_generic_s": timed(generic, device, a.iters)})
     rows[0]["step_replicator"] = {"graph_replays": fast.graph_replays, "steps": fast.steps,
+                                  "driver_issues": fast.driver_issues,
                                   "overflow_steps": fast.overflow_steps, "graph_error": fast.graph_error}
     return rows
 
@@ -516,6 +530,10 @@ def table(rows: list[dict], e2e: dict | None, overhead: dict | None = None, busy
         lines.append(f"  {r['what']}, raw copy and StepReplicator alternated call by call: raw "
                      f"{r['raw_paired_s'] * 1e6:.1f} us, StepReplicator {r['buffered_paired_s'] * 1e6:.1f} us, "
                      f"median ratio {r['paired_ratio']:.2f}x")
+    if "driver_paired_s" in r:
+        lines.append(f"  {r['what']}, StepReplicator issuing by CUDA driver calls vs PyTorch calls (alternated): "
+                     f"{r['driver_paired_s'] * 1e6:.1f} vs {r['torch_calls_paired_s'] * 1e6:.1f} us; host time in "
+                     f"step() {r['issue_driver_s'] * 1e6:.1f} vs {r['issue_torch_calls_s'] * 1e6:.1f} us")
     if "raw_behind_compute_s" in r:
         lines.append(f"  {r['what']}, issued behind ~4 ms of queued compute (device time from the compute's end to "
                      f"the slice in host memory): raw copy {r['raw_behind_compute_s'] * 1e6:.1f} us, StepReplicator "
@@ -524,7 +542,7 @@ def table(rows: list[dict], e2e: dict | None, overhead: dict | None = None, busy
     fast = rows[0].get("step_replicator")
     if fast:
         lines.append(f"  StepReplicator in the token step row: {fast['graph_replays']} of {fast['steps']} steps one "
-                     f"CUDA graph replay, {fast['overflow_steps']} past its reserve"
+                     f"CUDA graph replay ({fast.get('driver_issues', 0)} issued by driver calls), {fast['overflow_steps']} past its reserve"
                      + (f"; graph capture FAILED: {fast['graph_error']}" if fast["graph_error"] else ""))
     if overhead:
         lines.append("per-call cost on tiny tensors (us/call, waited): " +

@@ -259,6 +259,22 @@ def test_cuda_kernels_against_torch(dtype):
             v = vc[i, :, :L].double().repeat_interleave(H // KV, 0)
             refs.append(F.scaled_dot_product_attention(q[i].double().unsqueeze(1), k, v).squeeze(1))
         assert _rel(o, torch.stack(refs)) < tol, (b, H, KV, hd, S)
+    # The decode kernel that also rotates and stores the new token (rope_write folded in) against the
+    # two kernels it replaces: the same cache, bit for bit, and the same attention output.
+    for (b, H, KV, hd, S), rope in [((1, 32, 8, 64, 576), True), ((3, 8, 2, 64, 200), False),
+                                    ((32, 32, 32, 64, 576), False), ((4, 6, 2, 48, 100), True)]:
+        rot = Rotary(hd, S, 10000.0, None).to(dev)
+        cs = (rot.cos, rot.sin) if rope else (None, None)
+        qkv = torch.randn(b, 1, (H + 2 * KV) * hd, dtype=dtype, device=dev)
+        pos = torch.randint(0, S, (b, 1), device=dev)
+        pos[0], pos[-1] = S - 1, 0
+        cache = torch.randn(2, b, KV, S, hd, dtype=dtype, device=dev)
+        cache2 = cache.clone()
+        q = fused.rope_write(qkv, pos, *cs, cache, H, KV, hd)
+        o = fused.decode_attention(q.view(b, H, hd), cache[0], cache[1], pos)
+        o2 = fused.decode_attention_new(qkv, pos, *cs, cache2, H, hd)
+        assert torch.equal(cache, cache2), (b, H, KV, hd, S)
+        assert _rel(o2, o) < tol, (b, H, KV, hd, S)
 
 
 @cuda

@@ -8,7 +8,8 @@ a handful of launches:
 - ``rope_write``: RoPE on q and k, and k, v stored into the cache at each token's position, one pass.
 - ``decode_attention``: one query per slot over its cached keys 0..pos, split along the keys
   (flash-decoding) so that batch 1 still fills the GPU, reading each KV head once for its whole
-  query group; static shapes, so it lives in a CUDA graph.
+  query group; static shapes, so it lives in a CUDA graph. ``decode_attention_new`` also does the new
+  token's ``rope_write`` (one kernel a layer fewer in decode).
 - ``silu_mul``: SwiGLU's act(gate) * up.
 
 Every kernel rounds where the PyTorch reference rounds (e.g. RMSNorm casts before the weight, RoPE
@@ -71,12 +72,20 @@ def _pdl_supported() -> bool:
 _PDL_OK = _pdl_supported()
 
 
+def _pdl_mode() -> str:
+    """DEJAVU_PDL: "late" (default), "1", or "0" (off); see ``_pdl``."""
+    return os.environ.get("DEJAVU_PDL", "late") if _PDL_OK else "0"
+
+
 def _pdl(t: torch.Tensor) -> dict:
-    """Programmatic dependent launch (Hopper): each kernel may start during its predecessor's tail and
-    waits (griddepcontrol.wait) before touching anything the predecessor wrote. Off unless DEJAVU_PDL=1:
-    on an H100 it made the decode step 15-20% slower (bench/NOTES-perf.md)."""
-    mode = os.environ.get("DEJAVU_PDL", "0")
-    on = _PDL_OK and t.is_cuda and mode in ("1", "late")
+    """Programmatic dependent launch (Hopper): a kernel is launched while its predecessor still runs and
+    waits (griddepcontrol.wait) before it reads or writes anything; the weight stream of a matmul and the
+    launch latency of every kernel then overlap the previous kernel's tail. Each kernel lets its successor
+    launch only after its own wait (else the whole step goes resident at once and spins: 15-20% slower,
+    bench/NOTES-perf.md); with "late", a matmul lets it launch only once its weights are streamed, so the
+    waiting successor takes no SM slots from the matmul."""
+    mode = _pdl_mode()
+    on = t.is_cuda and mode in ("1", "late")
     return {"PDL": 2 if mode == "late" else 1, "launch_pdl": True} if on else {"PDL": 0}
 
 
@@ -172,12 +181,31 @@ if HAVE_TRITON:
         tl.store(cache_k + s_kv + vh[:, None] * s_head + d[None, :], v, mask=vm)
 
     @triton.jit
+    def _rope_row(X, d, dm, c, s, ROPE: tl.constexpr, HEAD_DIM: tl.constexpr, other_mask):
+        # Rows of head vectors at X (pointer block [rows, D]), rotated as rope_write rotates them.
+        x = tl.load(X + d[None, :], mask=other_mask, other=0.0)
+        if ROPE:
+            half = HEAD_DIM // 2
+            partner = tl.where(d < half, d + half, d - half)
+            o = tl.load(X + partner[None, :], mask=other_mask, other=0.0)
+            rot = tl.where((d < half)[None, :], -o.to(tl.float32), o.to(tl.float32))
+            a = (x.to(tl.float32) * c[None, :]).to(x.dtype).to(tl.float32)
+            b = (rot * s[None, :]).to(x.dtype).to(tl.float32)
+            x = (a + b).to(x.dtype)
+        return x
+
+    @triton.jit
     def _decode_attn_kernel(Q, K, V, POS, O, MX, LX, ACC,
                             stride_qb, stride_qh, stride_kb, stride_kh, stride_ks,
                             stride_vb, stride_vh, stride_vs, stride_pb, stride_ob, stride_oh, scale_log2,
+                            COS, SIN,
                             H: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
                             HEAD_DIM: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                            SPLIT_LEN: tl.constexpr, NUM_SPLITS: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr = 0):
+                            SPLIT_LEN: tl.constexpr, NUM_SPLITS: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr = 0,
+                            NEW: tl.constexpr = False, ROPE: tl.constexpr = False):
+        # NEW: Q is the fused projection's row [H q | KV k | KV v heads] of this step's token, not yet in
+        # the cache: q (and k) are rotated here, the new key and value are attended from registers, and
+        # the split that holds the token's position stores them into the cache (rope_write folded in).
         if PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -186,24 +214,40 @@ if HAVE_TRITON:
         KVH: tl.constexpr = H // GROUP
         b = (pid // KVH).to(tl.int64)
         kvh = pid % KVH
-        length = tl.load(POS + b * stride_pb).to(tl.int32) + 1
+        pos = tl.load(POS + b * stride_pb).to(tl.int32)
+        length = pos + 1
         g = tl.arange(0, BLOCK_G)
         gm = g < GROUP
         heads = kvh * GROUP + g
         d = tl.arange(0, D)
         dm = d < HEAD_DIM
-        q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
-                    mask=gm[:, None] & dm[None, :], other=0.0)
-        m_i = tl.zeros([BLOCK_G], dtype=tl.float32) - float("inf")
-        l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_G, D], dtype=tl.float32)
         start = sid * SPLIT_LEN
         end = tl.minimum(start + SPLIT_LEN, length)
         k_base = K + b * stride_kb + kvh * stride_kh
         v_base = V + b * stride_vb + kvh * stride_vh
-        for n0 in range(start, end, BLOCK_N):
+        if NEW:
+            if ROPE:
+                c = tl.load(COS + pos * HEAD_DIM + d, mask=dm, other=0.0).to(Q.dtype.element_ty).to(tl.float32)
+                sn = tl.load(SIN + pos * HEAD_DIM + d, mask=dm, other=0.0).to(Q.dtype.element_ty).to(tl.float32)
+            else:
+                c = tl.zeros([D], dtype=tl.float32)  # unused without RoPE
+                sn = c
+            row = Q + b * stride_qb
+            q = _rope_row(row + heads[:, None] * HEAD_DIM, d, dm, c, sn, ROPE, HEAD_DIM, gm[:, None] & dm[None, :])
+            one = tl.arange(0, 1)
+            k_new = _rope_row(row + (H + kvh + one[:, None]) * HEAD_DIM, d, dm, c, sn, ROPE, HEAD_DIM, dm[None, :])
+            v_new = tl.load(row + (H + KVH + kvh + one[:, None]) * HEAD_DIM + d[None, :], mask=dm[None, :], other=0.0)
+            cached_end = tl.minimum(end, pos)  # the cache holds positions < pos; pos is k_new / v_new
+        else:
+            q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
+                        mask=gm[:, None] & dm[None, :], other=0.0)
+            cached_end = end
+        m_i = tl.zeros([BLOCK_G], dtype=tl.float32) - float("inf")
+        l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_G, D], dtype=tl.float32)
+        for n0 in range(start, cached_end, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
-            nm = n < end
+            nm = n < cached_end
             k = tl.load(k_base + n[:, None] * stride_ks + d[None, :], mask=nm[:, None] & dm[None, :], other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
             s = tl.where(nm[None, :], s, float("-inf"))
@@ -214,6 +258,17 @@ if HAVE_TRITON:
             v = tl.load(v_base + n[:, None] * stride_vs + d[None, :], mask=nm[:, None] & dm[None, :], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
             m_i = m_new
+        if NEW:
+            if (start <= pos) & (pos < end):  # this split holds the new position
+                tl.store(k_base + pos * stride_ks + one[:, None] * 0 + d[None, :], k_new, mask=dm[None, :])
+                tl.store(v_base + pos * stride_vs + one[:, None] * 0 + d[None, :], v_new, mask=dm[None, :])
+                s = tl.sum(q.to(tl.float32) * k_new.to(tl.float32), axis=1) * scale_log2
+                m_new = tl.maximum(m_i, s)
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(s - m_new)
+                l_i = l_i * alpha + p
+                acc = acc * alpha[:, None] + p.to(v_new.dtype).to(tl.float32)[:, None] * v_new.to(tl.float32)
+                m_i = m_new
         if NUM_SPLITS == 1:
             o = acc / l_i[:, None]
             tl.store(O + b * stride_ob + heads[:, None] * stride_oh + d[None, :], o.to(O.dtype.element_ty),
@@ -398,9 +453,36 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
                      scale: float | None = None, config: tuple | None = None) -> torch.Tensor:
     """One query per slot: q [b, H, d]; keys/values [b, KV, S, d] (cache views); positions [b] or [b, 1]
     is each query's position, so keys 0..pos are read. Returns [b, H, d]."""
-    b, heads, head_dim = q.shape
+    assert q.stride(-1) == 1
+    return _decode_attention(q, q.stride(0), q.stride(1), q.shape[1], q.shape[2], keys, values, positions,
+                             scale, config)
+
+
+def attention_writes_cache() -> bool:
+    """Decode through ``decode_attention_new`` (one kernel) rather than ``rope_write`` + ``decode_attention``
+    (``DEJAVU_ATTN_WRITE=0``: the two-kernel path, for A/B measurements)."""
+    return os.environ.get("DEJAVU_ATTN_WRITE", "1") != "0"
+
+
+def decode_attention_new(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor | None,
+                         sin: torch.Tensor | None, cache_layer: torch.Tensor, heads: int, head_dim: int,
+                         scale: float | None = None, config: tuple | None = None) -> torch.Tensor:
+    """``rope_write`` and ``decode_attention`` of one new token per slot, in one kernel: qkv
+    [b, 1, (H + 2 KV) * d] is the fused projection's output, rotated here (cos/sin None: no RoPE); its k, v
+    are stored into ``cache_layer`` [2, b, KV, S, d] at ``positions`` and attended with keys 0..pos-1
+    read from the cache. Returns [b, H, d]."""
+    b = qkv.shape[0]
+    row = qkv.reshape(b, -1)
+    assert row.stride(1) == 1 and cache_layer.stride(-1) == 1
+    return _decode_attention(row, row.stride(0), head_dim, heads, head_dim, cache_layer[0], cache_layer[1],
+                             positions, scale, config, new=(cos, sin))
+
+
+def _decode_attention(q, stride_qb: int, stride_qh: int, heads: int, head_dim: int, keys, values, positions,
+                      scale, config, new: tuple | None = None) -> torch.Tensor:
+    b = q.shape[0]
     kv_heads, max_seq = keys.shape[1], keys.shape[2]
-    assert q.stride(-1) == 1 and keys.stride(-1) == 1 and values.stride(-1) == 1
+    assert keys.stride(-1) == 1 and values.stride(-1) == 1
     group = heads // kv_heads
     pos = positions.reshape(b)
     scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
@@ -416,14 +498,16 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         acc = torch.empty(b * heads * num_splits, d_pad, dtype=torch.float32, device=q.device)
     else:
         mx = lx = acc = out
+    cos, sin = new if new is not None else (None, None)
     _decode_attn_kernel[(b * kv_heads, num_splits)](
         q, keys, values, pos, out, mx, lx, acc,
-        q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
+        stride_qb, stride_qh, keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2), pos.stride(0), out.stride(0), out.stride(1),
-        scale * 1.4426950408889634,
+        scale * 1.4426950408889634, cos if cos is not None else q, sin if sin is not None else q,
         H=heads, GROUP=group, BLOCK_G=max(16, _pow2(group)), HEAD_DIM=head_dim, D=d_pad, BLOCK_N=block_n,
         SPLIT_LEN=split_len, NUM_SPLITS=num_splits, num_warps=warps, num_stages=stages,
-        PREC="ieee" if q.dtype == torch.float32 else "tf32", **_pdl(q))  # fp32 stays fp32 (no TF32)
+        PREC="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays fp32 (no TF32)
+        NEW=new is not None, ROPE=cos is not None, **_pdl(q))
     if num_splits > 1:
         _decode_reduce_kernel[(b * heads,)](
             mx, lx, acc, out, out.stride(0), out.stride(1), H=heads, HEAD_DIM=head_dim, D=d_pad,
@@ -450,8 +534,9 @@ SKINNY_CONFIG: dict = {
     (32, 50272, 2048): (32, 256, 4, 4),
     (32, 128256, 2048): (128, 128, 3, 8),
 }
-# Shapes where cuBLAS was as fast or faster in that sweep (without PDL): cuBLAS keeps them unless
-# DEJAVU_SKINNY_ALL=1 (with PDL, a chain of our own kernels overlaps better).
+# Shapes where cuBLAS was as fast or faster in that sweep (without PDL): cuBLAS keeps them where PDL is
+# off, unless DEJAVU_SKINNY_ALL=1. With PDL our kernels go everywhere (a cuBLAS kernel breaks the chain of
+# early launches), unless DEJAVU_SKINNY_ALL=0.
 CUBLAS_FASTER = {(16, 2048, 8192), (32, 2048, 8192), (32, 3072, 2048), (16, 2048, 2048), (16, 3072, 2048)}
 
 
@@ -460,8 +545,9 @@ def _bucket(m: int) -> int:
 
 
 def use_skinny(m: int, n: int, k: int) -> bool:
-    """False where the sweep found cuBLAS at least as fast for this shape."""
-    if os.environ.get("DEJAVU_SKINNY_ALL") == "1":
+    """False where the sweep found cuBLAS at least as fast for this shape (and PDL is off)."""
+    everywhere = os.environ.get("DEJAVU_SKINNY_ALL")
+    if everywhere == "1" or (everywhere is None and _pdl_mode() != "0"):
         return True
     return (_bucket(m), n, k) not in CUBLAS_FASTER and SKINNY_CONFIG.get((_bucket(m), n, k), True) is not None
 
