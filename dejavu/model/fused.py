@@ -260,8 +260,8 @@ if HAVE_TRITON:
             m_i = m_new
         if NEW:
             if (start <= pos) & (pos < end):  # this split holds the new position
-                tl.store(k_base + pos * stride_ks + one[:, None] * 0 + d[None, :], k_new, mask=dm[None, :])
-                tl.store(v_base + pos * stride_vs + one[:, None] * 0 + d[None, :], v_new, mask=dm[None, :])
+                tl.store(k_base + pos * stride_ks + d[None, :], k_new, mask=dm[None, :])
+                tl.store(v_base + pos * stride_vs + d[None, :], v_new, mask=dm[None, :])
                 s = tl.sum(q.to(tl.float32) * k_new.to(tl.float32), axis=1) * scale_log2
                 m_new = tl.maximum(m_i, s)
                 alpha = tl.exp2(m_i - m_new)

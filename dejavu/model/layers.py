@@ -177,14 +177,13 @@ class Attention(nn.Module):
     def _attend_fused(self, qkv: torch.Tensor, plan: StepPlan, cache: KVCache, layer: int) -> torch.Tensor:
         b, t, _ = qkv.shape
         rot = self.rotary
+        cos, sin = (rot.cos, rot.sin) if rot is not None else (None, None)
         if t == 1 and fused.attention_writes_cache():
             # Decode: one kernel rotates q and k, stores k and v, and attends keys 0..pos of each slot.
-            return fused.decode_attention_new(qkv, plan.positions, rot.cos if rot is not None else None,
-                                              rot.sin if rot is not None else None, cache.data[layer],
-                                              self.heads, self.head_dim)
-        q = fused.rope_write(qkv, plan.positions, rot.cos if rot is not None else None,
-                             rot.sin if rot is not None else None, cache.data[layer], self.heads,
-                             self.kv_heads, self.head_dim)
+            return fused.decode_attention_new(qkv, plan.positions, cos, sin, cache.data[layer], self.heads,
+                                              self.head_dim)
+        q = fused.rope_write(qkv, plan.positions, cos, sin, cache.data[layer], self.heads, self.kv_heads,
+                             self.head_dim)
         keys, values = cache.layer(layer)
         if t == 1:
             # Decode: reads keys 0..pos of each slot, whatever the span (static shapes for CUDA graphs).

@@ -55,24 +55,16 @@ class Driver:
 
     def copy(self, dst: int, src: int, size: int, stream: int) -> None:
         """Device-to-device copy of ``size`` bytes, queued on ``stream``."""
-        code = self._copy(dst, src, size, stream)
-        if code:
-            self._check("cuMemcpyDtoDAsync", code)
+        self._check("cuMemcpyDtoDAsync", self._copy(dst, src, size, stream))
 
     def record(self, event: int, stream: int) -> None:
-        code = self._record(event, stream)
-        if code:
-            self._check("cuEventRecord", code)
+        self._check("cuEventRecord", self._record(event, stream))
 
     def wait(self, stream: int, event: int) -> None:
-        code = self._wait(stream, event, 0)
-        if code:
-            self._check("cuStreamWaitEvent", code)
+        self._check("cuStreamWaitEvent", self._wait(stream, event, 0))
 
     def launch(self, graph_exec: int, stream: int) -> None:
-        code = self._launch(graph_exec, stream)
-        if code:
-            self._check("cuGraphLaunch", code)
+        self._check("cuGraphLaunch", self._launch(graph_exec, stream))
 
 
 _DRIVER: Driver | None | bool = False  # False: not looked up yet

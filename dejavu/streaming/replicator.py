@@ -318,8 +318,9 @@ class StepReplicator:
         ring = self._ring
         s = self._slot(ring)
         j, buf = self._destination(key, s)
-        if host is None and j is not None and j % self.depth == s and self._checked_ptr is not None \
-                and self._driver is not None and self._execs[j] is not None and self._issue_by_driver(s, j):
+        own = j is not None and j % self.depth == s  # landing buffer j has a graph through slot s
+        if own and host is None and self._checked_ptr is not None and self._driver is not None \
+                and self._execs[j] is not None and self._issue_by_driver(s, j):
             return
         if host is None:  # the snapshot, on the caller's stream: the caller may overwrite its tensor next
             self._tails[s].copy_(self._checked_flat, non_blocking=True)
@@ -329,7 +330,7 @@ class StepReplicator:
         try:
             if host is not None:
                 self._tails[s].copy_(self._host_pos[s], non_blocking=True)  # pinned: async
-            graph = self._graphs[j] if j is not None and j % self.depth == s else None
+            graph = self._graphs[j] if own else None
             if graph is not None:
                 graph.replay()
                 self.graph_replays += 1
@@ -353,9 +354,7 @@ class StepReplicator:
         drv.wait(side, self._ready_raw[s])
         drv.launch(self._execs[j], side)
         drv.record(self._done_raw[s], side)
-        ring = self._ring
-        ring.busy[s], ring.bytes[s] = True, self.data_bytes
-        self._in_flight += 1
+        self._mark_in_flight(self._ring, s, self.data_bytes)
         self.graph_replays += 1
         self.driver_issues += 1
         return True
@@ -492,6 +491,10 @@ class StepReplicator:
             ring.done[i].record(self._side)
         finally:
             torch.cuda.set_stream(compute)
+        self._mark_in_flight(ring, i, size)
+
+    def _mark_in_flight(self, ring: _Ring, i: int, size: int) -> None:
+        """Slot ``i`` holds ``size`` bytes of side-stream work whose "done" event is recorded."""
         ring.busy[i], ring.bytes[i] = True, size
         self._in_flight += 1
 
