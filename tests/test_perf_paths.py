@@ -384,6 +384,31 @@ def test_cuda_pdl_decode_step_is_bitwise_equal(family, monkeypatch):
 
 
 @cuda
+def test_cuda_kernels_take_the_whole_shared_memory_carveout():
+    """With PDL on, each of our kernels is loaded with the full shared-memory carveout (so that the next
+    kernel's early-launched programs can share an SM with it), the small ones included."""
+    import ctypes
+
+    from dejavu.model import fused
+
+    if not fused._PDL_OK or os.environ.get("DEJAVU_CARVEOUT") == "0":
+        pytest.skip("PDL off: nothing launches early")
+    x = torch.randn(3, 2048, dtype=torch.float16, device="cuda")
+    fused.add_norm(x, x, None, torch.nn.LayerNorm(2048).to("cuda", torch.float16))
+    fused.skinny_mm(x, torch.randn(4096, 2048, dtype=torch.float16, device="cuda"))
+    torch.cuda.synchronize()
+    lib = ctypes.CDLL("libcuda.so.1")
+    seen = {}
+    for jit in (fused._add_norm_kernel, fused._skinny_mm_kernel):
+        for kernel in jit.device_caches[torch.cuda.current_device()][0].values():
+            value = ctypes.c_int()
+            assert lib.cuFuncGetAttribute(ctypes.byref(value), 9, ctypes.c_void_p(kernel.function)) == 0
+            seen[kernel.name, kernel.metadata.shared] = value.value
+    assert {name for name, _ in seen} == {"_add_norm_kernel", "_skinny_mm_kernel"}
+    assert set(seen.values()) == {100}, seen
+
+
+@cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_cuda_skinny_matmul_against_torch(dtype):
     import torch.nn.functional as F

@@ -71,6 +71,27 @@ def _pdl_supported() -> bool:
 
 _PDL_OK = _pdl_supported()
 
+# Our kernels' names (for the load hook below).
+_OURS = ("_add_norm_kernel", "_rope_write_kernel", "_decode_attn_kernel", "_decode_reduce_kernel",
+         "_skinny_mm_kernel", "_silu_mul_kernel")
+
+
+def _prefer_shared(module, function, name, metadata_group, hash) -> None:
+    """Give each of our kernels the whole shared-memory carveout when it is loaded. Triton asks for it only
+    for kernels over 48 KB, so the small kernels (add+norm, attention at some tilings, the reduce) ran
+    with another split of L1 and shared memory, and an SM cannot take programs of a kernel with another
+    carveout until it drains: PDL's early-launched programs waited. Measured (bench/NOTES-perf.md):
+    Llama b=8 -2.5% (bf16) to -7% (fp16), OPT b=8 bf16 -2.5%, b=1 within noise. DEJAVU_CARVEOUT=0: off."""
+    if name in _OURS:
+        import ctypes
+
+        lib = ctypes.CDLL("libcuda.so.1")
+        lib.cuFuncSetAttribute(ctypes.c_void_p(function), 9, 100)  # PREFERRED_SHARED_MEMORY_CARVEOUT, %
+
+
+if _PDL_OK and os.environ.get("DEJAVU_CARVEOUT", "1") != "0":
+    triton.knobs.runtime.kernel_load_end_hook.add(_prefer_shared)
+
 
 def _pdl_mode() -> str:
     """DEJAVU_PDL: "late" (default), "1", or "0" (off); see ``_pdl``."""
