@@ -90,7 +90,9 @@ def _prefer_shared(module, function, name, metadata_group, hash) -> None:
 
 
 if _PDL_OK and os.environ.get("DEJAVU_CARVEOUT", "1") != "0":
-    triton.knobs.runtime.kernel_load_end_hook.add(_prefer_shared)
+    _hooks = getattr(getattr(getattr(triton, "knobs", None), "runtime", None), "kernel_load_end_hook", None)
+    if _hooks is not None:  # Triton >= 3.4; older ones load every kernel with their own carveout
+        _hooks.add(_prefer_shared)
 
 
 def _pdl_mode() -> str:
