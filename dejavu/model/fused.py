@@ -89,10 +89,12 @@ def _prefer_shared(module, function, name, metadata_group, hash) -> None:
         lib.cuFuncSetAttribute(ctypes.c_void_p(function), 9, 100)  # PREFERRED_SHARED_MEMORY_CARVEOUT, %
 
 
+_CARVEOUT = False
 if _PDL_OK and os.environ.get("DEJAVU_CARVEOUT", "1") != "0":
     _hooks = getattr(getattr(getattr(triton, "knobs", None), "runtime", None), "kernel_load_end_hook", None)
     if _hooks is not None:  # Triton >= 3.4; older ones load every kernel with their own carveout
         _hooks.add(_prefer_shared)
+        _CARVEOUT = True
 
 
 def _pdl_mode() -> str:
