@@ -21,6 +21,7 @@ The callers fall back to plain PyTorch when Triton is missing or the tensors are
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -70,32 +71,6 @@ def _pdl_supported() -> bool:
 
 
 _PDL_OK = _pdl_supported()
-
-# Our kernels' names (for the load hook below).
-_OURS = ("_add_norm_kernel", "_rope_write_kernel", "_decode_attn_kernel", "_decode_reduce_kernel",
-         "_skinny_mm_kernel", "_silu_mul_kernel")
-
-
-def _prefer_shared(module, function, name, metadata_group, hash) -> None:
-    """Give each of our kernels the whole shared-memory carveout when it is loaded. Triton asks for it only
-    for kernels over 48 KB, so the small kernels (add+norm, attention at some tilings, the reduce) ran
-    with another split of L1 and shared memory, and an SM cannot take programs of a kernel with another
-    carveout until it drains: PDL's early-launched programs waited. Measured (bench/NOTES-perf.md):
-    Llama b=8 -2.5% (bf16) to -7% (fp16), OPT b=8 bf16 -2.5%, b=1 within noise. DEJAVU_CARVEOUT=0: off."""
-    if name in _OURS:
-        import ctypes
-
-        lib = ctypes.CDLL("libcuda.so.1")
-        lib.cuFuncSetAttribute(ctypes.c_void_p(function), 9, 100)  # PREFERRED_SHARED_MEMORY_CARVEOUT, %
-
-
-_CARVEOUT = False
-if _PDL_OK and os.environ.get("DEJAVU_CARVEOUT", "1") != "0":
-    _hooks = getattr(getattr(getattr(triton, "knobs", None), "runtime", None), "kernel_load_end_hook", None)
-    if _hooks is not None:  # Triton >= 3.4; older ones load every kernel with their own carveout
-        _hooks.add(_prefer_shared)
-        _CARVEOUT = True
-
 
 def _pdl_mode() -> str:
     """DEJAVU_PDL: "late" (default), "1", or "0" (off); see ``_pdl``."""
@@ -399,6 +374,34 @@ if HAVE_TRITON:
         g = gate.to(tl.float32)
         a = (g / (1.0 + tl.exp(-g))).to(gate.dtype)  # act(gate) rounded, then the product rounded
         tl.store(Y + row * stride_y + cols, (a.to(tl.float32) * up.to(tl.float32)).to(gate.dtype), mask=m)
+
+
+@functools.cache
+def _libcuda():
+    import ctypes
+
+    return ctypes.CDLL("libcuda.so.1")
+
+
+def _prefer_shared(module, function, name, metadata_group, hash) -> None:
+    """Give each of our kernels the whole shared-memory carveout when it is loaded. Triton asks for it only
+    for kernels over 48 KB, so the small kernels (add+norm, attention at some tilings, the reduce) ran
+    with another split of L1 and shared memory, and an SM cannot take programs of a kernel with another
+    carveout until it drains: PDL's early-launched programs waited. Measured (bench/NOTES-perf.md):
+    Llama b=8 -2.5% (bf16) to -7% (fp16), OPT b=8 bf16 -2.5%, b=1 within noise. DEJAVU_CARVEOUT=0: off."""
+    if name in _OURS:
+        import ctypes
+
+        _libcuda().cuFuncSetAttribute(ctypes.c_void_p(function), 9, 100)  # PREFERRED_SHARED_MEMORY_CARVEOUT, %
+
+
+_CARVEOUT = False
+if HAVE_TRITON:
+    _OURS = {name for name, f in list(globals().items()) if isinstance(f, triton.runtime.JITFunction)}
+    _hooks = getattr(getattr(getattr(triton, "knobs", None), "runtime", None), "kernel_load_end_hook", None)
+    if _PDL_OK and os.environ.get("DEJAVU_CARVEOUT", "1") != "0" and _hooks is not None:
+        _hooks.add(_prefer_shared)  # Triton >= 3.4; older ones load every kernel with their own carveout
+        _CARVEOUT = True
 
 
 # ---- entry points (callers check ``enabled`` first) -------------------------------------------------
