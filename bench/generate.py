@@ -321,6 +321,9 @@ VARIANTS = [
 
 
 def run_variants(shape: str, args, device: torch.device, bw: float, results: list) -> None:
+    """Each selected variant's decode step (and prefill) at every batch. With ``--rounds N`` the variants
+    run N times, in index order and then reversed, and each cell reports the median: one pass in index
+    order favours or handicaps whatever runs first, and a cell moves by ~5% from one pass to the next."""
     batches = [int(b) for b in args.batches.split(",")]
     dtype = parse_dtype(args.dtypes.split(",")[0])
     P, N = args.prompt, args.gen
@@ -332,27 +335,39 @@ def run_variants(shape: str, args, device: torch.device, bw: float, results: lis
     fusable = stage.fused
     g = torch.Generator().manual_seed(args.seed + 1)
     only = args.variant_names.split(",") if args.variant_names else None
+    chosen = [i for i, (_, _, _, graphs) in enumerate(VARIANTS)
+              if not (graphs and device.type != "cuda") and not (only and str(i) not in only)]
     saved = {k: os.environ.get(k) for k in _OFF}
-    for i, (name, env, fused, graphs) in enumerate(VARIANTS):
-        if (graphs and device.type != "cuda") or (only and str(i) not in only):
-            continue
-        os.environ.update(env)
-        stage.fused = fused and fusable
+    steps: dict = {}
+    prefill: dict = {}
+    for r in range(args.rounds):
+        for i in chosen if r % 2 == 0 else chosen[::-1]:
+            name, env, fused, graphs = VARIANTS[i]
+            os.environ.update(env)
+            stage.fused = fused and fusable
+            for b in batches:
+                engine = Engine([stage], cuda_graphs=graphs, cache_len=P + N)
+                plist = torch.randint(3, stage.cfg.vocab_size, (b, P), generator=g).tolist()
+                steps.setdefault((i, b), []).append(decode_step_ms(engine, plist, device, N))
+                if r == 0:
+                    slab = engine._slab_for(b, P + N)
+                    prefill[i, b] = timed(lambda: engine.prefill(plist, slab), device, args.reps)
+                    del slab
+                print(f"[{shape}] round {r + 1}/{args.rounds} {name:30s} b={b:3d}: step "
+                      f"{steps[i, b][-1]:8.3f} ms", flush=True)
+                del engine
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    for i in chosen:
+        name = VARIANTS[i][0]
         for b in batches:
-            engine = Engine([stage], cuda_graphs=graphs, cache_len=P + N)
-            plist = torch.randint(3, stage.cfg.vocab_size, (b, P), generator=g).tolist()
-            step = decode_step_ms(engine, plist, device, N)
-            slab = engine._slab_for(b, P + N)
-            t_pre = timed(lambda: engine.prefill(plist, slab), device, args.reps)
+            step, t_pre = statistics.median(steps[i, b]), prefill[i, b]
             floor_ms = floor_bytes(stage.cfg, params, dtype, b, P + N / 2) / bw * 1e3
             results.append({"model": shape, "impl": "variant", "variant": name, "dtype": short(dtype), "batch": b,
-                            "decode_step_ms": step, "floor_ms": floor_ms, "prefill_s": t_pre,
-                            "prefill_TFLOPs": 2 * params * b * P / t_pre / 1e12})
+                            "decode_step_ms": step, "decode_step_ms_rounds": steps[i, b], "floor_ms": floor_ms,
+                            "prefill_s": t_pre, "prefill_TFLOPs": 2 * params * b * P / t_pre / 1e12})
             print(f"[{shape}] {name:30s} b={b:3d}: step {step:8.3f} ms (x{step / floor_ms:5.2f} floor), "
                   f"prefill {t_pre * 1e3:7.1f} ms ({2 * params * b * P / t_pre / 1e12:5.0f} TFLOP/s)", flush=True)
-            del engine, slab
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
     for k, v in saved.items():
         os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
     del stage
@@ -414,10 +429,15 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", action="store_true",
                     help="instead: decode step and prefill of each optimisation stage (first of --dtypes)")
     ap.add_argument("--variant-names", default=None, help="with --variants: comma list of their indices")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="with --variants: passes over the variants, alternately in index order and reversed; "
+                         "each cell reports the median")
     ap.add_argument("--out", default=None, help="write every number here (JSON)")
     ap.add_argument("--print-best-env", metavar="VARIANTS_JSON", default=None,
                     help="print shell exports of the best variant in a --variants JSON, and exit")
     args = ap.parse_args(argv)
+    if args.rounds < 1:
+        ap.error(f"--rounds must be at least 1, got {args.rounds}")
     if args.print_best_env:
         print(best_env(args.print_best_env))
         return 0
