@@ -152,6 +152,56 @@ def test_triton_kernels_in_interpreter_give_the_same_tokens(tmp_path):
     assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-3000:]
 
 
+_ATTN_NAN_SCRIPT = textwrap.dedent("""
+    import os, sys
+    os.environ["TRITON_INTERPRET"] = "1"
+    import triton.runtime.interpreter as I
+    _orig = I._patch_lang_tensor
+    def _patched(tensor, scope):  # triton 3.6 + numpy >= 2.4: int() of a 1-element array
+        _orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+    I._patch_lang_tensor = _patched
+    sys.path[:0] = [{root!r}]
+    import torch
+    from dejavu.model import fused
+
+    torch.manual_seed(0)
+    b, H, KV, hd, S = 3, 4, 2, 16, 70  # S not a multiple of the tile: the last split's tile runs past it
+    qkv = torch.randn(b, 1, (H + 2 * KV) * hd)
+    cache = torch.randn(2, b, KV, S, hd)
+    pos = torch.tensor([37, 5, 69])
+    for i, p in enumerate(pos.tolist()):
+        cache[:, i, :, p:] = float("nan")  # nothing at or past pos may be read
+    q, k, v = qkv.view(b, H + 2 * KV, hd).split([H, KV, KV], 1)
+    want = []
+    for i, p in enumerate(pos.tolist()):
+        keys = torch.cat([cache[0, i, :, :p], k[i, :, None]], 1).repeat_interleave(H // KV, 0)
+        vals = torch.cat([cache[1, i, :, :p], v[i, :, None]], 1).repeat_interleave(H // KV, 0)
+        att = torch.softmax((q[i, :, None] @ keys.transpose(1, 2)) / hd**0.5, -1)
+        want.append((att @ vals)[:, 0])
+    want = torch.stack(want)
+    for config in ((16, 2, 4, 1000), (16, 2, 4, 6)):  # 5 splits of one tile; 1 split of 5 tiles
+        c = cache.clone()
+        got = fused.decode_attention_new(qkv, pos, None, None, c, H, hd, config=config)
+        assert (got - want).abs().max() < 1e-5, (config, (got - want).abs().max())
+        for i, p in enumerate(pos.tolist()):  # the new k, v stored at pos, nothing else touched
+            assert torch.equal(c[0, i, :, p], k[i]) and torch.equal(c[1, i, :, p], v[i])
+            assert torch.equal(c[:, i, :, :p], cache[:, i, :, :p])
+    print("ok")
+""")
+
+
+def test_decode_attention_never_reads_past_the_position_in_interpreter():
+    """Decode attention with the new token folded in, against a PyTorch reference, with NaN at and past
+    each slot's position in the cache (whatever a cache holds there must not reach the output), with
+    several splits and with several tiles per split; the new k, v land at pos and nothing else changes."""
+    pytest.importorskip("triton")
+    script = _ATTN_NAN_SCRIPT.format(root=str(ROOT))
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-3000:]
+
+
 # ---- on a GPU (skipped in CI) -----------------------------------------------------------------------
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
