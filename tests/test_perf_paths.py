@@ -112,7 +112,8 @@ def test_engine_reuses_caches_between_calls(models):
     assert [g.output_ids for g in again] == ref[::-1]
 
 
-_INTERPRETER_SCRIPT = textwrap.dedent("""
+# Run first in every interpreter script: the interpreter on, and its numpy glue patched.
+_INTERPRETER_PREAMBLE = textwrap.dedent("""
     import os, sys
     os.environ["TRITON_INTERPRET"] = "1"
     import triton.runtime.interpreter as I
@@ -121,6 +122,19 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
         _orig(tensor, scope)
         scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
     I._patch_lang_tensor = _patched
+""")
+
+
+def _run_in_interpreter(script: str, *args: str) -> None:
+    """Run ``script`` (after the preamble) in a fresh interpreter with Triton's CPU interpreter on; it must
+    print "ok"."""
+    pytest.importorskip("triton")
+    run = subprocess.run([sys.executable, "-c", _INTERPRETER_PREAMBLE + script, *args], capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-3000:]
+
+
+_INTERPRETER_SCRIPT = textwrap.dedent("""
     sys.path[:0] = [{root!r}, {tests!r}]
     import torch
     import tiny_models as tm
@@ -145,22 +159,10 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
 
 
 def test_triton_kernels_in_interpreter_give_the_same_tokens(tmp_path):
-    pytest.importorskip("triton")
-    script = _INTERPRETER_SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests"))
-    run = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
-                         timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"})
-    assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-3000:]
+    _run_in_interpreter(_INTERPRETER_SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests")), str(tmp_path))
 
 
 _ATTN_NAN_SCRIPT = textwrap.dedent("""
-    import os, sys
-    os.environ["TRITON_INTERPRET"] = "1"
-    import triton.runtime.interpreter as I
-    _orig = I._patch_lang_tensor
-    def _patched(tensor, scope):  # triton 3.6 + numpy >= 2.4: int() of a 1-element array
-        _orig(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-    I._patch_lang_tensor = _patched
     sys.path[:0] = [{root!r}]
     import torch
     from dejavu.model import fused
@@ -195,11 +197,7 @@ def test_decode_attention_never_reads_past_the_position_in_interpreter():
     """Decode attention with the new token folded in, against a PyTorch reference, with NaN at and past
     each slot's position in the cache (whatever a cache holds there must not reach the output), with
     several splits and with several tiles per split; the new k, v land at pos and nothing else changes."""
-    pytest.importorskip("triton")
-    script = _ATTN_NAN_SCRIPT.format(root=str(ROOT))
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "TRITON_INTERPRET": "1"})
-    assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-3000:]
+    _run_in_interpreter(_ATTN_NAN_SCRIPT.format(root=str(ROOT)))
 
 
 # ---- on a GPU (skipped in CI) -----------------------------------------------------------------------
