@@ -21,6 +21,7 @@ The callers fall back to plain PyTorch when Triton is missing or the tensors are
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
 import os
@@ -71,6 +72,7 @@ def _pdl_supported() -> bool:
 
 
 _PDL_OK = _pdl_supported()
+
 
 def _pdl_mode() -> str:
     """DEJAVU_PDL: "late" (default), "1", or "0" (off); see ``_pdl``."""
@@ -377,9 +379,7 @@ if HAVE_TRITON:
 
 
 @functools.cache
-def _libcuda():
-    import ctypes
-
+def _libcuda() -> ctypes.CDLL:
     return ctypes.CDLL("libcuda.so.1")
 
 
@@ -390,8 +390,6 @@ def _prefer_shared(module, function, name, metadata_group, hash) -> None:
     carveout until it drains: PDL's early-launched programs waited. Measured (bench/NOTES-perf.md):
     Llama b=8 -2.5% (bf16) to -7% (fp16), OPT b=8 bf16 -2.5%, b=1 within noise. DEJAVU_CARVEOUT=0: off."""
     if name in _OURS:
-        import ctypes
-
         _libcuda().cuFuncSetAttribute(ctypes.c_void_p(function), 9, 100)  # PREFERRED_SHARED_MEMORY_CARVEOUT, %
 
 
