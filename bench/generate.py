@@ -301,7 +301,7 @@ def run_shape(shape: str, args, device: torch.device, bw: float, results: list) 
 
 # What each change bought: (name, environment switches, fused pre-norm pass, CUDA graphs).
 _OFF = {"DEJAVU_TRITON": "0", "DEJAVU_SKINNY": "0", "DEJAVU_PDL": "0", "DEJAVU_PREFETCH": "0",
-        "DEJAVU_SKINNY_ALL": "0", "DEJAVU_SPLITK": "0", "DEJAVU_ATTN_WRITE": "0", "DEJAVU_FOLD": "0"}
+        "DEJAVU_SKINNY_ALL": "0", "DEJAVU_SPLITK": "0", "DEJAVU_ATTN_WRITE": "0"}
 _SKINNY = {**_OFF, "DEJAVU_TRITON": "1", "DEJAVU_SKINNY": "1"}
 _SPLIT = {**_SKINNY, "DEJAVU_SPLITK": "1"}
 _WRITE = {**_SPLIT, "DEJAVU_ATTN_WRITE": "1"}
@@ -317,12 +317,6 @@ VARIANTS = [
     ("+ PDL, matmuls trigger after their loop", {**_WRITE, "DEJAVU_PDL": "late"}, True, True),
     ("+ PDL late, skinny everywhere", {**_WRITE, "DEJAVU_PDL": "late", "DEJAVU_SKINNY_ALL": "1"}, True, True),
     ("+ PDL late, L2 prefetch of weights", {**_WRITE, "DEJAVU_PDL": "late", "DEJAVU_PREFETCH": "1"}, True, True),
-    ("+ PDL late, merge and add+norm folded in", {**_WRITE, "DEJAVU_PDL": "late", "DEJAVU_SKINNY_ALL": "1",
-                                                  "DEJAVU_FOLD": "1"}, True, True),
-    ("+ PDL late, merge folded into attention", {**_WRITE, "DEJAVU_PDL": "late", "DEJAVU_SKINNY_ALL": "1",
-                                                 "DEJAVU_FOLD": "attn"}, True, True),
-    ("+ PDL late, add+norm folded into split-K", {**_WRITE, "DEJAVU_PDL": "late", "DEJAVU_SKINNY_ALL": "1",
-                                                  "DEJAVU_FOLD": "norm"}, True, True),
 ]
 
 

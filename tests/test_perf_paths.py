@@ -116,7 +116,6 @@ def test_engine_reuses_caches_between_calls(models):
 _INTERPRETER_PREAMBLE = textwrap.dedent("""
     import os, sys
     os.environ["TRITON_INTERPRET"] = "1"
-    os.environ["DEJAVU_FOLD"] = "1"  # the scripts check the folded kernels too
     import triton.runtime.interpreter as I
     _orig = I._patch_lang_tensor
     def _patched(tensor, scope):  # triton 3.6 + numpy >= 2.4: int() of a 1-element array
@@ -183,54 +182,15 @@ _ATTN_NAN_SCRIPT = textwrap.dedent("""
         att = torch.softmax((q[i, :, None] @ keys.transpose(1, 2)) / hd**0.5, -1)
         want.append((att @ vals)[:, 0])
     want = torch.stack(want)
-    # 5 splits of one tile (merged by the reduce kernel, or by the last split: scratch); 1 split of 5 tiles
-    for config, scratch in (((16, 2, 4, 1000), None), ((16, 2, 4, 1000), fused.Scratch("cpu")),
-                            ((16, 2, 4, 6), None)):
+    for config in ((16, 2, 4, 1000), (16, 2, 4, 6)):  # 5 splits of one tile; 1 split of 5 tiles
         c = cache.clone()
-        got = fused.decode_attention_new(qkv, pos, None, None, c, H, hd, config=config, scratch=scratch)
+        got = fused.decode_attention_new(qkv, pos, None, None, c, H, hd, config=config)
         assert (got - want).abs().max() < 1e-5, (config, (got - want).abs().max())
-        if scratch is not None:  # every (slot, KV head) counted its 5 splits
-            assert scratch.take(0)._base[:b * KV].tolist() == [5] * (b * KV)
         for i, p in enumerate(pos.tolist()):  # the new k, v stored at pos, nothing else touched
             assert torch.equal(c[0, i, :, p], k[i]) and torch.equal(c[1, i, :, p], v[i])
             assert torch.equal(c[:, i, :, :p], cache[:, i, :, :p])
     print("ok")
 """)
-
-
-_FOLD_SCRIPT = textwrap.dedent("""
-    sys.path[:0] = [{root!r}]
-    import torch
-    import torch.nn.functional as F
-    from dejavu.model import fused
-    from dejavu.model.layers import RMSNorm
-
-    torch.manual_seed(0)
-    n, k = 64, 256
-    w = (torch.randn(n, k) / k**0.5).half()
-    bias = torch.randn(n).half()
-    norms = [RMSNorm(n, 1e-5).half(), torch.nn.LayerNorm(n).half()]
-    for norm in norms:
-        torch.nn.init.normal_(norm.weight)
-    for m in (1, 3):
-        x, h = torch.randn(m, 1, k).half(), torch.randn(m, 1, n).half()
-        for norm in norms:
-            mm = fused.DeferredMatmul(x, w, (2, 16, 64, 2, 4))  # 4 column blocks x 2 K slices
-            want_h, want_y = fused.add_norm(h, mm, bias, norm)  # the projection, then add+norm
-            scratch = fused.Scratch("cpu")
-            got_h, got_y = fused.add_norm(h, mm, bias, norm, scratch)  # one kernel
-            assert torch.equal(got_h, want_h) and torch.equal(got_y, want_y), (m, norm)
-            assert scratch.take(0)._base[0].item() == 8  # every program arrived once
-            ref = h.float() + (F.linear(x.float(), w.float()) + bias.float())
-            assert (got_h.float() - ref).abs().max() < 2e-2
-    print("ok")
-""")
-
-
-def test_split_matmul_with_add_norm_folded_in_interpreter():
-    """The split-K projection with the add+norm in its tail (the last program adds the partial sums and
-    normalises) gives exactly the two-kernel result, RMSNorm and LayerNorm, one row and several."""
-    _run_in_interpreter(_FOLD_SCRIPT.format(root=str(ROOT)))
 
 
 def test_decode_attention_never_reads_past_the_position_in_interpreter():
@@ -395,17 +355,12 @@ def test_cuda_split_k_into_add_norm_against_torch(dtype):
                 want_h = h + (F.linear(x, w) + bias)
                 got_h, got_y = fused.add_norm(h, parts, bias, norm)
                 assert _rel(got_h, want_h) < tol and _rel(got_y, norm(want_h)) < tol, (k, m, norm)
-                # The same projection with the add+norm folded into its tail (m > 1: the last m programs
-                # wait for the rest and take a row each).
-                fold_h, fold_y = fused.add_norm(h, fused.DeferredMatmul(x, w, config), bias, norm,
-                                                fused.Scratch("cuda"))
-                assert _rel(fold_h, got_h) < 1e-3 and _rel(fold_y, got_y) < 1e-3, (k, m, norm)
     # Outside the table (and in fp32) nothing is split.
     assert fused.split_config(torch.randn(1, 3072, dtype=dtype, device="cuda"), w[:, :3072]) is None
     assert fused.split_config(torch.randn(1, 2048, device="cuda"), torch.randn(2048, 2048, device="cuda")) is None
 
 
-def _wide_stage_after_prefill(family: str, b: int = 4, max_seq: int = 64):
+def _wide_stage_after_prefill(family: str, b: int = 4):
     """A 2048-wide two-layer fp16 stage (the decode shapes the kernel tables name) with 8 tokens of each of
     ``b`` slots prefilled; returns (stage, cache, next tokens, their positions, slot index)."""
     from transformers import LlamaConfig, OPTConfig
@@ -430,7 +385,7 @@ def _wide_stage_after_prefill(family: str, b: int = 4, max_seq: int = 64):
             else:
                 param.copy_(torch.randn(param.shape, generator=g, device="cuda") * 0.02)
     tokens = torch.randint(3, 512, (b, 8), device="cuda")
-    cache = stage.new_cache(b, max_seq)
+    cache = stage.new_cache(b, 64)
     stage(tokens, torch.arange(8).expand(b, 8), cache, torch.full((b,), 7))
     x = torch.randint(3, 512, (b, 1), device="cuda")
     return stage, cache, x, torch.full((b, 1), 8), torch.zeros(b, dtype=torch.long)
@@ -451,41 +406,6 @@ def test_cuda_split_k_decode_step_matches_unsplit(family, monkeypatch):
     for key in ("1", "1g", "0g"):
         assert _rel(logits[key], logits["0"]) < 1e-2, key
     assert torch.equal(logits["1"].argmax(-1), logits["0"].argmax(-1))
-
-
-@cuda
-@pytest.mark.parametrize("family", ["llama", "opt"])
-@pytest.mark.parametrize("b", [1, 8])
-@pytest.mark.parametrize("mode", ["1", "attn", "norm"])
-def test_cuda_folded_decode_step_matches_separate_kernels(family, b, mode, monkeypatch):
-    """The decode step with the attention merge and/or the add+norms folded into the kernels before them
-    (``DEJAVU_FOLD``) gives the logits of the step with separate kernels, eagerly and through a graph, and
-    a graph's replays agree bit for bit (the fold's result does not depend on which program arrives last).
-    Each mode folds what it names and nothing else."""
-    from dejavu.model import fused
-
-    stage, cache, x, pos, index = _wide_stage_after_prefill(family, b, max_seq=1024)  # ~16 attention splits
-    folds, takes = [], []
-    plain, take = fused._split_mm_add_norm, fused.Scratch.take
-    monkeypatch.setattr(fused, "_split_mm_add_norm", lambda *a: folds.append(1) or plain(*a))
-    monkeypatch.setattr(fused.Scratch, "take", lambda self, n: takes.append(n) or take(self, n))
-    logits = {}
-    for fold in ("0", mode):
-        monkeypatch.setenv("DEJAVU_FOLD", fold)
-        logits[fold] = stage(x, pos, cache, index).float()
-        graph = stage.capture_decode(cache)
-        logits[fold + "g"] = [graph(x, pos.cuda()).float().clone() for _ in range(3)]
-    if mode in ("1", "norm"):  # 3 add+norms of the 2 layers take a deferred projection, eager and captured
-        assert len(folds) >= 3 * 2
-    else:
-        assert not folds
-    merges = takes.count(b * stage.cfg.num_kv_heads)  # each layer's attention merging its own splits
-    assert merges >= 2 * 2 if mode in ("1", "attn") else merges == 0
-    for key in (mode, mode + "g", "0g"):
-        got = logits[key][0] if key.endswith("g") else logits[key]
-        assert _rel(got, logits["0"]) < 1e-2, key
-        assert torch.equal(got.argmax(-1), logits["0"].argmax(-1)), key
-    assert all(torch.equal(r, logits[mode + "g"][0]) for r in logits[mode + "g"])
 
 
 @cuda

@@ -105,14 +105,7 @@ if HAVE_TRITON:
         if PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
-        _add_norm_row(tl.program_id(0).to(tl.int64), X, D, B, W, NB, H_OUT, Y, stride_x, stride_d, stride_h,
-                      stride_y, N, eps, stride_part, HAS_D, HAS_B, HAS_W, HAS_NB, RMS, BLOCK, PARTS)
-
-    @triton.jit
-    def _add_norm_row(row, X, D, B, W, NB, H_OUT, Y, stride_x, stride_d, stride_h, stride_y, N, eps, stride_part,
-                      HAS_D: tl.constexpr, HAS_B: tl.constexpr, HAS_W: tl.constexpr, HAS_NB: tl.constexpr,
-                      RMS: tl.constexpr, BLOCK: tl.constexpr, PARTS: tl.constexpr):
-        # One row of add_norm: h = x + (d + b), then norm(h).
+        row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         m = cols < N
         x = tl.load(X + row * stride_x + cols, mask=m, other=0.0)
@@ -211,13 +204,10 @@ if HAVE_TRITON:
                             H: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
                             HEAD_DIM: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
                             SPLIT_LEN: tl.constexpr, NUM_SPLITS: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr = 0,
-                            NEW: tl.constexpr = False, ROPE: tl.constexpr = False, CNT=None,
-                            FOLD: tl.constexpr = False, BLOCK_S: tl.constexpr = 1, MERGE_G: tl.constexpr = 1):
+                            NEW: tl.constexpr = False, ROPE: tl.constexpr = False):
         # NEW: Q is the fused projection's row [H q | KV k | KV v heads] of this step's token, not yet in
         # the cache: q (and k) are rotated here, the new key and value are attended from registers, and
         # the split that holds the token's position stores them into the cache (rope_write folded in).
-        # FOLD (with several splits): CNT holds zeroed arrival counters, one per (slot, KV head); the last split to
-        # finish merges the others (no reduce kernel).
         if PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -291,13 +281,6 @@ if HAVE_TRITON:
             tl.store(MX + idx, m_i, mask=gm)
             tl.store(LX + idx, l_i, mask=gm)
             tl.store(ACC + idx[:, None] * D + d[None, :], acc, mask=gm[:, None])
-            if FOLD:
-                tl.debug_barrier()  # every thread's partials are stored before this program arrives
-                if tl.atomic_add(CNT + pid, 1, sem="acq_rel") == NUM_SPLITS - 1:
-                    tl.debug_barrier()
-                    gs = tl.arange(0, MERGE_G)
-                    _merge_splits(MX, LX, ACC, O, b, kvh * GROUP + gs, gs < GROUP, stride_ob, stride_oh, H,
-                                  HEAD_DIM, D, NUM_SPLITS, BLOCK_S)
 
     @triton.jit
     def _decode_reduce_kernel(MX, LX, ACC, O, stride_ob, stride_oh, H: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -306,26 +289,18 @@ if HAVE_TRITON:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         pid = tl.program_id(0).to(tl.int64)
-        h = pid % H + tl.arange(0, 1)
-        _merge_splits(MX, LX, ACC, O, pid // H, h, h < H, stride_ob, stride_oh, H, HEAD_DIM, D, NUM_SPLITS, BLOCK_S)
-
-    @triton.jit
-    def _merge_splits(MX, LX, ACC, O, b, h, hm, stride_ob, stride_oh, H: tl.constexpr, HEAD_DIM: tl.constexpr,
-                      D: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
-        # Heads h (a block of them) of slot b: the splits' partial (max, sum, acc) merged into the output.
-        bh = b * H + h
+        b = pid // H
+        h = pid % H
         s = tl.arange(0, BLOCK_S)
         sm = s < NUM_SPLITS
         d = tl.arange(0, D)
-        idx = bh[:, None] * NUM_SPLITS + s[None, :]
-        ok = hm[:, None] & sm[None, :]
-        m = tl.load(MX + idx, mask=ok, other=float("-inf"))
-        l = tl.load(LX + idx, mask=ok, other=0.0)
-        acc = tl.load(ACC + idx[:, :, None] * D + d[None, None, :], mask=ok[:, :, None], other=0.0)
-        w = tl.exp2(m - tl.max(m, axis=1)[:, None])
-        o = tl.sum(acc * w[:, :, None], axis=1) / tl.sum(l * w, axis=1)[:, None]
-        tl.store(O + b * stride_ob + h[:, None] * stride_oh + d[None, :], o.to(O.dtype.element_ty),
-                 mask=hm[:, None] & (d < HEAD_DIM)[None, :])
+        m = tl.load(MX + pid * NUM_SPLITS + s, mask=sm, other=float("-inf"))
+        l = tl.load(LX + pid * NUM_SPLITS + s, mask=sm, other=0.0)
+        top = tl.max(m, axis=0)
+        w = tl.exp2(m - top)
+        acc = tl.load(ACC + (pid * NUM_SPLITS + s)[:, None] * D + d[None, :], mask=sm[:, None], other=0.0)
+        o = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
+        tl.store(O + b * stride_ob + h * stride_oh + d, o.to(O.dtype.element_ty), mask=d < HEAD_DIM)
 
     @triton.jit
     def _skinny_mm_kernel(X, W, B, Y, M, N, K, K_PER, stride_xm, stride_wn, stride_ym, GATE_OFF,
@@ -389,53 +364,6 @@ if HAVE_TRITON:
         tl.store(Y + m[:, None] * stride_ym + n[None, :], acc.to(out_ty), mask=mm[:, None] & nm[None, :])
 
     @triton.jit
-    def _split_mm_add_norm_kernel(A, WT, P, M, N, K, K_PER, stride_am, stride_wn, CNT,
-                                  X, B, W, NB, H_OUT, Y, stride_x, stride_h, stride_y, eps,
-                                  HAS_B: tl.constexpr, HAS_W: tl.constexpr, HAS_NB: tl.constexpr, RMS: tl.constexpr,
-                                  BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                                  BLOCK_K: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr,
-                                  SPIN: tl.constexpr, PDL: tl.constexpr = 0):
-        # add_norm(x, a @ wt.T, b, norm) in one launch. Program (i, s) stores the fp32 partial sums of K slice
-        # s for column block i, as skinny_mm_split does, then arrives at the zeroed counter CNT. The last M
-        # programs to arrive wait for the rest (they spin: every program has been scheduled by then) and add
-        # up and normalise one row each; SPIN=False (the interpreter runs programs one at a time): the last
-        # program does every row.
-        if PDL:
-            tl.extra.cuda.gdc_wait()
-            if PDL == 1:
-                tl.extra.cuda.gdc_launch_dependents()
-        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        m = tl.arange(0, BLOCK_M)
-        nm = n < N
-        mm = m < M
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        k_lo = tl.program_id(1) * K_PER
-        for k0 in range(k_lo, k_lo + K_PER, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            a = tl.load(A + m[:, None] * stride_am + k[None, :], mask=mm[:, None] & (k < K)[None, :], other=0.0)
-            w = tl.load(WT + n[:, None] * stride_wn + k[None, :], mask=nm[:, None] & (k < K)[None, :], other=0.0)
-            acc += tl.dot(a, tl.trans(w), input_precision=PREC)
-        if PDL == 2:  # as skinny_mm: the next kernel launches once the weights are streamed
-            tl.extra.cuda.gdc_launch_dependents()
-        tl.store(P + (tl.program_id(1) * M + m[:, None]) * N + n[None, :], acc, mask=mm[:, None] & nm[None, :])
-        tl.debug_barrier()  # every thread's partials are stored before this program arrives
-        total = tl.num_programs(0) * tl.num_programs(1)
-        first = total - M if SPIN else total - 1
-        ticket = tl.atomic_add(CNT, 1, sem="acq_rel")
-        if ticket >= first:
-            if SPIN:
-                while tl.atomic_add(CNT, 0, sem="acquire") < total:
-                    pass
-                tl.debug_barrier()
-                _add_norm_row((ticket - first).to(tl.int64), X, P, B, W, NB, H_OUT, Y, stride_x, N, stride_h,
-                              stride_y, N, eps, M * N, True, HAS_B, HAS_W, HAS_NB, RMS, BLOCK, SPLIT)
-            else:
-                tl.debug_barrier()
-                for row in range(0, M):
-                    _add_norm_row(row, X, P, B, W, NB, H_OUT, Y, stride_x, N, stride_h, stride_y, N,
-                                  eps, M * N, True, HAS_B, HAS_W, HAS_NB, RMS, BLOCK, SPLIT)
-
-    @triton.jit
     def _silu_mul_kernel(X, Y, stride_x, stride_y, N, BLOCK: tl.constexpr, PDL: tl.constexpr = 0):
         if PDL:
             tl.extra.cuda.gdc_wait()
@@ -476,17 +404,11 @@ if HAVE_TRITON:
 
 # ---- entry points (callers check ``enabled`` first) -------------------------------------------------
 
-def add_norm(x: torch.Tensor, delta, bias: torch.Tensor | None, norm, scratch: "Scratch | None" = None) -> tuple:
+def add_norm(x: torch.Tensor, delta: torch.Tensor | None, bias: torch.Tensor | None, norm) -> tuple:
     """``h = x + (delta + bias)`` (when delta is given) and ``norm(h)``; returns (h, norm(h)).
 
-    ``norm`` is our RMSNorm or an ``nn.LayerNorm``; ``delta`` a tensor, a split-K ``SplitSum``, or a
-    ``DeferredMatmul``: with ``scratch`` (and ``fold_enabled``) that projection and this add+norm run as
-    one kernel, else the projection runs first as a ``SplitSum``.
+    ``norm`` is our RMSNorm or an ``nn.LayerNorm``; ``delta`` a tensor or a split-K ``SplitSum``.
     """
-    if isinstance(delta, DeferredMatmul):
-        if scratch is not None and fold_enabled("norm") and delta.programs() >= delta.rows():
-            return _split_mm_add_norm(x, delta, bias, norm, scratch)
-        delta = delta.split()
     shape = x.shape
     n = shape[-1]
     x2 = x.reshape(-1, n)
@@ -509,62 +431,6 @@ def add_norm(x: torch.Tensor, delta, bias: torch.Tensor | None, norm, scratch: "
         HAS_D=delta is not None, HAS_B=bias is not None, HAS_W=w is not None, HAS_NB=nb is not None,
         RMS=rms, BLOCK=_pow2(n), num_warps=4 if n <= 4096 else 8, PARTS=parts, **_pdl(x))
     return h.view(shape), y.view(shape)
-
-
-def _split_mm_add_norm(x: torch.Tensor, mm: "DeferredMatmul", bias: torch.Tensor | None, norm,
-                       scratch: "Scratch") -> tuple:
-    """``add_norm(x, mm, bias, norm)`` as one kernel: the split-K projection, then its last programs add the
-    partial sums to the residual and normalise (one kernel boundary a sub-block fewer)."""
-    splits, block_n, block_k, stages, warps = mm.config
-    a2 = _rows(mm.x)
-    m, k = a2.shape
-    n = mm.weight.shape[0]
-    shape = x.shape
-    x2 = x.reshape(-1, n)
-    assert x2.shape[0] == m and x2.stride(-1) == 1, (x.shape, mm.x.shape)
-    parts = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
-    h, y = torch.empty_like(x2), torch.empty_like(x2)
-    rms = not hasattr(norm, "normalized_shape")
-    w, nb = norm.weight, None if rms else norm.bias
-    _split_mm_add_norm_kernel[(triton.cdiv(n, block_n), splits)](
-        a2, mm.weight, parts, m, n, k, k // splits, a2.stride(0), mm.weight.stride(0), scratch.take(1),
-        x2, bias if bias is not None else x2, w if w is not None else x2, nb if nb is not None else x2, h, y,
-        x2.stride(0), h.stride(0), y.stride(0), norm.eps, HAS_B=bias is not None, HAS_W=w is not None,
-        HAS_NB=nb is not None, RMS=rms, BLOCK=_pow2(n), BLOCK_M=max(16, _pow2(m)), BLOCK_N=block_n,
-        BLOCK_K=block_k, PREC="tf32", SPLIT=splits, SPIN=m > 1 and not _INTERPRET, num_stages=stages,
-        num_warps=warps, **_pdl(x))
-    return h.view(shape), y.view(shape)
-
-
-def fold_enabled(part: str = "") -> bool:
-    """Fold the split-K projection's add+norm into its tail (part "norm"), and the attention split merge
-    into decode attention (part "attn"), given a ``Scratch``. ``DEJAVU_FOLD``: 1 both, 0 neither (default: measured slower, A/B
-    measurements), or the name of one part. With no part: whether any part folds."""
-    mode = os.environ.get("DEJAVU_FOLD", "0")
-    return mode == "1" or (mode in ("attn", "norm") and part in ("", mode))
-
-
-SCRATCH = "fused.scratch"  # a StepPlan.memo key: the forward's Scratch (None when nothing folds)
-
-
-class Scratch:
-    """Zeroed int32 arrival counters for the folded kernels of one forward pass (``fold_enabled``). Every
-    call takes counters of its own, so none is ever reset: make one per forward, at its start (inside a
-    CUDA graph its zeroing is one memset a replay) and never share it between two forwards."""
-
-    SIZE = 1 << 16
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self._buf = torch.zeros(self.SIZE, dtype=torch.int32, device=device)
-        self._used = 0
-
-    def take(self, n: int) -> torch.Tensor:
-        if self._used + n > self._buf.numel():
-            self._buf = torch.zeros(max(self.SIZE, n), dtype=torch.int32, device=self.device)
-            self._used = 0
-        self._used += n
-        return self._buf[self._used - n:self._used]
 
 
 def rope_write(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
@@ -610,14 +476,12 @@ def _splits(batch: int, kv_heads: int, max_seq: int, block_n: int, target: int =
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
-                     scale: float | None = None, config: tuple | None = None,
-                     scratch: Scratch | None = None) -> torch.Tensor:
+                     scale: float | None = None, config: tuple | None = None) -> torch.Tensor:
     """One query per slot: q [b, H, d]; keys/values [b, KV, S, d] (cache views); positions [b] or [b, 1]
-    is each query's position, so keys 0..pos are read. Returns [b, H, d]. With ``scratch`` (and
-    ``fold_enabled``) the last split of each KV head merges the splits: no reduce kernel."""
+    is each query's position, so keys 0..pos are read. Returns [b, H, d]."""
     assert q.stride(-1) == 1
     return _decode_attention(q, q.stride(0), q.stride(1), q.shape[1], q.shape[2], keys, values, positions,
-                             scale, config, scratch=scratch)
+                             scale, config)
 
 
 def attention_writes_cache() -> bool:
@@ -628,21 +492,20 @@ def attention_writes_cache() -> bool:
 
 def decode_attention_new(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor | None,
                          sin: torch.Tensor | None, cache_layer: torch.Tensor, heads: int, head_dim: int,
-                         scale: float | None = None, config: tuple | None = None,
-                         scratch: Scratch | None = None) -> torch.Tensor:
+                         scale: float | None = None, config: tuple | None = None) -> torch.Tensor:
     """``rope_write`` and ``decode_attention`` of one new token per slot, in one kernel: qkv
     [b, 1, (H + 2 KV) * d] is the fused projection's output, rotated here (cos/sin None: no RoPE); its k, v
     are stored into ``cache_layer`` [2, b, KV, S, d] at ``positions`` and attended with keys 0..pos-1
-    read from the cache. Returns [b, H, d]. ``scratch``: as for ``decode_attention``."""
+    read from the cache. Returns [b, H, d]."""
     b = qkv.shape[0]
     row = qkv.reshape(b, -1)
     assert row.stride(1) == 1 and cache_layer.stride(-1) == 1
     return _decode_attention(row, row.stride(0), head_dim, heads, head_dim, cache_layer[0], cache_layer[1],
-                             positions, scale, config, new=(cos, sin), scratch=scratch)
+                             positions, scale, config, new=(cos, sin))
 
 
 def _decode_attention(q, stride_qb: int, stride_qh: int, heads: int, head_dim: int, keys, values, positions,
-                      scale, config, new: tuple | None = None, scratch: Scratch | None = None) -> torch.Tensor:
+                      scale, config, new: tuple | None = None) -> torch.Tensor:
     b = q.shape[0]
     kv_heads, max_seq = keys.shape[1], keys.shape[2]
     assert keys.stride(-1) == 1 and values.stride(-1) == 1
@@ -662,7 +525,6 @@ def _decode_attention(q, stride_qb: int, stride_qh: int, heads: int, head_dim: i
     else:
         mx = lx = acc = out
     cos, sin = new if new is not None else (None, None)
-    fold = num_splits > 1 and scratch is not None and fold_enabled("attn")
     _decode_attn_kernel[(b * kv_heads, num_splits)](
         q, keys, values, pos, out, mx, lx, acc,
         stride_qb, stride_qh, keys.stride(0), keys.stride(1), keys.stride(2),
@@ -671,9 +533,8 @@ def _decode_attention(q, stride_qb: int, stride_qh: int, heads: int, head_dim: i
         H=heads, GROUP=group, BLOCK_G=max(16, _pow2(group)), HEAD_DIM=head_dim, D=d_pad, BLOCK_N=block_n,
         SPLIT_LEN=split_len, NUM_SPLITS=num_splits, num_warps=warps, num_stages=stages,
         PREC="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays fp32 (no TF32)
-        NEW=new is not None, ROPE=cos is not None, CNT=scratch.take(b * kv_heads) if fold else pos, FOLD=fold,
-        BLOCK_S=_pow2(num_splits), MERGE_G=_pow2(group), **_pdl(q))
-    if num_splits > 1 and not fold:
+        NEW=new is not None, ROPE=cos is not None, **_pdl(q))
+    if num_splits > 1:
         _decode_reduce_kernel[(b * heads,)](
             mx, lx, acc, out, out.stride(0), out.stride(1), H=heads, HEAD_DIM=head_dim, D=d_pad,
             NUM_SPLITS=num_splits, BLOCK_S=_pow2(num_splits), num_warps=2, **_pdl(q))
@@ -814,28 +675,6 @@ class SplitSum:
 
     def resolve(self) -> torch.Tensor:
         return self.parts.sum(0).to(self.dtype).view(self.shape)
-
-
-@dataclass
-class DeferredMatmul:
-    """``x @ weight.T`` (split-K, no bias, no activation) whose output goes straight into an add+norm, not
-    launched yet: ``add_norm`` runs it with the add+norm folded into the same kernel, or as a ``SplitSum``."""
-
-    x: torch.Tensor
-    weight: torch.Tensor
-    config: tuple  # from split_config
-
-    def rows(self) -> int:
-        return self.x.numel() // self.x.shape[-1]
-
-    def programs(self) -> int:
-        return triton.cdiv(self.weight.shape[0], self.config[1]) * self.config[0]
-
-    def split(self) -> SplitSum:
-        return skinny_mm_split(self.x, self.weight, self.config)
-
-    def resolve(self) -> torch.Tensor:
-        return self.split().resolve()
 
 
 def split_config(x: torch.Tensor, weight: torch.Tensor) -> tuple | None:

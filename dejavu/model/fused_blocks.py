@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from .kv_cache import KVCache, StepPlan
-from . import fused
 from .layers import add_norm, linear
 
 
@@ -51,10 +50,6 @@ def supports(stage) -> bool:
 def forward(stage, x: torch.Tensor, plan: StepPlan, cache: KVCache, logits_index: torch.Tensor | None,
             on_layer_done=None) -> torch.Tensor:
     h = stage.embed(x, plan.positions) if stage.embed is not None else x.to(stage.dtype)
-    # Counters for the kernels that fold a launch into the one before (fused.Scratch): fresh for every
-    # forward, made before the first layer so that its zeroing does not sit between two of their kernels.
-    scratch = fused.Scratch(h.device) if fused.enabled(h) and fused.fold_enabled() else None
-    plan.memo[fused.SCRATCH] = scratch
     delta = bias = None
     # Deferred: a projection may leave split-K partial sums for the next add+norm to add up. Not with tensor
     # parallelism (the partial sums would have to be all-reduced first), and not for the last layer's MLP,
@@ -63,9 +58,9 @@ def forward(stage, x: torch.Tensor, plan: StepPlan, cache: KVCache, logits_index
     last = len(stage.layers) - 1
     for i, block in enumerate(stage.layers):
         norm1, attn, norm2, mlp = block_parts(block)
-        h, xn = add_norm(h, delta, bias, norm1, scratch)
+        h, xn = add_norm(h, delta, bias, norm1)
         delta, bias = attn.core(xn, plan, cache, i, deferred=deferred), attn.out_bias
-        h, xn = add_norm(h, delta, bias, norm2, scratch)
+        h, xn = add_norm(h, delta, bias, norm2)
         delta, bias = mlp.core(xn, deferred=deferred and i < last), getattr(mlp, "fc_out_bias", None)
         if on_layer_done is not None:
             on_layer_done(i)

@@ -40,13 +40,13 @@ def linear(x: torch.Tensor, lin: nn.Linear, act: str | None = None, deferred: bo
     Decode-sized inputs on the GPU go through a Triton kernel that streams the weight at close to full
     bandwidth and applies bias and activation in its epilogue (cuBLAS under-fills the GPU there).
     ``deferred``: the caller hands the output straight to an add+norm (no all-reduce between), so a
-    projection that splits K (``fused.SPLIT_CONFIG``) may return itself unlaunched
-    (``fused.DeferredMatmul``), for that add+norm to run in the same kernel or to add up its partial sums.
+    projection that splits K (``fused.SPLIT_CONFIG``) may return its partial sums (``fused.SplitSum``)
+    for that kernel to add up.
     """
     if deferred and act is None and lin.bias is None:
         config = fused.split_config(x, lin.weight)
         if config is not None:
-            return fused.DeferredMatmul(x, lin.weight, config)
+            return fused.skinny_mm_split(x, lin.weight, config)
     if fused.skinny_enabled(x):
         n = lin.weight.shape[0] // (2 if act == "silu_mul" else 1)
         if fused.use_skinny(x.numel() // x.shape[-1], n, x.shape[-1]):
@@ -62,13 +62,12 @@ def linear(x: torch.Tensor, lin: nn.Linear, act: str | None = None, deferred: bo
     return y
 
 
-def add_norm(h: torch.Tensor, delta, bias: torch.Tensor | None, norm: nn.Module, scratch=None):
+def add_norm(h: torch.Tensor, delta, bias: torch.Tensor | None, norm: nn.Module):
     """``h + (delta + bias)`` and its normalisation, as one kernel on the GPU: (new h, norm(new h)).
-    ``delta``: a tensor, a ``fused.DeferredMatmul`` (see ``linear``), or None; ``scratch``: the forward's
-    ``fused.Scratch``, which lets a deferred projection run in the same kernel."""
+    ``delta``: a tensor, a ``fused.SplitSum`` (see ``linear``), or None."""
     if fused.enabled(h):
-        return fused.add_norm(h, delta, bias, norm, scratch)
-    if isinstance(delta, (fused.SplitSum, fused.DeferredMatmul)):
+        return fused.add_norm(h, delta, bias, norm)
+    if isinstance(delta, fused.SplitSum):
         delta = delta.resolve()
     if delta is not None:
         h = h + (delta + bias if bias is not None else delta)
@@ -182,14 +181,13 @@ class Attention(nn.Module):
         if t == 1 and fused.attention_writes_cache():
             # Decode: one kernel rotates q and k, stores k and v, and attends keys 0..pos of each slot.
             return fused.decode_attention_new(qkv, plan.positions, cos, sin, cache.data[layer], self.heads,
-                                              self.head_dim, scratch=plan.memo.get(fused.SCRATCH))
+                                              self.head_dim)
         q = fused.rope_write(qkv, plan.positions, cos, sin, cache.data[layer], self.heads, self.kv_heads,
                              self.head_dim)
         keys, values = cache.layer(layer)
         if t == 1:
             # Decode: reads keys 0..pos of each slot, whatever the span (static shapes for CUDA graphs).
-            return fused.decode_attention(q.view(b, self.heads, self.head_dim), keys, values, plan.positions,
-                                          scratch=plan.memo.get(fused.SCRATCH))
+            return fused.decode_attention(q.view(b, self.heads, self.head_dim), keys, values, plan.positions)
         keys, values = keys[:, :, :plan.span], values[:, :, :plan.span]
         return self._sdpa(q.transpose(1, 2), keys, values, plan).transpose(1, 2)
 
