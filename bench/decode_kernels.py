@@ -3,21 +3,30 @@
 - skinny matmuls (the decode step's projections, M = batch rows): cuBLAS (``F.linear``) against the
   Triton ``skinny_mm`` in several tilings, each timed inside a CUDA graph over enough weight copies that
   the L2 cache cannot hold them (as in a real step, where every layer's weights are new);
+- split-K projections (out-proj, fc_out / down) together with the add+norm that sums their partials;
 - decode attention over a 576-position cache (24 layers' worth, same reason) in several tilings;
 - prefill at batch 1: wall time with and without the Triton kernels, and the same prefill replayed as a
   CUDA graph (its GPU time alone).
 
-    python bench/decode_kernels.py --out results/decode-kernels.json
+The JSON it writes is a tuning file: saved as ``dejavu/model/tuning/<device-name>.json`` it gives that
+card its tilings (``dejavu/model/kernel_tuning.py``); ``DEJAVU_TUNING=<file>`` tries one out first.
+Every configuration is compiled first by ``--jobs`` processes in parallel (Triton's disk cache keeps them).
+
+    python bench/decode_kernels.py --parts matmul,split,attention --out results/decode-kernels.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import multiprocessing
 import os
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -30,16 +39,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import write_json  # noqa: E402
 
 MATMULS = {  # name: (N, K, bias, act)  act: 0 none, 1 relu, 2 swiglu (N = 2 * out)
-    "opt.qkv": (6144, 2048, True, 0), "opt.out": (2048, 2048, False, 0), "opt.fc_in": (8192, 2048, True, 1),
-    "opt.fc_out": (2048, 8192, False, 0), "opt.lm_head": (50272, 2048, False, 0),
+    "opt.qkv": (6144, 2048, True, 0), "opt.fc_in": (8192, 2048, True, 1), "opt.lm_head": (50272, 2048, False, 0),
     "llama.qkv": (3072, 2048, False, 0), "llama.gate_up": (16384, 2048, False, 2),
-    "llama.down": (2048, 8192, False, 0), "llama.lm_head": (128256, 2048, False, 0),
+    "llama.lm_head": (128256, 2048, False, 0),
 }
+SPLITS = {"out": (2048, 2048), "fc_out": (2048, 8192)}  # split-K + add+norm: (N, K); Llama's o/down alike
+ROWS = (1, 8, 32)
+# (BLOCK_N, BLOCK_K, num_stages, num_warps); deeper pipelines than an H100 needs are for the H200, whose
+# SMs must keep ~1.4x the bytes in flight.
 MM_CONFIGS = [(16, 256, 4, 4), (16, 512, 3, 4), (32, 256, 4, 4), (32, 128, 6, 4), (64, 128, 4, 4),
-              (64, 256, 3, 8), (128, 128, 3, 8)]
+              (64, 256, 3, 8), (128, 128, 3, 8), (16, 512, 4, 4), (16, 256, 6, 4), (32, 256, 5, 4),
+              (32, 128, 8, 4), (64, 128, 6, 4), (64, 256, 4, 8), (128, 128, 4, 8), (32, 512, 3, 4)]
+# (splits, BLOCK_N, BLOCK_K, num_stages, num_warps)
+SPLIT_CONFIGS = [(4, 32, 64, 6, 4), (4, 32, 128, 4, 4), (2, 32, 128, 4, 4), (4, 16, 128, 4, 4),
+                 (8, 32, 64, 4, 4), (8, 32, 128, 4, 4), (4, 64, 64, 4, 4), (4, 32, 128, 6, 4),
+                 (8, 16, 128, 4, 4), (2, 64, 128, 4, 4), (4, 32, 256, 3, 4), (8, 32, 128, 6, 4),
+                 (2, 32, 256, 4, 4), (4, 64, 128, 4, 8)]
+# (block_n, num_stages, num_warps, target programs)
 ATTN_CONFIGS = [(64, 2, 4, 264), (64, 3, 4, 264), (128, 2, 4, 264), (128, 3, 8, 264), (64, 3, 4, 1056),
                 (128, 3, 4, 528), (32, 3, 4, 528), (64, 4, 4, 528), (128, 2, 4, 528), (128, 4, 4, 264),
                 (256, 2, 8, 264), (128, 3, 8, 528), (64, 4, 4, 1056)]
+ATTN_S, ATTN_LAYERS, ATTN_POS = 576, 24, 544
 
 
 def graph_time_us(fn, calls: int) -> float:
@@ -65,65 +85,101 @@ def graph_time_us(fn, calls: int) -> float:
     return statistics.median(samples)
 
 
-def sweep_matmuls(rows: list, dtype) -> None:
-    for name, (n, k, has_bias, act) in MATMULS.items():
-        nbytes = n * k * 2
-        copies = max(1, min(16, -(-256 * 2**20 // nbytes)))
-        ws = [torch.randn(n, k, dtype=dtype, device="cuda") / k**0.5 for _ in range(copies)]
-        b = torch.randn(n, dtype=dtype, device="cuda") if has_bias else None
-        for m in (1, 8, 32):
-            x = torch.randn(m, k, dtype=dtype, device="cuda")
-
-            def ref(i):
-                y = F.linear(x, ws[i % copies], b)
-                if act == 1:
-                    y = F.relu(y)
-                elif act == 2:
-                    y = fused.silu_mul(y)
-                return y
-
-            want = ref(0)
-            row = {"case": name, "m": m, "n": n, "k": k, "mbytes": nbytes / 2**20,
-                   "cublas_us": graph_time_us(ref, copies * 2)}
-            best = None
-            for cfg in MM_CONFIGS:
-                got = fused.skinny_mm(x, ws[0], b, act, config=cfg)
-                err = ((got.float() - want.float()).norm() / want.float().norm()).item()
-                us = graph_time_us(lambda i: fused.skinny_mm(x, ws[i % copies], b, act, config=cfg), copies * 2)
-                row[str(cfg)] = us
-                if err < 2e-2 and (best is None or us < best[1]):
-                    best = (cfg, us)
-            row["best"], row["best_us"] = best
-            row["cublas_TBps"] = nbytes / row["cublas_us"] / 1e6
-            row["best_TBps"] = nbytes / row["best_us"] / 1e6
-            rows.append(row)
-            print(f"{name:14s} m={m:2d}: cuBLAS {row['cublas_us']:7.1f} us ({row['cublas_TBps']:.2f} TB/s)  "
-                  f"triton {row['best_us']:7.1f} us ({row['best_TBps']:.2f} TB/s) {best[0]}", flush=True)
-        del ws
+def configs(part: str, name: str) -> list[tuple]:
+    if part == "matmul":
+        return MM_CONFIGS
+    if part == "split":
+        k = SPLITS[name][1]
+        return [c for c in SPLIT_CONFIGS if (k // c[0]) % c[2] == 0]
+    return ATTN_CONFIGS
 
 
-def sweep_attention(rows: list, dtype) -> None:
-    S, d, layers, pos = 576, 64, 24, 544
-    for kv in (32, 8):
-        for b in (1, 8, 32):
-            cache = torch.randn(layers, 2, b, kv, S, d, dtype=dtype, device="cuda")
-            q = torch.randn(b, 32, d, dtype=dtype, device="cuda")
-            p = torch.full((b, 1), pos, device="cuda")
-            nbytes = 2 * b * kv * (pos + 1) * d * 2
-            row = {"case": f"attn kv={kv}", "b": b, "mbytes": nbytes / 2**20}
-            best = None
-            for cfg in ATTN_CONFIGS:
-                us = graph_time_us(lambda i: fused.decode_attention(q, cache[i % layers, 0], cache[i % layers, 1], p,
-                                                                    config=cfg), layers)
-                row[str(cfg)] = us
-                if best is None or us < best[1]:
-                    best = (cfg, us)
-            row["best"], row["best_us"] = best
-            row["default_us"] = row[str(ATTN_CONFIGS[0])]
-            rows.append(row)
-            print(f"attn kv={kv:2d} b={b:2d}: default {row['default_us']:6.1f} us "
-                  f"({nbytes / row['default_us'] / 1e6:.2f} TB/s)  best {best[1]:6.1f} us "
-                  f"({nbytes / best[1] / 1e6:.2f} TB/s) {best[0]}", flush=True)
+def make_case(part: str, name: str, m: int, dtype, copies: int | None = None) -> SimpleNamespace:
+    """One sweep case: ``run(cfg, i)`` launches the kernel(s) on weight (or cache layer) copy i,
+    ``ref(i)`` the baseline (cuBLAS; None for attention), ``key`` the tuning-table key."""
+    dev = "cuda"
+    if part == "attention":
+        kv, b = int(name), m
+        layers = copies or ATTN_LAYERS
+        cache = torch.randn(layers, 2, b, kv, ATTN_S, 64, dtype=dtype, device=dev)
+        q = torch.randn(b, 32, 64, dtype=dtype, device=dev)
+        p = torch.full((b, 1), ATTN_POS, device=dev)
+        return SimpleNamespace(
+            copies=layers, key=[b, kv], mbytes=2 * b * kv * (ATTN_POS + 1) * 64 * 2 / 2**20, ref=None,
+            run=lambda cfg, i: fused.decode_attention(q, cache[i % layers, 0], cache[i % layers, 1], p, config=cfg))
+    if part == "matmul":
+        n, k, has_bias, act = MATMULS[name]
+    else:
+        (n, k), has_bias, act = SPLITS[name], False, 0
+    nbytes = n * k * 2
+    copies = copies or max(1, min(16, -(-256 * 2**20 // nbytes)))
+    ws = [torch.randn(n, k, dtype=dtype, device=dev) / k**0.5 for _ in range(copies)]
+    bias = torch.randn(n, dtype=dtype, device=dev) if has_bias else None
+    x = torch.randn(m, k, dtype=dtype, device=dev)
+    case = SimpleNamespace(copies=copies, mbytes=nbytes / 2**20, key=[n // 2 if act == 2 else n, k])
+    if part == "split":
+        h = torch.randn(m, n, dtype=dtype, device=dev)
+        norm = SimpleNamespace(weight=torch.ones(n, dtype=dtype, device=dev), eps=1e-5)  # RMSNorm
+        case.run = lambda cfg, i: fused.add_norm(h, fused.skinny_mm_split(x, ws[i % copies], cfg), None, norm)[1]
+        case.ref = lambda i: fused.add_norm(h, F.linear(x, ws[i % copies]), None, norm)[1]
+        return case
+
+    def ref(i):
+        y = F.linear(x, ws[i % copies], bias)
+        return F.relu(y) if act == 1 else fused.silu_mul(y) if act == 2 else y
+
+    case.run = lambda cfg, i: fused.skinny_mm(x, ws[i % copies], bias, act, config=cfg)
+    case.ref = ref
+    return case
+
+
+def _compile_group(job: tuple) -> list:
+    """In a worker process: launch every configuration of one case once (Triton compiles and caches it)."""
+    part, name, m = job
+    case = make_case(part, name, m, torch.float16, copies=1)
+    failed = []
+    for cfg in configs(part, name):
+        try:
+            case.run(cfg, 0)
+        except Exception as e:  # noqa: BLE001 -- a tiling that does not fit is skipped in the sweep too
+            failed.append((cfg, repr(e)[:160]))
+    torch.cuda.synchronize()
+    return failed
+
+
+def precompile(cases: list[tuple], jobs: int) -> None:
+    t0 = time.perf_counter()
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        failed = sum(len(f) for f in pool.map(_compile_group, cases))
+    print(f"compiled {len(cases)} cases' configurations with {jobs} processes in "
+          f"{time.perf_counter() - t0:.0f} s ({failed} did not compile)", flush=True)
+
+
+def sweep(rows: list, part: str, name: str, m: int, dtype) -> None:
+    case = make_case(part, name, m, dtype)
+    calls = case.copies * (2 if part != "attention" else 1)
+    row = {"part": part, "case": name, "m": m, "key": case.key, "mbytes": case.mbytes, "configs": {}}
+    if case.ref is not None:
+        row["cublas_us"] = graph_time_us(case.ref, calls)
+        want = case.ref(0).float()
+    for cfg in configs(part, name):
+        try:
+            if case.ref is not None:
+                got = case.run(cfg, 0).float()
+                if ((got - want).norm() / want.norm()).item() > 2e-2:
+                    print(f"  {name} m={m} {cfg}: wrong result, skipped", flush=True)
+                    continue
+            row["configs"][json.dumps(list(cfg))] = graph_time_us(lambda i: case.run(cfg, i), calls)
+        except Exception as e:  # noqa: BLE001
+            print(f"  {name} m={m} {cfg}: {type(e).__name__}, skipped", flush=True)
+    best = min(row["configs"], key=row["configs"].get)
+    row["best"], row["best_us"] = json.loads(best), row["configs"][best]
+    row["best_TBps"] = case.mbytes * 2**20 / row["best_us"] / 1e6
+    rows.append(row)
+    base = f"cuBLAS {row['cublas_us']:7.1f} us  " if "cublas_us" in row else ""
+    print(f"{part:9s} {name:14s} m={m:2d}: {base}best {row['best_us']:7.1f} us ({row['best_TBps']:.2f} TB/s) "
+          f"{row['best']}", flush=True)
 
 
 def prefill_overhead(rows: list, dtype) -> None:
@@ -145,7 +201,7 @@ def prefill_overhead(rows: list, dtype) -> None:
             x = torch.randint(3, cfg.vocab_size, (b, 512), device="cuda")
             pos = torch.arange(512).expand(b, -1)
             idx = torch.full((b,), 511)
-            row = {"case": f"prefill {shape}", "b": b}
+            row = {"part": "prefill", "case": f"prefill {shape}", "b": b}
             for on in ("1", "0"):
                 os.environ["DEJAVU_TRITON"] = on
                 for _ in range(2):
@@ -177,14 +233,23 @@ def prefill_overhead(rows: list, dtype) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=None)
-    ap.add_argument("--parts", default="matmul,attention,prefill")
+    ap.add_argument("--parts", default="matmul,split,attention,prefill")
+    ap.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1),
+                    help="processes that compile the configurations first (1: compile as the sweep goes)")
     args = ap.parse_args()
-    rows: list = []
     parts = args.parts.split(",")
-    if "matmul" in parts:
-        sweep_matmuls(rows, torch.float16)
+    cases = [(p, name, m) for p, names in (("matmul", MATMULS), ("split", SPLITS)) if p in parts
+             for name in names for m in ROWS]
     if "attention" in parts:
-        sweep_attention(rows, torch.float16)
+        cases += [("attention", kv, b) for kv in ("32", "8") for b in ROWS]
+    if args.jobs > 1 and cases:
+        try:
+            precompile(cases, args.jobs)
+        except Exception as e:  # noqa: BLE001 -- the sweep then compiles each configuration as it goes
+            print(f"parallel compile failed ({type(e).__name__}: {e}); compiling in the sweep", flush=True)
+    rows: list = []
+    for case in cases:
+        sweep(rows, *case, torch.float16)
     if "prefill" in parts:
         prefill_overhead(rows, torch.float16)
     if args.out:

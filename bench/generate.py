@@ -242,7 +242,7 @@ def run_shape(shape: str, args, device: torch.device, bw: float, results: list) 
             print(f"[{shape}] ours fp32 b={b}: match vs HF fp32 {m}", flush=True)
         del stage, eng
 
-    for dtype in sorted(set(dtypes) | set(hf_dtypes), key=str):
+    for dtype in dict.fromkeys(dtypes + hf_dtypes):  # in the order given (which runs first can matter)
         dname = short(dtype)
         hf = hf_model(shape, dtype, device, args.seed, like=ref32) if dtype in hf_dtypes else None
         stage = our_stage(shape, ref32, dtype, device) if dtype in dtypes else None
@@ -300,8 +300,12 @@ def run_shape(shape: str, args, device: torch.device, bw: float, results: list) 
 
 
 # What each change bought: (name, environment switches, fused pre-norm pass, CUDA graphs).
+# Every variant uses the launch tilings DEJAVU_TUNING names at start (default: this GPU's file, if shipped),
+# except the last, which takes the built-in (H100) tables: `DEJAVU_TUNING=sweep.json ... --variant-names 9,11`
+# is the A/B of a new sweep file.
 _OFF = {"DEJAVU_TRITON": "0", "DEJAVU_SKINNY": "0", "DEJAVU_PDL": "0", "DEJAVU_PREFETCH": "0",
-        "DEJAVU_SKINNY_ALL": "0", "DEJAVU_SPLITK": "0", "DEJAVU_ATTN_WRITE": "0"}
+        "DEJAVU_SKINNY_ALL": "0", "DEJAVU_SPLITK": "0", "DEJAVU_ATTN_WRITE": "0",
+        "DEJAVU_TUNING": os.environ.get("DEJAVU_TUNING", "auto")}
 _SKINNY = {**_OFF, "DEJAVU_TRITON": "1", "DEJAVU_SKINNY": "1"}
 _SPLIT = {**_SKINNY, "DEJAVU_SPLITK": "1"}
 _WRITE = {**_SPLIT, "DEJAVU_ATTN_WRITE": "1"}
@@ -317,6 +321,8 @@ VARIANTS = [
     ("+ PDL, matmuls trigger after their loop", {**_WRITE, "DEJAVU_PDL": "late"}, True, True),
     ("+ PDL late, skinny everywhere", {**_WRITE, "DEJAVU_PDL": "late", "DEJAVU_SKINNY_ALL": "1"}, True, True),
     ("+ PDL late, L2 prefetch of weights", {**_WRITE, "DEJAVU_PDL": "late", "DEJAVU_PREFETCH": "1"}, True, True),
+    ("PDL late, skinny everywhere, H100 tilings", {**_WRITE, "DEJAVU_PDL": "late", "DEJAVU_SKINNY_ALL": "1",
+                                                   "DEJAVU_TUNING": "builtin"}, True, True),
 ]
 
 

@@ -24,7 +24,7 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dejavu.model import fused  # noqa: E402
+from dejavu.model import fused, kernel_tuning  # noqa: E402
 from decode_kernels import graph_time_us  # noqa: E402
 from report import write_json  # noqa: E402
 
@@ -120,7 +120,7 @@ def main() -> int:
         x = torch.randn(m, d, dtype=dt, device="cuda")
         h = torch.empty(m, f, dtype=dt, device="cuda")
         ref = F.linear(F.relu(F.linear(x, w1s[0], b1)), w2s[0])
-        split = fused.SPLIT_CONFIG[(fused._bucket(m), d, f)]
+        split = kernel_tuning.tuning().split[(kernel_tuning.bucket(m), d, f)]
         two = lambda i: fused.skinny_mm_split(fused.skinny_mm(x, w1s[i % copies], b1, 1), w2s[i % copies], split)  # noqa: E731
         assert ((two(0).resolve().float() - ref.float()).norm() / ref.float().norm()) < 4e-3
         row = {"m": m, "mbytes": mbytes, "two_kernels_us": graph_time_us(two, 24)}

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dejavu.model.kernel_tuning import bucket, tuning
+
 try:
     import triton
     import triton.language as tl
@@ -456,17 +458,6 @@ def rope_write(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor | N
     return qkv[..., : heads * head_dim].view(b, t, heads, head_dim)
 
 
-# (batch, kv_heads) -> (block_n, num_stages, num_warps, target programs), from the same sweep.
-ATTN_CONFIG: dict = {
-    (1, 8): (64, 2, 4, 264),
-    (1, 32): (64, 3, 4, 264),
-    (8, 8): (64, 3, 4, 1056),
-    (8, 32): (128, 2, 4, 264),
-    (32, 8): (128, 2, 4, 264),
-    (32, 32): (64, 4, 4, 528),
-}
-
-
 def _splits(batch: int, kv_heads: int, max_seq: int, block_n: int, target: int = 264) -> tuple[int, int]:
     """Split the keys so that about two waves of programs cover the GPU even at batch 1."""
     blocks = triton.cdiv(max_seq, block_n)
@@ -512,8 +503,7 @@ def _decode_attention(q, stride_qb: int, stride_qh: int, heads: int, head_dim: i
     group = heads // kv_heads
     pos = positions.reshape(b)
     scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
-    block_n, stages, warps, target = config or ATTN_CONFIG.get((b, kv_heads)) or ATTN_CONFIG.get("default") \
-        or (64, 2, 4, 264)
+    block_n, stages, warps, target = config or tuning().attention.get((b, kv_heads)) or (64, 2, 4, 264)
     block_n = min(block_n, max(16, _pow2(max_seq)))
     num_splits, split_len = _splits(b, kv_heads, max_seq, block_n, target)
     out = torch.empty(b, heads, head_dim, dtype=q.dtype, device=q.device)
@@ -542,32 +532,7 @@ def _decode_attention(q, stride_qb: int, stride_qh: int, heads: int, head_dim: i
 
 
 SKINNY_MAX_ROWS = 64
-# (rows bucket, N, K) -> (BLOCK_N, BLOCK_K, num_stages, num_warps), the fastest tiling found by
-# bench/decode_kernels.py on an H100 (2026-11-24) for the OPT-1.3B / Llama-1B projections.
-SKINNY_CONFIG: dict = {
-    (16, 2048, 2048): (16, 512, 3, 4),
-    (16, 2048, 8192): (16, 512, 3, 4),
-    (16, 3072, 2048): (32, 128, 6, 4),
-    (16, 6144, 2048): (32, 128, 6, 4),
-    (16, 8192, 2048): (64, 128, 4, 4),
-    (16, 50272, 2048): (64, 128, 4, 4),
-    (16, 128256, 2048): (64, 128, 4, 4),
-    (32, 2048, 2048): (16, 256, 4, 4),
-    (32, 2048, 8192): (16, 256, 4, 4),
-    (32, 3072, 2048): (32, 256, 4, 4),
-    (32, 6144, 2048): (64, 128, 4, 4),
-    (32, 8192, 2048): (64, 128, 4, 4),
-    (32, 50272, 2048): (32, 256, 4, 4),
-    (32, 128256, 2048): (128, 128, 3, 8),
-}
-# Shapes where cuBLAS was as fast or faster in that sweep (without PDL): cuBLAS keeps them where PDL is
-# off, unless DEJAVU_SKINNY_ALL=1. With PDL our kernels go everywhere (a cuBLAS kernel breaks the chain of
-# early launches), unless DEJAVU_SKINNY_ALL=0.
-CUBLAS_FASTER = {(16, 2048, 8192), (32, 2048, 8192), (32, 3072, 2048), (16, 2048, 2048), (16, 3072, 2048)}
-
-
-def _bucket(m: int) -> int:
-    return max(16, _pow2(m))
+_bucket = bucket
 
 
 def use_skinny(m: int, n: int, k: int) -> bool:
@@ -575,28 +540,12 @@ def use_skinny(m: int, n: int, k: int) -> bool:
     everywhere = os.environ.get("DEJAVU_SKINNY_ALL")
     if everywhere == "1" or (everywhere is None and _pdl_mode() != "0"):
         return True
-    return (_bucket(m), n, k) not in CUBLAS_FASTER and SKINNY_CONFIG.get((_bucket(m), n, k), True) is not None
-
-
-def load_tuning(path: str) -> None:
-    """Best launch configs per shape from ``bench/decode_kernels.py --out`` (None: cuBLAS is faster)."""
-    import json
-
-    for row in json.load(open(path)):
-        if row["case"].startswith("attn"):
-            ATTN_CONFIG[(row["b"], int(row["case"].split("=")[1]))] = tuple(row["best"])
-        elif "cublas_us" in row and row["m"] != 1:  # m=1 runs the same kernel as m=8
-            out = row["n"] // 2 if MATMUL_ACT.get(row["case"]) == 2 else row["n"]
-            SKINNY_CONFIG[(_bucket(row["m"]), out, row["k"])] = tuple(row["best"])
-            if row["best_us"] >= row["cublas_us"]:
-                CUBLAS_FASTER.add((_bucket(row["m"]), out, row["k"]))
-
-
-MATMUL_ACT = {"llama.gate_up": 2}
+    t = tuning()
+    return (_bucket(m), n, k) not in t.cublas_faster and t.skinny.get((_bucket(m), n, k), True) is not None
 
 
 def _skinny_config(m: int, n: int, k: int) -> tuple[int, int, int, int]:
-    cfg = SKINNY_CONFIG.get((_bucket(m), n, k)) or SKINNY_CONFIG.get("default")
+    cfg = tuning().skinny.get((_bucket(m), n, k))
     if cfg:
         return cfg
     # Enough programs for about one wave on 132 SMs, each streaming a narrow slab of w.
@@ -652,17 +601,6 @@ def skinny_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     return y.view(*shape[:-1], n_out)
 
 
-# (rows bucket, N, K) -> (splits, BLOCK_N, BLOCK_K, num_stages, num_warps): projections whose output feeds
-# an add+norm and whose grid cuBLAS and skinny_mm under-fill. Split-K probe on an H100 (2026-11-25), us at
-# M = 1/8/32: 2048x2048 6.0/6.3/6.5 (cuBLAS) -> 5.1/5.2/5.5; 2048x8192 15.7/15.5/16.3 -> 13.5/13.8/14.4.
-SPLIT_CONFIG: dict = {
-    (16, 2048, 2048): (4, 32, 64, 6, 4),
-    (32, 2048, 2048): (4, 32, 64, 6, 4),
-    (16, 2048, 8192): (4, 32, 128, 4, 4),
-    (32, 2048, 8192): (4, 32, 128, 4, 4),
-}
-
-
 @dataclass
 class SplitSum:
     """A projection's output left as fp32 partial sums over slices of K, ``parts`` [splits, rows, n]. The
@@ -682,7 +620,7 @@ def split_config(x: torch.Tensor, weight: torch.Tensor) -> tuple | None:
     if os.environ.get("DEJAVU_SPLITK", "1") == "0" or not skinny_enabled(x):
         return None
     n, k = weight.shape
-    return SPLIT_CONFIG.get((_bucket(x.numel() // k), n, k))
+    return tuning().split.get((_bucket(x.numel() // k), n, k))
 
 
 def skinny_mm_split(x: torch.Tensor, weight: torch.Tensor, config: tuple) -> SplitSum:
@@ -700,10 +638,6 @@ def skinny_mm_split(x: torch.Tensor, weight: torch.Tensor, config: tuple) -> Spl
         BLOCK_M=max(16, _pow2(m)), BLOCK_N=block_n, BLOCK_K=block_k, num_stages=stages, num_warps=warps,
         PREC="tf32", SPLIT=splits, PREFETCH=_prefetch_lines(n, k_per, 0), **_pdl(x))
     return SplitSum(parts, torch.Size((*shape[:-1], n)), x.dtype)
-
-
-if HAVE_TRITON and os.environ.get("DEJAVU_KERNEL_TUNING"):
-    load_tuning(os.environ["DEJAVU_KERNEL_TUNING"])
 
 
 def silu_mul(x: torch.Tensor) -> torch.Tensor:

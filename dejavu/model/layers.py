@@ -40,7 +40,7 @@ def linear(x: torch.Tensor, lin: nn.Linear, act: str | None = None, deferred: bo
     Decode-sized inputs on the GPU go through a Triton kernel that streams the weight at close to full
     bandwidth and applies bias and activation in its epilogue (cuBLAS under-fills the GPU there).
     ``deferred``: the caller hands the output straight to an add+norm (no all-reduce between), so a
-    projection that splits K (``fused.SPLIT_CONFIG``) may return its partial sums (``fused.SplitSum``)
+    projection that splits K (``kernel_tuning.SPLIT``) may return its partial sums (``fused.SplitSum``)
     for that kernel to add up.
     """
     if deferred and act is None and lin.bias is None:
