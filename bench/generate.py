@@ -305,7 +305,7 @@ def run_shape(shape: str, args, device: torch.device, bw: float, results: list) 
 # is the A/B of a new sweep file.
 _OFF = {"DEJAVU_TRITON": "0", "DEJAVU_SKINNY": "0", "DEJAVU_PDL": "0", "DEJAVU_PREFETCH": "0",
         "DEJAVU_SKINNY_ALL": "0", "DEJAVU_SPLITK": "0", "DEJAVU_ATTN_WRITE": "0",
-        "DEJAVU_TUNING": os.environ.get("DEJAVU_TUNING", "auto"), "DEJAVU_EARLY_W": "0"}
+        "DEJAVU_TUNING": os.environ.get("DEJAVU_TUNING", "auto")}
 _SKINNY = {**_OFF, "DEJAVU_TRITON": "1", "DEJAVU_SKINNY": "1"}
 _SPLIT = {**_SKINNY, "DEJAVU_SPLITK": "1"}
 _WRITE = {**_SPLIT, "DEJAVU_ATTN_WRITE": "1"}
@@ -323,10 +323,6 @@ VARIANTS = [
     ("+ PDL late, L2 prefetch of weights", {**_WRITE, "DEJAVU_PDL": "late", "DEJAVU_PREFETCH": "1"}, True, True),
     ("PDL late, skinny everywhere, H100 tilings", {**_WRITE, "DEJAVU_PDL": "late", "DEJAVU_SKINNY_ALL": "1",
                                                    "DEJAVU_TUNING": "builtin"}, True, True),
-    ("+ 8K weight elements a program loaded before the PDL wait",
-     {**_WRITE, "DEJAVU_PDL": "late", "DEJAVU_SKINNY_ALL": "1", "DEJAVU_EARLY_W": "8192"}, True, True),
-    ("+ 16K weight elements a program loaded before the PDL wait",
-     {**_WRITE, "DEJAVU_PDL": "late", "DEJAVU_SKINNY_ALL": "1", "DEJAVU_EARLY_W": "16384"}, True, True),
 ]
 
 

@@ -308,23 +308,15 @@ if HAVE_TRITON:
     def _skinny_mm_kernel(X, W, B, Y, M, N, K, K_PER, stride_xm, stride_wn, stride_ym, GATE_OFF,
                           HAS_BIAS: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr = 0,
-                          PREFETCH: tl.constexpr = 0, SPLIT: tl.constexpr = 1, PRE_K: tl.constexpr = 0):
+                          PREFETCH: tl.constexpr = 0, SPLIT: tl.constexpr = 1):
         # y[m, n] = x[m, :] . w[n, :] (+ b[n]) for a few rows m: each program streams BLOCK_N rows of w
         # once for every m. ACT: 0 none, 1 relu, 2 swiglu (silu(x.w[n]) * x.w[n + GATE_OFF]).
         # SPLIT > 1: program (i, s) sums only K slice s (K_PER long) and stores fp32 partials y[s, m, n].
-        # PRE_K > 0 (PDL only): the first PRE_K columns of this program's weight rows are loaded before the
-        # wait, while the previous kernel finishes (weights no kernel of the step writes).
         pid = tl.program_id(0)
         n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         m = tl.arange(0, BLOCK_M)
         nm = n < N
         mm = m < M
-        k_lo = tl.program_id(1) * K_PER
-        if PRE_K > 0:
-            kp = k_lo + tl.arange(0, PRE_K)
-            w_pre = tl.load(W + n[:, None] * stride_wn + kp[None, :], mask=nm[:, None], other=0.0)
-            if ACT == 2:
-                w2_pre = tl.load(W + (n[:, None] + GATE_OFF) * stride_wn + kp[None, :], mask=nm[:, None], other=0.0)
         if PDL:
             if PREFETCH > 0:
                 # The weights do not depend on the previous kernel: pull this program's first PREFETCH
@@ -344,12 +336,8 @@ if HAVE_TRITON:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         if ACT == 2:
             acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        if PRE_K > 0:
-            x_pre = tl.load(X + m[:, None] * stride_xm + kp[None, :], mask=mm[:, None], other=0.0)
-            acc += tl.dot(x_pre, tl.trans(w_pre), input_precision=PREC)
-            if ACT == 2:
-                acc2 += tl.dot(x_pre, tl.trans(w2_pre), input_precision=PREC)
-        for k0 in range(k_lo + PRE_K, k_lo + K_PER, BLOCK_K):
+        k_lo = tl.program_id(1) * K_PER
+        for k0 in range(k_lo, k_lo + K_PER, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             km = k < K
             x = tl.load(X + m[:, None] * stride_xm + k[None, :], mask=mm[:, None] & km[None, :], other=0.0)
@@ -577,18 +565,6 @@ def _prefetch_lines(n: int, k: int, act: int) -> int:
     return 1 << (lines.bit_length() - 1) if lines >= 1 else 0
 
 
-def _pre_k(pdl: dict, block_n: int, block_k: int, k_per: int, act: int, static_weight: bool) -> int:
-    """How many K columns of each weight row a program loads before its PDL wait (``DEJAVU_EARLY_W``: the
-    register budget, in weight elements per program; 0 turns it off). Only for weights that no kernel of
-    the step writes (the model's): before its wait a kernel may read only what was written two kernels back."""
-    budget = int(os.environ.get("DEJAVU_EARLY_W", "0"))
-    if not static_weight or not pdl.get("PDL") or budget <= 0:
-        return 0
-    pre = budget // (block_n * (2 if act == 2 else 1))
-    pre = min(1 << (pre.bit_length() - 1) if pre > 0 else 0, k_per)
-    return pre if pre >= block_k and pre % block_k == 0 and k_per % block_k == 0 else 0
-
-
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """``x`` as [rows, K] with unit stride along K (what the skinny kernels read)."""
     x2 = x.reshape(-1, x.shape[-1])
@@ -596,7 +572,7 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def skinny_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, act: int = 0,
-              config: tuple | None = None, static_weight: bool = False) -> torch.Tensor:
+              config: tuple | None = None) -> torch.Tensor:
     """``x @ weight.T (+ bias)`` for x with few rows (decode), streaming the weight at full bandwidth.
 
     act: 0 none, 1 relu, 2 swiglu (weight holds [gate; up]; returns silu(x gate) * (x up), half width).
@@ -621,8 +597,7 @@ def skinny_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
         x2, weight, bias if bias is not None else weight, y, m, n_out, k, k, x2.stride(0), weight.stride(0),
         y.stride(0), n_out if act == 2 else 0, HAS_BIAS=bias is not None, ACT=act,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_stages=stages, num_warps=warps,
-        PREC="ieee" if x.dtype == torch.float32 else "tf32", PREFETCH=_prefetch_lines(n, k, act),
-        PRE_K=_pre_k(pdl, block_n, block_k, k, act, static_weight), **pdl)
+        PREC="ieee" if x.dtype == torch.float32 else "tf32", PREFETCH=_prefetch_lines(n, k, act), **pdl)
     return y.view(*shape[:-1], n_out)
 
 
@@ -648,7 +623,7 @@ def split_config(x: torch.Tensor, weight: torch.Tensor) -> tuple | None:
     return tuning().split.get((_bucket(x.numel() // k), n, k))
 
 
-def skinny_mm_split(x: torch.Tensor, weight: torch.Tensor, config: tuple, static_weight: bool = False) -> SplitSum:
+def skinny_mm_split(x: torch.Tensor, weight: torch.Tensor, config: tuple) -> SplitSum:
     """``x @ weight.T`` (no bias, no activation) as split-K partial sums; ``config`` from split_config."""
     splits, block_n, block_k, stages, warps = config
     shape = x.shape
@@ -658,12 +633,10 @@ def skinny_mm_split(x: torch.Tensor, weight: torch.Tensor, config: tuple, static
     k_per = k // splits
     assert k_per * splits == k and k_per % block_k == 0, (k, config)
     parts = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
-    pdl = _pdl(x)
     _skinny_mm_kernel[(triton.cdiv(n, block_n), splits)](
         x2, weight, weight, parts, m, n, k, k_per, x2.stride(0), weight.stride(0), n, 0, HAS_BIAS=False, ACT=0,
         BLOCK_M=max(16, _pow2(m)), BLOCK_N=block_n, BLOCK_K=block_k, num_stages=stages, num_warps=warps,
-        PREC="tf32", SPLIT=splits, PREFETCH=_prefetch_lines(n, k_per, 0),
-        PRE_K=_pre_k(pdl, block_n, block_k, k_per, 0, static_weight), **pdl)
+        PREC="tf32", SPLIT=splits, PREFETCH=_prefetch_lines(n, k_per, 0), **_pdl(x))
     return SplitSum(parts, torch.Size((*shape[:-1], n)), x.dtype)
 
 
