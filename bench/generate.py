@@ -174,13 +174,19 @@ def match(ours: torch.Tensor, ref: torch.Tensor) -> dict:
             "rows_equal": int(same.all(dim=1).sum()), "rows": ours.shape[0]}
 
 
-def decode_step_ms(engine: Engine, prompts: list[list[int]], device: torch.device, steps: int) -> float:
-    """The decode step of the stage alone: graph replays (or eager forwards) at the mean position."""
+def decode_step_ms(engine: Engine, prompts: list[list[int]], device: torch.device, steps: int,
+                   host_sync: bool = False) -> float:
+    """The decode step of the stage alone: graph replays (or eager forwards) at the mean position.
+    ``host_sync``: copy the positions from the host each step (blocking), as this bench did until
+    2026-12-03; kept for the side-by-side."""
     batch = len(prompts)
     slab = engine._slab_for(batch, len(prompts[0]) + steps)
     engine.prefill(prompts, slab)
     x = torch.randint(3, engine.cfg.vocab_size, (batch, 1), device=device)
     pos = torch.full((batch, 1), len(prompts[0]) + steps // 2, dtype=torch.long)
+    # Positions stay on the device, as in the engine's greedy loop: a blocking host-to-device copy per step
+    # would time the host's round trip too (bench/NOTES-perf.md, 2026-12-03 seventh session: +4-12%).
+    pos = pos.to(device) if slab.graphs is not None and not host_sync else pos
 
     def one():
         engine._decode(slab, x, pos.to(device) if slab.graphs is not None else pos)
@@ -263,15 +269,18 @@ def run_shape(shape: str, args, device: torch.device, bw: float, results: list) 
                 t1 = timed(gen1, device, args.reps)
                 tN = timed(genN, device, args.reps)
                 step = decode_step_ms(engine, plist, device, N)
+                step_sync = decode_step_ms(engine, plist, device, N, host_sync=True) if device.type == "cuda" else step
                 ids = torch.tensor([o.output_ids for o in out])
                 row = {**row_base, "impl": "ours", "prefill_s": t_pre,
                        "prefill_TFLOPs": 2 * params * b * P / t_pre / 1e12,
-                       "decode_step_ms": step, "decode_step_ms_e2e": (tN - t1) / (N - 1) * 1e3,
+                       "decode_step_ms": step, "decode_step_ms_host_sync": step_sync,
+                       "decode_step_ms_e2e": (tN - t1) / (N - 1) * 1e3,
                        "e2e_tok_per_s": b * N / tN, "floor_ms": floor_ms, "step_over_floor": step / floor_ms,
                        "match_vs_hf_fp32": match(ids, refs[b])}
                 results.append(row)
                 print(f"[{shape}] ours {dname} b={b}: prefill {t_pre*1e3:.1f} ms "
-                      f"({row['prefill_TFLOPs']:.0f} TFLOP/s), step {step:.3f} ms, e2e step "
+                      f"({row['prefill_TFLOPs']:.0f} TFLOP/s), step {step:.3f} ms (with a host sync "
+                      f"{step_sync:.3f}), e2e step "
                       f"{row['decode_step_ms_e2e']:.3f} ms, floor {floor_ms:.3f} ms "
                       f"(x{step / floor_ms:.2f}), match {row['match_vs_hf_fp32']['rate']:.3f}", flush=True)
                 if args.profile and device.type == "cuda" and b in (1, max(batches)):
