@@ -200,27 +200,16 @@ class Engine:
         events = [torch.cuda.Event(), torch.cuda.Event()]
         positions = (lengths.view(batch, 1) - 1).to(self.device)
         cap = last_position(lengths, params).view(batch, 1).to(self.device)
-        x = logits.view(batch, -1).argmax(-1, keepdim=True)
-        graph = slab.graphs[0] if slab.graphs is not None else None
-        if graph is not None:
-            # Step in the first graph's own input buffers (tokens and positions updated in place): a step is
-            # then the replay and three small kernels, with no copies into the graph.
-            x = graph.x[:batch].copy_(x)
-            positions = graph.positions[:batch].copy_(positions)
+        x = logits.argmax(-1).view(batch, 1)
         host[0].copy_(x.view(batch), non_blocking=True)
         events[0].record()
         step = 0
         while True:
             if step < last_step:
                 # Queue step+1 before reading step's tokens.
-                if graph is not None:
-                    torch.minimum(positions.add_(1), cap, out=positions)
-                    logits = self._decode(slab, x, positions)
-                    torch.argmax(logits.view(batch, -1), -1, keepdim=True, out=x)
-                else:
-                    positions = torch.minimum(positions + 1, cap)
-                    logits = self._decode(slab, x, positions.cpu())
-                    x = logits.view(batch, -1).argmax(-1, keepdim=True)
+                positions = torch.minimum(positions + 1, cap)
+                logits = self._decode(slab, x, positions if slab.graphs is not None else positions.cpu())
+                x = logits.argmax(-1).view(batch, 1)
                 nxt = (step + 1) % 2
                 host[nxt].copy_(x.view(batch), non_blocking=True)
                 events[nxt].record()
