@@ -184,12 +184,13 @@ def decode_step_ms(engine: Engine, prompts: list[list[int]], device: torch.devic
     engine.prefill(prompts, slab)
     x = torch.randint(3, engine.cfg.vocab_size, (batch, 1), device=device)
     pos = torch.full((batch, 1), len(prompts[0]) + steps // 2, dtype=torch.long)
-    # Positions stay on the device, as in the engine's greedy loop: a blocking host-to-device copy per step
-    # would time the host's round trip too (bench/NOTES-perf.md, 2026-12-03 seventh session: +4-12%).
-    pos = pos.to(device) if slab.graphs is not None and not host_sync else pos
+    # Graphs take device positions. They stay there, as in the engine's greedy loop: a blocking host-to-device
+    # copy per step would time the host's round trip too (bench/NOTES-perf.md, 2026-12-03 seventh: +2-12%).
+    graphs = slab.graphs is not None
+    pos_device = pos.to(device) if graphs else pos
 
     def one():
-        engine._decode(slab, x, pos.to(device) if slab.graphs is not None else pos)
+        engine._decode(slab, x, pos.to(device) if graphs and host_sync else pos_device)
 
     if device.type != "cuda":
         return timed(one, device, 5) * 1e3

@@ -532,7 +532,6 @@ def _decode_attention(q, stride_qb: int, stride_qh: int, heads: int, head_dim: i
 
 
 SKINNY_MAX_ROWS = 64
-_bucket = bucket
 
 
 def use_skinny(m: int, n: int, k: int) -> bool:
@@ -541,11 +540,11 @@ def use_skinny(m: int, n: int, k: int) -> bool:
     if everywhere == "1" or (everywhere is None and _pdl_mode() != "0"):
         return True
     t = tuning()
-    return (_bucket(m), n, k) not in t.cublas_faster and t.skinny.get((_bucket(m), n, k), True) is not None
+    return (bucket(m), n, k) not in t.cublas_faster and t.skinny.get((bucket(m), n, k), True) is not None
 
 
 def _skinny_config(m: int, n: int, k: int) -> tuple[int, int, int, int]:
-    cfg = tuning().skinny.get((_bucket(m), n, k))
+    cfg = tuning().skinny.get((bucket(m), n, k))
     if cfg:
         return cfg
     # Enough programs for about one wave on 132 SMs, each streaming a narrow slab of w.
@@ -620,7 +619,7 @@ def split_config(x: torch.Tensor, weight: torch.Tensor) -> tuple | None:
     if os.environ.get("DEJAVU_SPLITK", "1") == "0" or not skinny_enabled(x):
         return None
     n, k = weight.shape
-    return tuning().split.get((_bucket(x.numel() // k), n, k))
+    return tuning().split.get((bucket(x.numel() // k), n, k))
 
 
 def skinny_mm_split(x: torch.Tensor, weight: torch.Tensor, config: tuple) -> SplitSum:

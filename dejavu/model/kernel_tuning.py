@@ -63,7 +63,6 @@ ATTENTION: dict = {
     (32, 8): (128, 2, 4, 264),
     (32, 32): (64, 4, 4, 528),
 }
-MATMUL_ACT = {"llama.gate_up": 2}  # sweep cases whose N is twice the output width (SwiGLU's gate and up)
 
 
 @dataclass
