@@ -58,7 +58,9 @@ SPLIT_CONFIGS = [(4, 32, 64, 6, 4), (4, 32, 128, 4, 4), (2, 32, 128, 4, 4), (4, 
 # (block_n, num_stages, num_warps, target programs)
 ATTN_CONFIGS = [(64, 2, 4, 264), (64, 3, 4, 264), (128, 2, 4, 264), (128, 3, 8, 264), (64, 3, 4, 1056),
                 (128, 3, 4, 528), (32, 3, 4, 528), (64, 4, 4, 528), (128, 2, 4, 528), (128, 4, 4, 264),
-                (256, 2, 8, 264), (128, 3, 8, 528), (64, 4, 4, 1056)]
+                (256, 2, 8, 264), (128, 3, 8, 528), (64, 4, 4, 1056),
+                # target 1: one program per (slot, KV head) streams all its keys, no reduce kernel
+                (64, 3, 4, 1), (128, 3, 8, 1), (128, 4, 8, 1), (256, 3, 8, 1), (64, 4, 8, 1), (128, 3, 4, 132)]
 ATTN_S, ATTN_LAYERS, ATTN_POS = 576, 24, 544
 
 
@@ -135,8 +137,8 @@ def make_case(part: str, name: str, m: int, dtype, copies: int | None = None) ->
 
 def _compile_group(job: tuple) -> list:
     """In a worker process: launch every configuration of one case once (Triton compiles and caches it)."""
-    part, name, m = job
-    case = make_case(part, name, m, torch.float16, copies=1)
+    part, name, m, dtype = job
+    case = make_case(part, name, m, dtype, copies=1)
     failed = []
     for cfg in configs(part, name):
         try:
@@ -159,7 +161,8 @@ def precompile(cases: list[tuple], jobs: int) -> None:
 def sweep(rows: list, part: str, name: str, m: int, dtype) -> None:
     case = make_case(part, name, m, dtype)
     calls = case.copies * (2 if part != "attention" else 1)
-    row = {"part": part, "case": name, "m": m, "key": case.key, "mbytes": case.mbytes, "configs": {}}
+    row = {"part": part, "case": name, "m": m, "key": case.key, "mbytes": case.mbytes, "dtype": str(dtype)[6:],
+           "configs": {}}
     if case.ref is not None:
         row["cublas_us"] = graph_time_us(case.ref, calls)
         want = case.ref(0).float()
@@ -180,6 +183,46 @@ def sweep(rows: list, part: str, name: str, m: int, dtype) -> None:
     base = f"cuBLAS {row['cublas_us']:7.1f} us  " if "cublas_us" in row else ""
     print(f"{part:9s} {name:14s} m={m:2d}: {base}best {row['best_us']:7.1f} us ({row['best_TBps']:.2f} TB/s) "
           f"{row['best']}", flush=True)
+
+
+def launch_floor(rows: list) -> None:
+    """The fixed cost of one kernel in a dependent chain, without bytes: 256 launches of a kernel whose 132
+    programs each store one value ("empty"), first load one line that sits in L2 ("one L2 load"), or add one
+    to what the predecessor stored ("dependent load"),
+    captured in a graph, with and without PDL (each program waits for its predecessor, then lets its
+    successor launch, as the decode kernels do)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _boundary(X, Y, stride, LOAD: tl.constexpr, PDL: tl.constexpr):
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        pid = tl.program_id(0)
+        if LOAD == 1:
+            v = tl.load(X + pid * stride)
+        elif LOAD == 2:  # what the predecessor stored: the decode step's data dependency
+            v = tl.load(Y + pid) + 1.0
+        else:
+            v = pid.to(tl.float32)
+        tl.store(Y + pid, v)
+
+    programs, calls = 132, 256
+    # Each launch reads its own 128-byte lines; 4.3 MB in all, so from the second replay on they are L2 hits.
+    x = torch.zeros(calls * programs * 64 + 64, device="cuda")
+    y = torch.zeros(programs, device="cuda")
+    for load in (0, 1, 2):
+        for pdl in (0, 1):
+            extra = {"launch_pdl": True} if pdl else {}
+
+            def run(i, load=load, pdl=pdl, extra=extra):
+                _boundary[(programs,)](x[i * programs * 64:], y, 64, LOAD=load, PDL=pdl, **extra)
+
+            us = graph_time_us(run, calls)
+            name = f"{['empty', 'one L2 load', 'dependent load'][load]}, PDL {'on' if pdl else 'off'}"
+            rows.append({"part": "launch", "case": name, "us_per_kernel": us})
+            print(f"launch    {name:22s}: {us:5.2f} us per kernel in a chain of {calls}", flush=True)
 
 
 def prefill_overhead(rows: list, dtype) -> None:
@@ -233,25 +276,30 @@ def prefill_overhead(rows: list, dtype) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=None)
-    ap.add_argument("--parts", default="matmul,split,attention,prefill")
+    ap.add_argument("--parts", default="matmul,split,attention,prefill", help="also: launch")
+    ap.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"],
+                    help="of the sweep's tensors (the shipped tilings come from fp16 sweeps)")
     ap.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1),
                     help="processes that compile the configurations first (1: compile as the sweep goes)")
     args = ap.parse_args()
     parts = args.parts.split(",")
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     cases = [(p, name, m) for p, names in (("matmul", MATMULS), ("split", SPLITS)) if p in parts
              for name in names for m in ROWS]
     if "attention" in parts:
         cases += [("attention", kv, b) for kv in ("32", "8") for b in ROWS]
     if args.jobs > 1 and cases:
         try:
-            precompile(cases, args.jobs)
+            precompile([(*c, dtype) for c in cases], args.jobs)
         except Exception as e:  # noqa: BLE001 -- the sweep then compiles each configuration as it goes
             print(f"parallel compile failed ({type(e).__name__}: {e}); compiling in the sweep", flush=True)
     rows: list = []
     for case in cases:
-        sweep(rows, *case, torch.float16)
+        sweep(rows, *case, dtype)
     if "prefill" in parts:
-        prefill_overhead(rows, torch.float16)
+        prefill_overhead(rows, dtype)
+    if "launch" in parts:
+        launch_floor(rows)
     if args.out:
         write_json(args.out, rows, default=str)
     return 0

@@ -22,6 +22,9 @@ SWEEP = [
     _row("split", "out", 8, [2048, 2048], {(8, 32, 128, 4, 4): 4.0, (4, 32, 64, 6, 4): 5.0}, cublas_us=6.0),
     _row("attention", "8", 1, [1, 8], {(128, 2, 4, 528): 3.0, (64, 2, 4, 264): 3.5}),
     {"part": "prefill", "case": "prefill opt-1.3b", "b": 1, "wall_ms_triton1": 5.0},
+    {"part": "launch", "case": "empty, PDL on", "us_per_kernel": 1.0},
+    # A bf16 sweep (--dtype bf16) compares kernels; it must not retune the fp16-swept shapes.
+    _row("attention", "8", 1, [1, 8], {(64, 2, 4, 264): 1.0}, dtype="bfloat16"),
 ]
 
 

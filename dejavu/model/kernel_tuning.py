@@ -100,7 +100,9 @@ def from_sweep(path: str | Path, base: Tuning | None = None) -> Tuning:
     groups: dict = defaultdict(list)
     for row in rows:
         if row.get("part") not in ("matmul", "split", "attention"):
-            continue  # the sweep's prefill timings
+            continue  # the sweep's prefill and launch timings
+        if row.get("dtype", "float16") != "float16":
+            continue  # tilings come from fp16 sweeps; a bf16 sweep is for comparing kernels, not tuning
         key = tuple(row["key"]) if row["part"] == "attention" else (bucket(row["m"]), *row["key"])
         groups[(row["part"], key)].append(row)
     for (part, key), group in groups.items():
