@@ -63,3 +63,17 @@ def test_shipped_tuning_files_parse_and_name_real_shapes():
             assert rows in (16, 32, 64) and len(cfg) == 4, (path, n, k, cfg)
         for (rows, n, k), (splits, _, block_k, _, _) in t.split.items():
             assert (k // splits) % block_k == 0, (path, n, k)
+
+
+def test_pdl_early_trigger_is_chosen_per_matmul_kind(monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(fused, "_pdl_mode", lambda: "late")
+    t = SimpleNamespace(is_cuda=True)
+    monkeypatch.delenv("DEJAVU_PDL_EARLY", raising=False)
+    assert fused._pdl(t, "split")["PDL"] == 2 and fused._pdl(t, "plain")["PDL"] == 2  # late: after the loop
+    assert fused._pdl(t)["PDL"] == 1  # kernels that are not matmuls always trigger right after their wait
+    monkeypatch.setenv("DEJAVU_PDL_EARLY", "split")
+    assert fused._pdl(t, "split")["PDL"] == 1 and fused._pdl(t, "plain")["PDL"] == 2
+    monkeypatch.setattr(fused, "_pdl_mode", lambda: "0")
+    assert fused._pdl(t, "split") == {"PDL": 0}

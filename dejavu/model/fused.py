@@ -81,16 +81,21 @@ def _pdl_mode() -> str:
     return os.environ.get("DEJAVU_PDL", "late") if _PDL_OK else "0"
 
 
-def _pdl(t: torch.Tensor) -> dict:
+def _pdl(t: torch.Tensor, matmul: str | None = None) -> dict:
     """Programmatic dependent launch (Hopper): a kernel is launched while its predecessor still runs and
     waits (griddepcontrol.wait) before it reads or writes anything; the weight stream of a matmul and the
     launch latency of every kernel then overlap the previous kernel's tail. Each kernel lets its successor
     launch only after its own wait (else the whole step goes resident at once and spins: 15-20% slower,
     bench/NOTES-perf.md); with "late", a matmul lets it launch only once its weights are streamed, so the
-    waiting successor takes no SM slots from the matmul."""
+    waiting successor takes no SM slots from the matmul.
+
+    ``matmul`` names the kind of matmul ("split": split-K, whose successor is a one-program-per-row
+    add+norm; "plain": no activation, e.g. the QKV projection); kinds listed in DEJAVU_PDL_EARLY (comma
+    list, default none) let their successor launch right after their wait even in "late" mode."""
     mode = _pdl_mode()
     on = t.is_cuda and mode in ("1", "late")
-    return {"PDL": 2 if mode == "late" else 1, "launch_pdl": True} if on else {"PDL": 0}
+    late = mode == "late" and matmul is not None and matmul not in os.environ.get("DEJAVU_PDL_EARLY", "").split(",")
+    return {"PDL": 2 if late else 1, "launch_pdl": True} if on else {"PDL": 0}
 
 
 def _pow2(n: int) -> int:
@@ -591,7 +596,7 @@ def skinny_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
         stages -= 1
     while (stages - 1) * per_stage() > 160 * 1024 and block_k > 32:
         block_k //= 2
-    pdl = _pdl(x)
+    pdl = _pdl(x, {0: "plain", 1: "relu", 2: "swiglu"}[act])
     _skinny_mm_kernel[(triton.cdiv(n_out, block_n),)](
         x2, weight, bias if bias is not None else weight, y, m, n_out, k, k, x2.stride(0), weight.stride(0),
         y.stride(0), n_out if act == 2 else 0, HAS_BIAS=bias is not None, ACT=act,
@@ -635,7 +640,7 @@ def skinny_mm_split(x: torch.Tensor, weight: torch.Tensor, config: tuple) -> Spl
     _skinny_mm_kernel[(triton.cdiv(n, block_n), splits)](
         x2, weight, weight, parts, m, n, k, k_per, x2.stride(0), weight.stride(0), n, 0, HAS_BIAS=False, ACT=0,
         BLOCK_M=max(16, _pow2(m)), BLOCK_N=block_n, BLOCK_K=block_k, num_stages=stages, num_warps=warps,
-        PREC="tf32", SPLIT=splits, PREFETCH=_prefetch_lines(n, k_per, 0), **_pdl(x))
+        PREC="tf32", SPLIT=splits, PREFETCH=_prefetch_lines(n, k_per, 0), **_pdl(x, "split"))
     return SplitSum(parts, torch.Size((*shape[:-1], n)), x.dtype)
 
 
