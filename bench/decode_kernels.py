@@ -188,9 +188,8 @@ def sweep(rows: list, part: str, name: str, m: int, dtype) -> None:
 def launch_floor(rows: list) -> None:
     """The fixed cost of one kernel in a dependent chain, without bytes: 256 launches of a kernel whose 132
     programs each store one value ("empty"), first load one line that sits in L2 ("one L2 load"), or add one
-    to what the predecessor stored ("dependent load"),
-    captured in a graph, with and without PDL (each program waits for its predecessor, then lets its
-    successor launch, as the decode kernels do)."""
+    to what the predecessor stored ("dependent load"), captured in a graph, with and without PDL (each
+    program waits for its predecessor, then lets its successor launch, as the decode kernels do)."""
     import triton
     import triton.language as tl
 
