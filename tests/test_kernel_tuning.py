@@ -70,10 +70,12 @@ def test_pdl_early_trigger_is_chosen_per_matmul_kind(monkeypatch):
 
     monkeypatch.setattr(fused, "_pdl_mode", lambda: "late")
     t = SimpleNamespace(is_cuda=True)
-    monkeypatch.delenv("DEJAVU_PDL_EARLY", raising=False)
-    assert fused._pdl(t, "split")["PDL"] == 2 and fused._pdl(t, "plain")["PDL"] == 2  # late: after the loop
+    monkeypatch.delenv("DEJAVU_PDL_EARLY", raising=False)  # default: split-K projections trigger at once
+    assert fused._pdl(t, "split")["PDL"] == 1 and fused._pdl(t, "plain")["PDL"] == 2  # plain: after the loop
     assert fused._pdl(t)["PDL"] == 1  # kernels that are not matmuls always trigger right after their wait
-    monkeypatch.setenv("DEJAVU_PDL_EARLY", "split")
-    assert fused._pdl(t, "split")["PDL"] == 1 and fused._pdl(t, "plain")["PDL"] == 2
+    monkeypatch.setenv("DEJAVU_PDL_EARLY", "")
+    assert fused._pdl(t, "split")["PDL"] == 2 and fused._pdl(t, "plain")["PDL"] == 2
+    monkeypatch.setenv("DEJAVU_PDL_EARLY", "split,plain")
+    assert fused._pdl(t, "split")["PDL"] == 1 and fused._pdl(t, "plain")["PDL"] == 1
     monkeypatch.setattr(fused, "_pdl_mode", lambda: "0")
     assert fused._pdl(t, "split") == {"PDL": 0}

@@ -91,10 +91,14 @@ def _pdl(t: torch.Tensor, matmul: str | None = None) -> dict:
 
     ``matmul`` names the kind of matmul ("split": split-K, whose successor is a one-program-per-row
     add+norm; "plain": no activation, e.g. the QKV projection); kinds listed in DEJAVU_PDL_EARLY (comma
-    list, default none) let their successor launch right after their wait even in "late" mode."""
+    list, default "split") let their successor launch right after their wait even in "late" mode. The
+    add+norm after a split-K projection needs no SM slots worth having, so its launch may as well hide
+    behind the projection: 0.1-1.1% faster in all six fp16 cells on the H200; "plain" was not
+    (bench/NOTES-perf.md, ninth session)."""
     mode = _pdl_mode()
     on = t.is_cuda and mode in ("1", "late")
-    late = mode == "late" and matmul is not None and matmul not in os.environ.get("DEJAVU_PDL_EARLY", "").split(",")
+    early = os.environ.get("DEJAVU_PDL_EARLY", "split").split(",")
+    late = mode == "late" and matmul is not None and matmul not in early
     return {"PDL": 2 if late else 1, "launch_pdl": True} if on else {"PDL": 0}
 
 
