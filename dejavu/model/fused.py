@@ -112,7 +112,7 @@ if HAVE_TRITON:
     def _add_norm_kernel(X, D, B, W, NB, H_OUT, Y, stride_x, stride_d, stride_h, stride_y, N, eps, stride_part,
                          HAS_D: tl.constexpr, HAS_B: tl.constexpr, HAS_W: tl.constexpr,
                          HAS_NB: tl.constexpr, RMS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = 0,
-                         PARTS: tl.constexpr = 1):
+                         PARTS: tl.constexpr = 1, PARTS_P2: tl.constexpr = 1, ONE_LOAD: tl.constexpr = 0):
         if PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -121,7 +121,12 @@ if HAVE_TRITON:
         m = cols < N
         x = tl.load(X + row * stride_x + cols, mask=m, other=0.0)
         if HAS_D:
-            if PARTS > 1:  # a split-K projection's fp32 partial sums (SplitSum): summed in order, then rounded
+            if PARTS > 1 and ONE_LOAD:  # a split-K projection's fp32 partials (SplitSum): summed, rounded
+                p = tl.arange(0, PARTS_P2)
+                parts = tl.load(D + p[:, None] * stride_part + row * stride_d + cols[None, :],
+                                mask=(p < PARTS)[:, None] & m[None, :], other=0.0)
+                d = tl.sum(parts, axis=0).to(x.dtype)
+            elif PARTS > 1:
                 acc = tl.zeros([BLOCK], dtype=tl.float32)
                 for p in tl.static_range(PARTS):
                     acc += tl.load(D + p * stride_part + row * stride_d + cols, mask=m, other=0.0)
@@ -436,11 +441,17 @@ def add_norm(x: torch.Tensor, delta: torch.Tensor | None, bias: torch.Tensor | N
     w = norm.weight
     nb = None if rms else norm.bias
     eps = norm.eps
+    # The partials' loads must all be in flight at once. Loaded part by part, the fp16 build does that and
+    # the bf16 build issues them one after another (4 parts: 2.8 us against 1.6); as one [parts, n] load
+    # both take 1.8. Each dtype gets the form that compiles to parallel loads (H200,
+    # bench/NOTES-perf.md, ninth session).
+    one_load = x.dtype == torch.bfloat16
     _add_norm_kernel[(rows,)](
         x2, d2, bias if bias is not None else x2, w if w is not None else x2, nb if nb is not None else x2,
         h, y, x2.stride(0), d2.stride(-2), h.stride(0), y.stride(0), n, eps, rows * n,
         HAS_D=delta is not None, HAS_B=bias is not None, HAS_W=w is not None, HAS_NB=nb is not None,
-        RMS=rms, BLOCK=_pow2(n), num_warps=4 if n <= 4096 else 8, PARTS=parts, **_pdl(x))
+        RMS=rms, BLOCK=_pow2(n), num_warps=4 if n <= 4096 else 8, PARTS=parts, PARTS_P2=_pow2(parts),
+        ONE_LOAD=one_load, **_pdl(x))
     return h.view(shape), y.view(shape)
 
 
