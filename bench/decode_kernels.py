@@ -161,8 +161,8 @@ def precompile(cases: list[tuple], jobs: int) -> None:
 def sweep(rows: list, part: str, name: str, m: int, dtype) -> None:
     case = make_case(part, name, m, dtype)
     calls = case.copies * (2 if part != "attention" else 1)
-    row = {"part": part, "case": name, "m": m, "key": case.key, "mbytes": case.mbytes, "dtype": str(dtype)[6:],
-           "configs": {}}
+    row = {"part": part, "case": name, "m": m, "key": case.key, "mbytes": case.mbytes,
+           "dtype": str(dtype).removeprefix("torch."), "configs": {}}
     if case.ref is not None:
         row["cublas_us"] = graph_time_us(case.ref, calls)
         want = case.ref(0).float()

@@ -90,7 +90,7 @@ def _pdl(t: torch.Tensor, matmul: str | None = None) -> dict:
     waiting successor takes no SM slots from the matmul.
 
     ``matmul`` names the kind of matmul ("split": split-K, whose successor is a one-program-per-row
-    add+norm; "plain": no activation, e.g. the QKV projection); kinds listed in DEJAVU_PDL_EARLY (comma
+    add+norm; "plain": no activation, e.g. the QKV projection; "activation": relu or SwiGLU); kinds listed in DEJAVU_PDL_EARLY (comma
     list, default "split") let their successor launch right after their wait even in "late" mode. The
     add+norm after a split-K projection needs no SM slots worth having, so its launch may as well hide
     behind the projection: 0.1-1.1% faster in all six fp16 cells on the H200; "plain" was not
@@ -611,7 +611,7 @@ def skinny_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
         stages -= 1
     while (stages - 1) * per_stage() > 160 * 1024 and block_k > 32:
         block_k //= 2
-    pdl = _pdl(x, {0: "plain", 1: "relu", 2: "swiglu"}[act])
+    pdl = _pdl(x, "plain" if act == 0 else "activation")  # the kinds DEJAVU_PDL_EARLY may name
     _skinny_mm_kernel[(triton.cdiv(n_out, block_n),)](
         x2, weight, bias if bias is not None else weight, y, m, n_out, k, k, x2.stride(0), weight.stride(0),
         y.stride(0), n_out if act == 2 else 0, HAS_BIAS=bias is not None, ACT=act,
