@@ -333,8 +333,9 @@ VARIANTS = [
     ("+ PDL late, L2 prefetch of weights", {**_WRITE, "DEJAVU_PDL": "late", "DEJAVU_PREFETCH": "1"}, True, True),
     ("PDL late, skinny everywhere, H100 tilings", {**_WRITE, "DEJAVU_PDL": "late", "DEJAVU_SKINNY_ALL": "1",
                                                    "DEJAVU_TUNING": "builtin"}, True, True),
-    ("PDL late, split-K matmuls trigger at once (default)", {**_WRITE, "DEJAVU_PDL": "late", "DEJAVU_SKINNY_ALL": "1",
-                                                   "DEJAVU_PDL_EARLY": "split"}, True, True),
+    ("PDL late, split-K matmuls trigger at once (default)", {**_WRITE, "DEJAVU_PDL": "late",
+                                                             "DEJAVU_SKINNY_ALL": "1", "DEJAVU_PDL_EARLY": "split"},
+     True, True),
     ("PDL late, split-K and plain matmuls at once", {**_WRITE, "DEJAVU_PDL": "late", "DEJAVU_SKINNY_ALL": "1",
                                                      "DEJAVU_PDL_EARLY": "split,plain"}, True, True),
 ]

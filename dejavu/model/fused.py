@@ -90,11 +90,11 @@ def _pdl(t: torch.Tensor, matmul: str | None = None) -> dict:
     waiting successor takes no SM slots from the matmul.
 
     ``matmul`` names the kind of matmul ("split": split-K, whose successor is a one-program-per-row
-    add+norm; "plain": no activation, e.g. the QKV projection; "activation": relu or SwiGLU); kinds listed in DEJAVU_PDL_EARLY (comma
-    list, default "split") let their successor launch right after their wait even in "late" mode. The
-    add+norm after a split-K projection needs no SM slots worth having, so its launch may as well hide
-    behind the projection: 0.1-1.1% faster in all six fp16 cells on the H200; "plain" was not
-    (bench/NOTES-perf.md, ninth session)."""
+    add+norm; "plain": no activation, e.g. the QKV projection; "activation": relu or SwiGLU); kinds
+    listed in DEJAVU_PDL_EARLY (comma list, default "split") let their successor launch right after
+    their wait even in "late" mode. The add+norm after a split-K projection needs no SM slots worth
+    having, so its launch may as well hide behind the projection: 0.1-1.1% faster in all six fp16 cells
+    on the H200; "plain" was not (bench/NOTES-perf.md, ninth session)."""
     mode = _pdl_mode()
     on = t.is_cuda and mode in ("1", "late")
     early = os.environ.get("DEJAVU_PDL_EARLY", "split").split(",")
