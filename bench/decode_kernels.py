@@ -5,6 +5,7 @@
   the L2 cache cannot hold them (as in a real step, where every layer's weights are new);
 - split-K projections (out-proj, fc_out / down) together with the add+norm that sums their partials;
 - decode attention over a 576-position cache (24 layers' worth, same reason) in several tilings;
+- (``--parts add_norm``) the add+norm that sums split-K partials, in both dtypes and both read forms;
 - prefill at batch 1: wall time with and without the Triton kernels, and the same prefill replayed as a
   CUDA graph (its GPU time alone).
 
@@ -224,6 +225,29 @@ def launch_floor(rows: list) -> None:
             print(f"launch    {name:22s}: {us:5.2f} us per kernel in a chain of {calls}", flush=True)
 
 
+def add_norm_forms(rows: list) -> None:
+    """The add+norm that sums split-K partials, alone, in fp16 and bf16, with the partials read part by
+    part or as one [parts, n] tile (``fused.add_norm(one_load=...)``): which form compiles to loads that
+    are all in flight differs by dtype (Triton 3.6 on the H200: part by part for fp16, one tile for bf16).
+    Rerun after a Triton upgrade; the default form is the one ``add_norm`` picks without ``one_load``."""
+    from dejavu.model.layers import RMSNorm
+
+    n, calls = 2048, 50
+    for dtype in (torch.float16, torch.bfloat16):
+        norm = RMSNorm(n, 1e-5).to("cuda", dtype)
+        for m in ROWS:
+            x = torch.randn(m, n, dtype=dtype, device="cuda")
+            for parts in (2, 4):
+                delta = fused.SplitSum(torch.randn(parts, m, n, device="cuda"), x.shape, dtype)
+                row = {"part": "add_norm", "case": f"{parts} parts", "m": m,
+                       "dtype": str(dtype).removeprefix("torch.")}
+                for form, one_load in (("part_by_part_us", False), ("one_load_us", True)):
+                    row[form] = graph_time_us(lambda i, o=one_load: fused.add_norm(x, delta, None, norm, o), calls)
+                rows.append(row)
+                print(f"add_norm  {row['dtype']:8s} {parts} parts m={m:2d}: part by part "
+                      f"{row['part_by_part_us']:5.2f} us, one load {row['one_load_us']:5.2f} us", flush=True)
+
+
 def prefill_overhead(rows: list, dtype) -> None:
     from dejavu.model.config import ModelConfig
     from dejavu.model.kv_cache import KVCache
@@ -275,7 +299,7 @@ def prefill_overhead(rows: list, dtype) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=None)
-    ap.add_argument("--parts", default="matmul,split,attention,prefill", help="also: launch")
+    ap.add_argument("--parts", default="matmul,split,attention,prefill", help="also: launch, add_norm")
     ap.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"],
                     help="of the sweep's tensors (the shipped tilings come from fp16 sweeps)")
     ap.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1),
@@ -299,6 +323,8 @@ def main() -> int:
         prefill_overhead(rows, dtype)
     if "launch" in parts:
         launch_floor(rows)
+    if "add_norm" in parts:
+        add_norm_forms(rows)
     if args.out:
         write_json(args.out, rows, default=str)
     return 0

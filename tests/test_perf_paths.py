@@ -200,6 +200,41 @@ def test_decode_attention_never_reads_past_the_position_in_interpreter():
     _run_in_interpreter(_ATTN_NAN_SCRIPT.format(root=str(ROOT)))
 
 
+_ADD_NORM_PARTS_SCRIPT = textwrap.dedent("""
+    sys.path[:0] = [{root!r}]
+    import torch
+    from dejavu.model import fused
+    from dejavu.model.layers import RMSNorm
+
+    torch.manual_seed(0)
+    n, m = 96, 3
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
+        rms, ln = RMSNorm(n, 1e-5).to(dtype), torch.nn.LayerNorm(n).to(dtype)
+        with torch.no_grad():
+            rms.weight.normal_(1, 0.1), ln.weight.normal_(1, 0.1), ln.bias.normal_(0, 0.1)
+        x = torch.randn(m, n, dtype=dtype)
+        bias = torch.randn(n, dtype=dtype)
+        for parts in (2, 3, 4):  # 3: the one-tile form pads the parts to 4 and masks the fourth
+            p = torch.randn(parts, m, n)
+            want_h = x + (p.sum(0).to(dtype) + bias)
+            for norm in (rms, ln):
+                got = [fused.add_norm(x, fused.SplitSum(p, x.shape, dtype), bias, norm, one_load)
+                       for one_load in (False, True)]
+                for h, y in got:
+                    assert (h.float() - want_h.float()).abs().max() < tol * 10, (dtype, parts)
+                    assert (y.float() - norm(want_h).float()).abs().max() < tol * 10, (dtype, parts)
+                assert (got[0][1].float() - got[1][1].float()).abs().max() <= tol * 10
+    print("ok")
+""")
+
+
+def test_add_norm_sums_split_k_partials_in_both_forms_in_interpreter():
+    """The add+norm that sums split-K partials, read part by part (fp16's form on the GPU) and as one
+    [parts, n] tile (bf16's), against ``norm(x + (sum of parts + bias))`` in PyTorch: RMSNorm and
+    LayerNorm, 2-4 parts (3 exercises the padded, masked tile)."""
+    _run_in_interpreter(_ADD_NORM_PARTS_SCRIPT.format(root=str(ROOT)))
+
+
 # ---- on a GPU (skipped in CI) -----------------------------------------------------------------------
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -329,7 +364,8 @@ def test_cuda_kernels_against_torch(dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_split_k_into_add_norm_against_torch(dtype):
     """A split-K projection's partial sums, added up by the next add+norm kernel, against
-    ``norm(h + (x @ w.T + bias))`` in PyTorch: RMSNorm and LayerNorm, both split shapes, 1-32 rows."""
+    ``norm(h + (x @ w.T + bias))`` in PyTorch: RMSNorm and LayerNorm, both split shapes, 1-32 rows, the
+    partials read part by part and as one tile."""
     import torch.nn.functional as F
 
     from dejavu.model import fused
@@ -353,8 +389,9 @@ def test_cuda_split_k_into_add_norm_against_torch(dtype):
             assert _rel(parts.resolve(), F.linear(x, w)) < tol
             for norm in (rms, ln):
                 want_h = h + (F.linear(x, w) + bias)
-                got_h, got_y = fused.add_norm(h, parts, bias, norm)
-                assert _rel(got_h, want_h) < tol and _rel(got_y, norm(want_h)) < tol, (k, m, norm)
+                for one_load in (None, False, True):  # the dtype's own form, then both forced
+                    got_h, got_y = fused.add_norm(h, parts, bias, norm, one_load)
+                    assert _rel(got_h, want_h) < tol and _rel(got_y, norm(want_h)) < tol, (k, m, norm, one_load)
     # Outside the table (and in fp32) nothing is split.
     assert fused.split_config(torch.randn(1, 3072, dtype=dtype, device="cuda"), w[:, :3072]) is None
     assert fused.split_config(torch.randn(1, 2048, device="cuda"), torch.randn(2048, 2048, device="cuda")) is None

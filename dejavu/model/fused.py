@@ -420,10 +420,12 @@ if HAVE_TRITON:
 
 # ---- entry points (callers check ``enabled`` first) -------------------------------------------------
 
-def add_norm(x: torch.Tensor, delta: torch.Tensor | None, bias: torch.Tensor | None, norm) -> tuple:
+def add_norm(x: torch.Tensor, delta: torch.Tensor | None, bias: torch.Tensor | None, norm,
+             one_load: bool | None = None) -> tuple:
     """``h = x + (delta + bias)`` (when delta is given) and ``norm(h)``; returns (h, norm(h)).
 
     ``norm`` is our RMSNorm or an ``nn.LayerNorm``; ``delta`` a tensor or a split-K ``SplitSum``.
+    ``one_load`` forces how split-K partials are read (None: the faster form for the dtype, below).
     """
     shape = x.shape
     n = shape[-1]
@@ -445,7 +447,7 @@ def add_norm(x: torch.Tensor, delta: torch.Tensor | None, bias: torch.Tensor | N
     # the bf16 build issues them one after another (4 parts: 2.8 us against 1.6); as one [parts, n] load
     # both take 1.8. Each dtype gets the form that compiles to parallel loads (H200,
     # bench/NOTES-perf.md, ninth session).
-    one_load = x.dtype == torch.bfloat16
+    one_load = x.dtype == torch.bfloat16 if one_load is None else one_load
     _add_norm_kernel[(rows,)](
         x2, d2, bias if bias is not None else x2, w if w is not None else x2, nb if nb is not None else x2,
         h, y, x2.stride(0), d2.stride(-2), h.stride(0), y.stride(0), n, eps, rows * n,
