@@ -35,6 +35,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dejavu.model import fused  # noqa: E402
+from dejavu.model.config import parse_dtype  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import write_json  # noqa: E402
@@ -306,7 +307,7 @@ def main() -> int:
                     help="processes that compile the configurations first (1: compile as the sweep goes)")
     args = ap.parse_args()
     parts = args.parts.split(",")
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    dtype = parse_dtype(args.dtype)
     cases = [(p, name, m) for p, names in (("matmul", MATMULS), ("split", SPLITS)) if p in parts
              for name in names for m in ROWS]
     if "attention" in parts:
