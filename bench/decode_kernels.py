@@ -35,7 +35,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dejavu.model import fused  # noqa: E402
-from dejavu.model.config import parse_dtype  # noqa: E402
+from dejavu.model.config import dtype_name, parse_dtype  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import write_json  # noqa: E402
@@ -164,7 +164,7 @@ def sweep(rows: list, part: str, name: str, m: int, dtype) -> None:
     case = make_case(part, name, m, dtype)
     calls = case.copies * (2 if part != "attention" else 1)
     row = {"part": part, "case": name, "m": m, "key": case.key, "mbytes": case.mbytes,
-           "dtype": str(dtype).removeprefix("torch."), "configs": {}}
+           "dtype": dtype_name(dtype), "configs": {}}
     if case.ref is not None:
         row["cublas_us"] = graph_time_us(case.ref, calls)
         want = case.ref(0).float()
@@ -241,7 +241,7 @@ def add_norm_forms(rows: list) -> None:
             for parts in (2, 4):
                 delta = fused.SplitSum(torch.randn(parts, m, n, device="cuda"), x.shape, dtype)
                 row = {"part": "add_norm", "case": f"{parts} parts", "m": m,
-                       "dtype": str(dtype).removeprefix("torch.")}
+                       "dtype": dtype_name(dtype)}
                 for form, one_load in (("part_by_part_us", False), ("one_load_us", True)):
                     row[form] = graph_time_us(lambda i, o=one_load: fused.add_norm(x, delta, None, norm, o), calls)
                 rows.append(row)

@@ -57,7 +57,8 @@ from . import driver
 from .plan import Box, Partition
 from .staging import StagingPool, region
 from .stats import StreamStats
-from .transports.base import dtype_name, nbytes, side_stream
+from ..model.config import dtype_name
+from .transports.base import nbytes, side_stream
 from .transports.local import LocalTransport
 
 # The current stream's raw handle, without building a Stream object (absent from CPU-only builds).

@@ -36,7 +36,8 @@ import torch
 from .plan import Box, Chunk, Partition, Plan
 from .staging import StagingPool, StepSlice, gather, gather_step, scatter, scatter_step
 from .stats import StreamStats
-from .transports.base import ChunkError, Pending, Transport, dtype_name, nbytes, side_stream
+from ..model.config import dtype_name
+from .transports.base import ChunkError, Pending, Transport, nbytes, side_stream
 
 LADDER = ("naive", "buffered", "layerwise")
 

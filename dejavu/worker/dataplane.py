@@ -23,19 +23,16 @@ from datetime import timedelta
 import msgpack
 import torch
 
+from ..model.config import dtype_name
 from .topology import Topology
 
 # Channel -> tag. Tags only need to be distinct per (sender, receiver) pair.
 ACT, TP, FEEDBACK, HANDOVER = 1, 2, 4, 5
 CHANNEL_NAMES = {ACT: "act", TP: "tp", FEEDBACK: "feedback", HANDOVER: "handover"}
 
-_DTYPES = {str(d).removeprefix("torch."): d for d in
+_DTYPES = {dtype_name(d): d for d in
            (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.uint8,
             torch.bool)}
-
-
-def dtype_name(d: torch.dtype) -> str:
-    return str(d).removeprefix("torch.")
 
 
 def _pack(meta: dict, tensors) -> bytes:

@@ -18,6 +18,7 @@ from pathlib import Path
 import msgpack
 import torch
 
+from ...model.config import dtype_name
 from .base import DONE, Blob, ChunkError, Pending, Transport, as_bytes, nbytes
 
 MAGIC = b"DJVCHUNK"
@@ -47,7 +48,7 @@ class DiskTransport(Transport):
         host = src.detach().to("cpu").contiguous()
         payload = as_bytes(host).numpy()
         header = msgpack.packb({"key": key, "nbytes": payload.nbytes, "crc32": zlib.crc32(payload),
-                                "dtype": str(src.dtype).removeprefix("torch."), "shape": list(src.shape),
+                                "dtype": dtype_name(src.dtype), "shape": list(src.shape),
                                 "meta": meta or {}})
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")

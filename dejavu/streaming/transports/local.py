@@ -14,7 +14,8 @@ from typing import Callable
 
 import torch
 
-from .base import DONE, Blob, ChunkError, Pending, Transport, dtype_name, nbytes
+from ...model.config import dtype_name
+from .base import DONE, Blob, ChunkError, Pending, Transport, nbytes
 
 
 @dataclass

@@ -27,6 +27,7 @@ import msgpack
 import torch
 import zmq
 
+from ...model.config import dtype_name
 from .base import Blob, ChunkError, Pending, Transport, as_bytes, host_copy, nbytes
 
 
@@ -189,7 +190,7 @@ class RemoteHostTransport(Transport):
               meta: dict | None = None) -> Pending:
         address = self._address(key, peer)
         host, ready = host_copy(src)
-        meta = dict(meta or {}, dtype=str(src.dtype).removeprefix("torch."), shape=list(src.shape))
+        meta = dict(meta or {}, dtype=dtype_name(src.dtype), shape=list(src.shape))
         data = memoryview(as_bytes(host).numpy())
         fut = self._submit(address, {"op": "put", "key": key, "meta": meta, "nbytes": nbytes(src)}, [data], ready.wait)
         return Pending(lambda: fut.result(), keep=(host,))
