@@ -1,0 +1,134 @@
+"""Probe: the batch-1 decode MLP as one persistent CUDA kernel (``persistent_mlp_cuda.cu``, built here
+with nvcc through ``torch.utils.cpp_extension``) against the engine's two Triton kernels, side by side in
+one process, in CUDA graphs over enough weight copies that L2 cannot hold them. Both are timed with the
+residual add+norm that follows them in the step (which sums the Triton path's split-K partials, and
+takes the persistent kernel's output as a plain tensor). Also each one's error against PyTorch in fp32,
+whether the kernel gives the same bits on every call, and the floor (the MLP's bytes at the device copy
+rate measured in the same run). ``--modes 0,1,2`` adds the kernel without its grid-wide wait (1) and
+without its math (2), to place its time. GPU only (Hopper or newer).
+
+Result (H200, tenth session, bench/NOTES-perf.md): correct and repeatable, ~10% slower than the two
+kernels, so the engine does not use it. The Triton version of the same idea is ``persistent_mlp.py``.
+
+    python bench/persistent_mlp_cuda.py --out results/persistent-mlp-cuda.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from dejavu.model import fused, kernel_tuning  # noqa: E402
+from dejavu.model.layers import RMSNorm  # noqa: E402
+from dejavu.model.config import dtype_name, parse_dtype  # noqa: E402
+from decode_kernels import graph_time_us  # noqa: E402
+from generate import copy_bandwidth  # noqa: E402
+from report import write_json  # noqa: E402
+
+# name: (act, hidden, ffn); act "relu" has a bias on fc_in, "silu_mul" stacks [gate; up] in fc_in.
+SHAPES = {"opt-1.3b": ("relu", 2048, 8192), "llama-1b": ("silu_mul", 2048, 8192)}
+ACTS = {"relu": 1, "silu_mul": 2}
+TILE_BYTES, CONSUMER_WARPS, SMEM_PER_BLOCK = 16384, 4, 227 * 1024
+
+
+def extension():
+    from torch.utils.cpp_extension import load
+
+    src = Path(__file__).resolve().parent / "persistent_mlp_cuda.cu"
+    return load(name="dejavu_persistent_mlp", sources=[str(src)], verbose=False,
+                extra_cuda_cflags=["-O3", "-gencode=arch=compute_90,code=sm_90"])
+
+
+def max_stages(d: int, f: int) -> int:
+    """16 KB ring stages that fit beside x, h and a CTA's fc_in biases, in whole rounds of the consumer
+    warps (the kernel says why)."""
+    fit = min(12, (SMEM_PER_BLOCK - 2 * (d + f) - 4 * 128) // TILE_BYTES)
+    return fit - fit % CONSUMER_WARPS
+
+
+def reference(x, w1, b1, w2, act: str) -> torch.Tensor:
+    if act == "relu":
+        return F.linear(F.relu(F.linear(x, w1, b1)), w2)
+    gate, up = F.linear(x, w1).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, w2)
+
+
+def two_kernels(x, w1, b1, w2, act: str):
+    """What the engine runs without the persistent kernel (``layers.linear`` at batch 1, deferred)."""
+    a = fused.skinny_mm(x, w1, b1, ACTS[act])
+    config = fused.split_config(a, w2)
+    return fused.skinny_mm_split(a, w2, config) if config else fused.skinny_mm(a, w2)
+
+
+def resolved(y) -> torch.Tensor:
+    return y.resolve() if isinstance(y, fused.SplitSum) else y
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--shapes", default="opt-1.3b,llama-1b")
+    ap.add_argument("--dtypes", default="fp16,bf16")
+    ap.add_argument("--stages", default="8,12", help="ring depths (multiples of 4)")
+    ap.add_argument("--modes", default="0", help="0 the MLP, 1 without the grid-wide wait, 2 without the math")
+    args = ap.parse_args()
+    copy_rate = copy_bandwidth(torch.device("cuda"))
+    ext = extension()
+    sync = torch.zeros(2, dtype=torch.int32, device="cuda")  # the grid wait's counters, zeroed once
+    copies = 8  # 8 x 67-100 MB: no copy is still in L2 when its turn comes again
+    rows = []
+    print(f"copy rate {copy_rate / 1e12:.2f} TB/s; tuning {kernel_tuning.tuning().source}")
+    for shape in args.shapes.split(","):
+        act, d, f = SHAPES[shape]
+        for dt in [parse_dtype(n) for n in args.dtypes.split(",")]:
+            n1 = 2 * f if act == "silu_mul" else f
+            w1s = [torch.randn(n1, d, dtype=dt, device="cuda") / d**0.5 for _ in range(copies)]
+            w2s = [torch.randn(d, f, dtype=dt, device="cuda") / f**0.5 for _ in range(copies)]
+            b1 = torch.randn(f, dtype=dt, device="cuda") * 0.1 if act == "relu" else None
+            x = torch.randn(1, d, dtype=dt, device="cuda")
+            residual = torch.randn(1, d, dtype=dt, device="cuda")
+            norm = (torch.nn.LayerNorm(d) if act == "relu" else RMSNorm(d, 1e-5)).to("cuda", dt)
+            ref = reference(x.float(), w1s[0].float(), b1.float() if b1 is not None else None, w2s[0].float(), act)
+            nbytes = (w1s[0].numel() + w2s[0].numel()) * dt.itemsize
+            row = {"shape": shape, "dtype": dtype_name(dt), "mbytes": nbytes / 2**20,
+                   "floor_us": nbytes / copy_rate * 1e6}
+
+            def err(y):
+                return ((y.float() - ref).norm() / ref.norm()).item()
+
+            row["two_kernels_err"] = err(resolved(two_kernels(x, w1s[0], b1, w2s[0], act)))
+            row["two_kernels_us"] = graph_time_us(lambda i: fused.add_norm(
+                residual, two_kernels(x, w1s[i % copies], b1, w2s[i % copies], act), None, norm)[1], 24)
+            print(f"{shape} {dtype_name(dt):8s}: floor {row['floor_us']:5.1f} us; two kernels "
+                  f"{row['two_kernels_us']:5.1f} us (err {row['two_kernels_err']:.1e})", flush=True)
+            for stages in [int(n) for n in args.stages.split(",")]:
+                assert stages % CONSUMER_WARPS == 0 and stages <= max_stages(d, f), stages
+                for mode in [int(m) for m in args.modes.split(",")]:
+                    def one(i, stages=stages, mode=mode):
+                        return ext.persistent_mlp(x, w1s[i % copies], b1, w2s[i % copies], ACTS[act], sync,
+                                                  stages, mode)
+                    y = one(0)
+                    e = err(y)
+                    same = all(torch.equal(one(0), y) for _ in range(3))
+                    us = graph_time_us(lambda i: fused.add_norm(residual, one(i), None, norm)[1], 24)
+                    row[f"persistent_{stages}_mode{mode}"] = {"us": us, "err": e, "repeatable": same}
+                    print(f"   persistent, {stages:2d} stages, mode {mode}: {us:5.1f} us (err {e:.1e}, repeatable "
+                          f"{same}) = {row['two_kernels_us'] / us:.2f}x the two kernels, "
+                          f"{us / row['floor_us']:.2f}x the floor", flush=True)
+            rows.append(row)
+            del w1s, w2s
+            torch.cuda.empty_cache()
+    if args.out:
+        write_json(args.out, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
