@@ -136,6 +136,18 @@ __device__ __forceinline__ float row_dot(const uint4* row, const uint4* in, int 
   return warp_sum((s[0] + s[1]) + (s[2] + s[3]));
 }
 
+// Unit t's stage, once its bytes have landed.
+__device__ __forceinline__ const uint4* acquire(unsigned char* ring, uint64_t* full, int t, int stages) {
+  mbar_wait(&full[t % stages], (t / stages) & 1);
+  return reinterpret_cast<const uint4*>(ring + (t % stages) * kTileBytes);
+}
+
+// The warp is done reading unit t's stage: the producer may refill it.
+__device__ __forceinline__ void release(uint64_t* empty, int t, int stages, int lane) {
+  __syncwarp();
+  if (lane == 0) mbar_arrive(&empty[t % stages]);
+}
+
 // Contiguous share [first, first + count) of n units for this CTA.
 __device__ __forceinline__ void share(int n, int& first, int& count) {
   first = (int)((long)blockIdx.x * n / gridDim.x);
@@ -198,15 +210,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   int t = warp;
   for (; t < count1; t += kConsumers) {  // fc_in
-    const int s = t % stages;
-    mbar_wait(&full[s], (t / stages) & 1);
-    if (mode == 2) {
-      __syncwarp();
-      if (lane == 0) mbar_arrive(&empty[s]);
-      continue;
-    }
-    const uint4* stage = reinterpret_cast<const uint4*>(ring + s * kTileBytes);
-    for (int o = 0; o < outs1; ++o) {
+    const uint4* stage = acquire(ring, full, t, stages);
+    for (int o = 0; o < (mode == 2 ? 0 : outs1); ++o) {
       const float a = row_dot<T>(stage + o * vecs1, xs, vecs1, lane);
       float out;
       if (ACT == 2) {  // as the reference rounds: gate and up, silu(gate), the product
@@ -218,8 +223,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       if (lane == 0) h[(first1 + t) * outs1 + o] = from_float<T>(out);
     }
-    __syncwarp();
-    if (lane == 0) mbar_arrive(&empty[s]);
+    release(empty, t, stages, lane);
   }
 
   // All of h, from every CTA, before fc_out. The ring keeps filling with fc_out's rows meanwhile.
@@ -240,20 +244,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   consumers_sync();
 
   for (; t < total; t += kConsumers) {  // fc_out
-    const int s = t % stages;
-    mbar_wait(&full[s], (t / stages) & 1);
-    if (mode == 2) {
-      __syncwarp();
-      if (lane == 0) mbar_arrive(&empty[s]);
-      continue;
-    }
-    const uint4* stage = reinterpret_cast<const uint4*>(ring + s * kTileBytes);
-    for (int o = 0; o < rows2; ++o) {
+    const uint4* stage = acquire(ring, full, t, stages);
+    for (int o = 0; o < (mode == 2 ? 0 : rows2); ++o) {
       const float a = row_dot<T>(stage + o * vecs2, hs, vecs2, lane);
       if (lane == 0) y[(first2 + t - count1) * rows2 + o] = from_float<T>(a);
     }
-    __syncwarp();
-    if (lane == 0) mbar_arrive(&empty[s]);
+    release(empty, t, stages, lane);
   }
 }
 
