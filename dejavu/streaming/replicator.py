@@ -53,11 +53,11 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..model.config import dtype_name
 from . import driver
 from .plan import Box, Partition
 from .staging import StagingPool, region
 from .stats import StreamStats
-from ..model.config import dtype_name
 from .transports.base import nbytes, side_stream
 from .transports.local import LocalTransport
 

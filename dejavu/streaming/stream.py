@@ -33,10 +33,10 @@ from typing import Sequence
 
 import torch
 
+from ..model.config import dtype_name
 from .plan import Box, Chunk, Partition, Plan
 from .staging import StagingPool, StepSlice, gather, gather_step, scatter, scatter_step
 from .stats import StreamStats
-from ..model.config import dtype_name
 from .transports.base import ChunkError, Pending, Transport, nbytes, side_stream
 
 LADDER = ("naive", "buffered", "layerwise")
