@@ -98,7 +98,7 @@ def persistent_mlp(x, w1, b1, w2, h, sync, preload: int, cfg=CONFIGS[0]) -> torc
     assert rows1 <= bn1 and rows2 <= bn2, (rows1, rows2, cfg)
     y = torch.empty(m, n2, dtype=x.dtype, device=x.device)
     _mlp_kernel[(nprog,)](x, w1, b1, h, w2, y, sync[0:], sync[1:], m, n1, k1, n2, rows1, rows2,
-                          BLOCK_M=max(16, fused._pow2(m)), BN1=bn1, BK1=bk1, BN2=bn2, BK2=bk2, NPROG=nprog,
+                          BLOCK_M=kernel_tuning.bucket(m), BN1=bn1, BK1=bk1, BN2=bn2, BK2=bk2, NPROG=nprog,
                           PRELOAD=preload, num_stages=stages, num_warps=warps)
     return y
 

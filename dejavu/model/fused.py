@@ -607,7 +607,7 @@ def skinny_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     block_n, block_k, stages, warps = config or _skinny_config(m, n_out, k)
     # The tilings were tuned in fp16; keep the pipelined tiles inside shared memory for fp32 (and swiglu's
     # two weight tiles): (stages - 1) * (x tile + w tiles) must fit.
-    block_m = max(16, _pow2(m))
+    block_m = bucket(m)  # rows padded to the tensor-core tile
     per_stage = lambda: (block_m + (2 if act == 2 else 1) * block_n) * block_k * x.element_size()  # noqa: E731
     while (stages - 1) * per_stage() > 160 * 1024 and stages > 2:
         stages -= 1
@@ -656,7 +656,7 @@ def skinny_mm_split(x: torch.Tensor, weight: torch.Tensor, config: tuple) -> Spl
     parts = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
     _skinny_mm_kernel[(triton.cdiv(n, block_n), splits)](
         x2, weight, weight, parts, m, n, k, k_per, x2.stride(0), weight.stride(0), n, 0, HAS_BIAS=False, ACT=0,
-        BLOCK_M=max(16, _pow2(m)), BLOCK_N=block_n, BLOCK_K=block_k, num_stages=stages, num_warps=warps,
+        BLOCK_M=bucket(m), BLOCK_N=block_n, BLOCK_K=block_k, num_stages=stages, num_warps=warps,
         PREC="tf32", SPLIT=splits, PREFETCH=_prefetch_lines(n, k_per, 0), **_pdl(x, "split"))
     return SplitSum(parts, torch.Size((*shape[:-1], n)), x.dtype)
 
