@@ -8,7 +8,9 @@ rate measured in the same run). ``--modes 0,1,2`` adds the kernel without its gr
 without its math (2), to place its time. GPU only (Hopper or newer).
 
 Result (H200, tenth session, bench/NOTES-perf.md): correct and repeatable, ~10% slower than the two
-kernels, so the engine does not use it. The Triton version of the same idea is ``persistent_mlp.py``.
+kernels, so the engine does not use it. Without its math (mode 2) it already takes the two kernels' time
+(eleventh session): the producer/consumer handoff, not the arithmetic, is what a faster one must cut.
+The Triton version of the same idea is ``persistent_mlp.py``.
 
     python bench/persistent_mlp_cuda.py --out results/persistent-mlp-cuda.json
 """
