@@ -311,9 +311,9 @@ def run_shape(shape: str, args, device: torch.device, bw: float, results: list) 
 
 # What each change bought: (name, environment switches, fused pre-norm pass, CUDA graphs).
 # Every variant uses the launch tilings DEJAVU_TUNING names at start (default: this GPU's file, if shipped),
-# except "H100 tilings" (11), which takes the built-in tables: `DEJAVU_TUNING=sweep.json ... --variant-names
-# 9,11` is the A/B of a new sweep file.
-_OFF = {"DEJAVU_TRITON": "0", "DEJAVU_SKINNY": "0", "DEJAVU_PDL": "0", "DEJAVU_PREFETCH": "0",
+# except "H100 tilings" (10), which takes the built-in tables: `DEJAVU_TUNING=sweep.json ... --variant-names
+# 10,11` is the A/B of a new sweep file against them.
+_OFF = {"DEJAVU_TRITON": "0", "DEJAVU_SKINNY": "0", "DEJAVU_PDL": "0",
         "DEJAVU_SKINNY_ALL": "0", "DEJAVU_SPLITK": "0", "DEJAVU_ATTN_WRITE": "0", "DEJAVU_PDL_EARLY": "",
         "DEJAVU_TUNING": os.environ.get("DEJAVU_TUNING", "auto")}
 _SKINNY = {**_OFF, "DEJAVU_TRITON": "1", "DEJAVU_SKINNY": "1"}
@@ -330,7 +330,6 @@ VARIANTS = [
     ("+ PDL (next kernel launched after wait)", {**_WRITE, "DEJAVU_PDL": "1"}, True, True),
     ("+ PDL, matmuls trigger after their loop", {**_WRITE, "DEJAVU_PDL": "late"}, True, True),
     ("+ PDL late, skinny everywhere", {**_WRITE, "DEJAVU_PDL": "late", "DEJAVU_SKINNY_ALL": "1"}, True, True),
-    ("+ PDL late, L2 prefetch of weights", {**_WRITE, "DEJAVU_PDL": "late", "DEJAVU_PREFETCH": "1"}, True, True),
     ("PDL late, skinny everywhere, H100 tilings", {**_WRITE, "DEJAVU_PDL": "late", "DEJAVU_SKINNY_ALL": "1",
                                                    "DEJAVU_TUNING": "builtin"}, True, True),
     ("PDL late, split-K matmuls trigger at once (default)", {**_WRITE, "DEJAVU_PDL": "late",

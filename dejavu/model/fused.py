@@ -322,7 +322,7 @@ if HAVE_TRITON:
     def _skinny_mm_kernel(X, W, B, Y, M, N, K, K_PER, stride_xm, stride_wn, stride_ym, GATE_OFF,
                           HAS_BIAS: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr = 0,
-                          PREFETCH: tl.constexpr = 0, SPLIT: tl.constexpr = 1):
+                          SPLIT: tl.constexpr = 1):
         # y[m, n] = x[m, :] . w[n, :] (+ b[n]) for a few rows m: each program streams BLOCK_N rows of w
         # once for every m. ACT: 0 none, 1 relu, 2 swiglu (silu(x.w[n]) * x.w[n + GATE_OFF]).
         # SPLIT > 1: program (i, s) sums only K slice s (K_PER long) and stores fp32 partials y[s, m, n].
@@ -332,18 +332,6 @@ if HAVE_TRITON:
         nm = n < N
         mm = m < M
         if PDL:
-            if PREFETCH > 0:
-                # The weights do not depend on the previous kernel: pull this program's first PREFETCH
-                # 128-byte lines of each row into L2 while that kernel finishes.
-                kk = tl.program_id(1) * K_PER + tl.minimum(tl.arange(0, PREFETCH) * 64, K_PER - 1)
-                rows = tl.minimum(n, N - 1)
-                tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // dummy $0", "=r,l",
-                                          [W + rows[:, None] * stride_wn + kk[None, :]], dtype=tl.int32,
-                                          is_pure=False, pack=1)
-                if ACT == 2:
-                    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // dummy $0", "=r,l",
-                                              [W + (rows[:, None] + GATE_OFF) * stride_wn + kk[None, :]],
-                                              dtype=tl.int32, is_pure=False, pack=1)
             tl.extra.cuda.gdc_wait()
             if PDL == 1:
                 tl.extra.cuda.gdc_launch_dependents()
@@ -574,18 +562,6 @@ def _skinny_config(m: int, n: int, k: int) -> tuple[int, int, int, int]:
     return block_n, 256 if k >= 256 else _pow2(k), 4, 4
 
 
-PREFETCH_BYTES = int(os.environ.get("DEJAVU_PREFETCH_MB", "8")) << 20
-
-
-def _prefetch_lines(n: int, k: int, act: int) -> int:
-    """How many 128-byte lines of each weight row to prefetch: about PREFETCH_BYTES per matmul, so that
-    the prefetched slab stays in L2 until the main loop reads it. DEJAVU_PREFETCH=0 turns it off."""
-    if os.environ.get("DEJAVU_PREFETCH", "0") != "1" or PREFETCH_BYTES <= 0:
-        return 0
-    lines = min(k // 64, PREFETCH_BYTES // (n * 128 * (2 if act == 2 else 1)))  # only read with PDL on
-    return 1 << (lines.bit_length() - 1) if lines >= 1 else 0
-
-
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """``x`` as [rows, K] with unit stride along K (what the skinny kernels read)."""
     x2 = x.reshape(-1, x.shape[-1])
@@ -618,7 +594,7 @@ def skinny_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
         x2, weight, bias if bias is not None else weight, y, m, n_out, k, k, x2.stride(0), weight.stride(0),
         y.stride(0), n_out if act == 2 else 0, HAS_BIAS=bias is not None, ACT=act,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_stages=stages, num_warps=warps,
-        PREC="ieee" if x.dtype == torch.float32 else "tf32", PREFETCH=_prefetch_lines(n, k, act), **pdl)
+        PREC="ieee" if x.dtype == torch.float32 else "tf32", **pdl)
     return y.view(*shape[:-1], n_out)
 
 
@@ -657,7 +633,7 @@ def skinny_mm_split(x: torch.Tensor, weight: torch.Tensor, config: tuple) -> Spl
     _skinny_mm_kernel[(triton.cdiv(n, block_n), splits)](
         x2, weight, weight, parts, m, n, k, k_per, x2.stride(0), weight.stride(0), n, 0, HAS_BIAS=False, ACT=0,
         BLOCK_M=bucket(m), BLOCK_N=block_n, BLOCK_K=block_k, num_stages=stages, num_warps=warps,
-        PREC="tf32", SPLIT=splits, PREFETCH=_prefetch_lines(n, k_per, 0), **_pdl(x, "split"))
+        PREC="tf32", SPLIT=splits, **_pdl(x, "split"))
     return SplitSum(parts, torch.Size((*shape[:-1], n)), x.dtype)
 
 
