@@ -1,28 +1,32 @@
 // Probe (bench/persistent_mlp_cuda.py): the batch-1 decode MLP as one persistent kernel,
 // y = W2 act(W1 x [+ b1]), with a grid-wide wait for h between the two projections that does not stop
 // the weight stream.
-// Measured on an H200 (bench/NOTES-perf.md, tenth session): correct and repeatable, but 10% slower than
-// the engine's two Triton kernels, so the engine does not use it.
+// Measured on an H200 (bench/NOTES-perf.md, tenth and twelfth sessions): correct and repeatable. The first
+// form was 10% slower than the engine's two Triton kernels; with the ring filled before the wait for the
+// kernel before (PDL) and the dot products on tensor cores it is level with them (OPT 23.8 vs 23.6 us with
+// the add+norm after), not faster, so the engine does not use it.
 //
 // Why: as two kernels (dejavu/model/fused.py) each projection pays its own ramp and tail, and nothing is
 // read from DRAM between them. Here one CTA per SM runs a producer warp that keeps a ring of 16 KB
 // shared-memory stages filled with bulk copies (cp.async.bulk, completion counted by an mbarrier), in
 // weight order: this CTA's fc_in rows, then its fc_out rows. fc_out's weights do not depend on h, so while
-// the consumer warps wait for the last CTA's h rows, the ring goes on filling with fc_out.
+// the consumer warps wait for the last CTA's h rows, the ring goes on filling with fc_out. Nor do they
+// depend on the kernel before: launched early (programmatic dependent launch), the producer fills the
+// ring while that kernel finishes, and only the consumers wait for it.
 //
-// Work: a stage holds whole rows (rows of 2 * k bytes must divide 16 KB). Consumer warp w takes units
-// w, w + 4, w + 8, ... of the CTA's sequence and computes each of its rows as one warp-wide dot product
-// against the input vector, which sits in shared memory (x, later h). No cross-warp sum, no float atomics:
-// the result does not depend on timing. act 1: relu(W1 x + b1); act 2: SwiGLU, W1 = [gate; up] and a
-// stage holds gate rows i.. and up rows i.. in its two halves.
+// Work: a stage holds whole rows: 4 of fc_in (k1 = 2048) or one of fc_out (k2 = 8192). Consumer warp w
+// takes units w, w + CONSUMERS, ... of the CTA's sequence and computes all of a stage's rows against the
+// input vector, which sits in shared memory (x, later h), on CUDA cores or tensor cores (TENSOR). No
+// cross-warp sum, no float atomics: the result does not depend on timing. act 1: relu(W1 x + b1); act 2:
+// SwiGLU, W1 = [gate; up] and a stage holds gate rows i, i + 1 and the same up rows in its two halves.
 //
 // The ring depth is a multiple of the consumer warps, so each stage is only ever read by one warp, in
 // order. Otherwise a warp could wait on a stage's full barrier two uses ahead of the warp before it, and
 // mbarrier parity waits cannot tell use k from use k - 2: it would read a stage not yet filled (seen: 10
 // stages over 8 warps gave results that changed from call to call).
 //
-// Every CTA must be resident at once (they wait for each other): one per SM, launched after the kernel
-// before it has finished (no programmatic early launch).
+// Every CTA must be resident at once (they wait for each other): one per SM. An early launch cannot
+// deadlock on that: the kernel before never waits for this one, so its SMs free up.
 
 #include <ATen/cuda/CUDAContext.h>
 #include <cuda_bf16.h>
@@ -30,13 +34,13 @@
 #include <torch/extension.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace {
 
 constexpr int kTileBytes = 16384;
-constexpr int kConsumers = 4;                      // consumer warps
-constexpr int kThreads = (kConsumers + 1) * 32;    // and one producer warp
 constexpr int kMaxStages = 12;
+constexpr int kRows1 = 4;  // fc_in rows a stage holds (k1 = 2048); fc_out's stage is one row (k2 = 8192)
 
 template <typename T>
 struct Pair;
@@ -106,34 +110,135 @@ __device__ __forceinline__ uint32_t load_acquire(const uint32_t* p) {
 }
 
 // The consumer warps only: the producer warp must never be held at these.
+template <int CONSUMERS>
 __device__ __forceinline__ void consumers_sync() {
-  asm volatile("bar.sync 1, %0;" ::"n"(kConsumers * 32) : "memory");
+  asm volatile("bar.sync 1, %0;" ::"n"(CONSUMERS * 32) : "memory");
 }
 
-__device__ __forceinline__ float warp_sum(float v) {
+// Programmatic dependent launch: a no-op unless the kernel was launched with the attribute. Only what reads
+// the kernel before's output waits; the weight stream does not.
+__device__ __forceinline__ void wait_for_kernel_before() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+__device__ __forceinline__ void let_kernel_after_launch() { asm volatile("griddepcontrol.launch_dependents;"); }
+
+// R consecutive rows of a stage (vecs 16-byte vectors each, in shared memory) against the input vector, by
+// one warp, in fp32. The input vector is read once per vector for all R rows, and every row keeps four
+// independent FMA chains: the warp's latency, not the SM's issue rate, is what limits a consumer.
+template <typename T, int R>
+__device__ __forceinline__ void rows_dot(const uint4* rows, const uint4* in, int vecs, int lane, float (&out)[R]) {
+  using T2 = typename Pair<T>::type;
+  float s[R][4] = {};
+#pragma unroll 2
+  for (int v = lane; v < vecs; v += 32) {
+    const uint4 b = in[v];
+    const T2* b2 = reinterpret_cast<const T2*>(&b);
+    float2 fb[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) fb[i] = to_float2(b2[i]);
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const uint4 a = rows[r * vecs + v];
+      const T2* a2 = reinterpret_cast<const T2*>(&a);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float2 fa = to_float2(a2[i]);
+        s[r][i] = fmaf(fa.x, fb[i].x, s[r][i]);
+        s[r][i] = fmaf(fa.y, fb[i].y, s[r][i]);
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r) out[r] = (s[r][0] + s[r][1]) + (s[r][2] + s[r][3]);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1)
+#pragma unroll
+    for (int r = 0; r < R; ++r) out[r] += __shfl_xor_sync(0xffffffffu, out[r], o);
+}
+
+// The same dot products on tensor cores (mma.m16n8k16, fp32 accumulators), for a warp whose latency per stage
+// is what holds the ring. A stage (8192 elements) is read as A = 16 "virtual rows" of 512 elements: fc_in's
+// 4 rows of 2048 are virtual rows 4i..4i+3 (input chunk v % 4), fc_out's one row of 8192 is virtual rows
+// 0..15 (input chunk v). Column n of B is the input chunk that virtual rows v = n and v = n + 8 need, so the
+// useful products are D[v][v % 8] (fc_out: two B, for chunks 0..7 and 8..15). Each virtual row is read with
+// its k order rotated by 8 (v % 8) elements, and B's column n with the same rotation: the eight 1 KB-apart
+// rows of an 8x8 ldmatrix then fall on different banks. Its error against fp32 equals the CUDA-core form's
+// (fp16 and bf16, on the H200).
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&a)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
+               : "r"(addr)
+               : "memory");
+}
+
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<T, __half>)
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  else
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// A at k step kk (16 elements of every virtual row): lane l addresses row l % 8 of 8x8 matrix l / 8.
+__device__ __forceinline__ void load_a(uint32_t (&a)[4], uint32_t stage, int kk, int lane) {
+  const int r = lane & 7, m = lane >> 3, v = r + 8 * (m & 1), kc = 8 * (m >> 1);
+  ldmatrix_x4(a, stage + v * 1024 + 2 * ((kk * 16 + kc + 8 * r) & 511));
+}
+
+// B's pair of k rows kr, kr + 1 in column g (= lane / 4), from input chunk `chunk` in shared memory.
+__device__ __forceinline__ uint32_t b_pair(const uint4* in, int chunk, int kk, int kr, int g) {
+  return reinterpret_cast<const uint32_t*>(in)[(chunk * 512 + ((kk * 16 + kr + 8 * g) & 511)) / 2];
+}
+
+// fc_in: the stage's 4 rows against x, whose B fragments (bx) every stage shares.
+template <typename T>
+__device__ __forceinline__ void rows4_mma(uint32_t stage, const uint32_t (&bx)[32][2], int lane, float (&out)[4]) {
+  float d[4][4] = {};  // four independent accumulator chains
+#pragma unroll
+  for (int kk = 0; kk < 32; ++kk) {
+    uint32_t a[4];
+    load_a(a, stage, kk, lane);
+    mma16816<T>(d[kk & 3], a, bx[kk][0], bx[kk][1]);
+  }
+  const int g = lane >> 2, t = lane & 3;
+  const bool mine = t == g / 2;  // this lane holds D[g][g] and D[g + 8][g]
+  float lo = 0.f, hi = 0.f;
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    lo += (g & 1) ? d[c][1] : d[c][0];
+    hi += (g & 1) ? d[c][3] : d[c][2];
+  }
+  lo = mine ? lo : 0.f;
+  hi = mine ? hi : 0.f;
+  out[0] = g < 4 ? lo : 0.f;  // virtual rows 0..3 -> row 0, 4..7 -> 1, 8..11 -> 2, 12..15 -> 3
+  out[1] = g < 4 ? 0.f : lo;
+  out[2] = g < 4 ? hi : 0.f;
+  out[3] = g < 4 ? 0.f : hi;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) out[r] += __shfl_xor_sync(0xffffffffu, out[r], o);
+}
+
+// fc_out: the stage's one row of 8192 against h in shared memory.
+template <typename T>
+__device__ __forceinline__ float row1_mma(uint32_t stage, const uint4* hs, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+  float d1[2][4] = {}, d2[2][4] = {};
+#pragma unroll 4
+  for (int kk = 0; kk < 32; ++kk) {
+    uint32_t a[4];
+    load_a(a, stage, kk, lane);
+    mma16816<T>(d1[kk & 1], a, b_pair(hs, g, kk, 2 * t, g), b_pair(hs, g, kk, 2 * t + 8, g));
+    mma16816<T>(d2[kk & 1], a, b_pair(hs, g + 8, kk, 2 * t, g), b_pair(hs, g + 8, kk, 2 * t + 8, g));
+  }
+  float v = (g & 1) ? (d1[0][1] + d1[1][1]) + (d2[0][3] + d2[1][3]) : (d1[0][0] + d1[1][0]) + (d2[0][2] + d2[1][2]);
+  v = t == g / 2 ? v : 0.f;
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
-}
-
-// One row (vecs 16-byte vectors, in shared memory) against the input vector, by one warp, in fp32.
-template <typename T>
-__device__ __forceinline__ float row_dot(const uint4* row, const uint4* in, int vecs, int lane) {
-  using T2 = typename Pair<T>::type;
-  float s[4] = {0.f, 0.f, 0.f, 0.f};  // four independent FMA chains, not one 8-deep chain per vector
-#pragma unroll 4
-  for (int v = lane; v < vecs; v += 32) {
-    const uint4 a = row[v], b = in[v];
-    const T2* a2 = reinterpret_cast<const T2*>(&a);
-    const T2* b2 = reinterpret_cast<const T2*>(&b);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float2 fa = to_float2(a2[i]), fb = to_float2(b2[i]);
-      s[i] = fmaf(fa.x, fb.x, s[i]);
-      s[i] = fmaf(fa.y, fb.y, s[i]);
-    }
-  }
-  return warp_sum((s[0] + s[1]) + (s[2] + s[3]));
 }
 
 // Unit t's stage, once its bytes have landed.
@@ -154,8 +259,8 @@ __device__ __forceinline__ void share(int n, int& first, int& count) {
   count = (int)((long)(blockIdx.x + 1) * n / gridDim.x) - first;
 }
 
-template <typename T, int ACT>
-__global__ void __launch_bounds__(kThreads, 1)
+template <typename T, int ACT, int CONSUMERS, bool TENSOR>
+__global__ void __launch_bounds__((CONSUMERS + 1) * 32, 1)
     persistent_mlp_kernel(const T* __restrict__ x, const T* __restrict__ w1, const T* __restrict__ b1,
                           T* h, const T* __restrict__ w2, T* __restrict__ y, uint32_t* sync, int n1, int k1,
                           int n2, int k2, int stages, int mode) {
@@ -167,28 +272,26 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint4* hs = xs + k1 / 8;
   float* bias = reinterpret_cast<float*>(hs + k2 / 8);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int rows1 = kTileBytes / (2 * k1), outs1 = ACT == 2 ? rows1 / 2 : rows1;
-  const int rows2 = kTileBytes / (2 * k2), vecs1 = k1 / 8, vecs2 = k2 / 8;
+  constexpr int outs1 = ACT == 2 ? kRows1 / 2 : kRows1;
+  const int vecs1 = k1 / 8, vecs2 = k2 / 8;
   int first1, count1, first2, count2;
   share(n1 / outs1, first1, count1);
-  share(n2 / rows2, first2, count2);
+  share(n2, first2, count2);
   const int total = count1 + count2;
 
-  uint32_t generation = 0;
+  // Before the wait for the kernel before: only what does not depend on it (barriers, weights, biases).
   if (threadIdx.x == 0) {
     for (int s = 0; s < stages; ++s) {
       mbar_init(&full[s]);
       mbar_init(&empty[s]);
     }
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // the copy engine sees the barriers
-    generation = load_acquire(sync + 1);
   }
-  for (int v = threadIdx.x; v < vecs1; v += kThreads) xs[v] = reinterpret_cast<const uint4*>(x)[v];
   if (ACT == 1)
-    for (int r = threadIdx.x; r < count1 * outs1; r += kThreads) bias[r] = to_float(b1[first1 * outs1 + r]);
+    for (int r = threadIdx.x; r < count1 * outs1; r += blockDim.x) bias[r] = to_float(b1[first1 * outs1 + r]);
   __syncthreads();
 
-  if (warp == kConsumers) {  // the producer: stage t % stages gets unit t once its last reader let it go
+  if (warp == CONSUMERS) {  // the producer: stage t % stages gets unit t once its last reader let it go
     if (lane == 0)
       for (int t = 0; t < total; ++t) {
         const int s = t % stages;
@@ -196,38 +299,56 @@ __global__ void __launch_bounds__(kThreads, 1)
         unsigned char* dst = ring + s * kTileBytes;
         mbar_expect(&full[s], kTileBytes);
         if (t >= count1) {
-          bulk_copy(dst, w2 + (long)(first2 + t - count1) * rows2 * k2, kTileBytes, &full[s]);
+          bulk_copy(dst, w2 + (long)(first2 + t - count1) * k2, kTileBytes, &full[s]);
         } else if (ACT == 2) {  // gate rows, then the same up rows
           const long row = (long)(first1 + t) * outs1;
           bulk_copy(dst, w1 + row * k1, kTileBytes / 2, &full[s]);
           bulk_copy(dst + kTileBytes / 2, w1 + (n1 + row) * k1, kTileBytes / 2, &full[s]);
         } else {
-          bulk_copy(dst, w1 + (long)(first1 + t) * rows1 * k1, kTileBytes, &full[s]);
+          bulk_copy(dst, w1 + (long)(first1 + t) * kRows1 * k1, kTileBytes, &full[s]);
         }
       }
     return;
   }
 
+  wait_for_kernel_before();  // x, and the grid wait's counters, which the last launch left
+  uint32_t generation = 0;
+  if (threadIdx.x == 0) generation = load_acquire(sync + 1);
+  for (int v = threadIdx.x; v < vecs1; v += CONSUMERS * 32) xs[v] = reinterpret_cast<const uint4*>(x)[v];
+  consumers_sync<CONSUMERS>();
+  uint32_t bx[32][2];  // x as fc_in's B fragments (tensor cores), the same for every stage
+  if (TENSOR)
+#pragma unroll
+    for (int kk = 0; kk < 32; ++kk) {
+      bx[kk][0] = b_pair(xs, (lane >> 2) % 4, kk, 2 * (lane & 3), lane >> 2);
+      bx[kk][1] = b_pair(xs, (lane >> 2) % 4, kk, 2 * (lane & 3) + 8, lane >> 2);
+    }
+
   int t = warp;
-  for (; t < count1; t += kConsumers) {  // fc_in
+  for (; t < count1; t += CONSUMERS) {  // fc_in
     const uint4* stage = acquire(ring, full, t, stages);
-    for (int o = 0; o < (mode == 2 ? 0 : outs1); ++o) {
-      const float a = row_dot<T>(stage + o * vecs1, xs, vecs1, lane);
-      float out;
-      if (ACT == 2) {  // as the reference rounds: gate and up, silu(gate), the product
-        const float u = row_dot<T>(stage + (outs1 + o) * vecs1, xs, vecs1, lane);
-        const float g = round_to<T>(a);
-        out = round_to<T>(g / (1.f + __expf(-g))) * round_to<T>(u);
-      } else {
-        out = fmaxf(a + bias[t * outs1 + o], 0.f);
-      }
-      if (lane == 0) h[(first1 + t) * outs1 + o] = from_float<T>(out);
+    if (mode != 2) {
+      float a[kRows1];
+      if (TENSOR) rows4_mma<T>(smem_u32(stage), bx, lane, a);
+      else rows_dot<T, kRows1>(stage, xs, vecs1, lane, a);
+      if (lane == 0)
+#pragma unroll
+        for (int o = 0; o < outs1; ++o) {
+          float out;
+          if (ACT == 2) {  // as the reference rounds: gate and up, silu(gate), the product
+            const float g = round_to<T>(a[o]);
+            out = round_to<T>(g / (1.f + __expf(-g))) * round_to<T>(a[outs1 + o]);
+          } else {
+            out = fmaxf(a[o] + bias[t * outs1 + o], 0.f);
+          }
+          if (mode != 3 || out == 12345.f) h[(first1 + t) * outs1 + o] = from_float<T>(out);
+        }
     }
     release(empty, t, stages, lane);
   }
 
   // All of h, from every CTA, before fc_out. The ring keeps filling with fc_out's rows meanwhile.
-  consumers_sync();  // this CTA's h rows are stored
+  consumers_sync<CONSUMERS>();  // this CTA's h rows are stored
   if (threadIdx.x == 0 && mode != 1) {
     __threadfence();
     if (atomicAdd(sync, 1u) == gridDim.x - 1) {
@@ -239,35 +360,62 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
   }
-  consumers_sync();
-  for (int v = threadIdx.x; v < vecs2; v += kConsumers * 32) hs[v] = __ldcg(reinterpret_cast<const uint4*>(h) + v);
-  consumers_sync();
+  consumers_sync<CONSUMERS>();
+  let_kernel_after_launch();  // the add+norm after may be resident beside this CTA while fc_out streams
+  for (int v = threadIdx.x; v < vecs2; v += CONSUMERS * 32) hs[v] = __ldcg(reinterpret_cast<const uint4*>(h) + v);
+  consumers_sync<CONSUMERS>();
 
-  for (; t < total; t += kConsumers) {  // fc_out
+  for (; t < total; t += CONSUMERS) {  // fc_out
     const uint4* stage = acquire(ring, full, t, stages);
-    for (int o = 0; o < (mode == 2 ? 0 : rows2); ++o) {
-      const float a = row_dot<T>(stage + o * vecs2, hs, vecs2, lane);
-      if (lane == 0) y[(first2 + t - count1) * rows2 + o] = from_float<T>(a);
+    if (mode != 2) {
+      float a[1];
+      if (TENSOR) a[0] = row1_mma<T>(smem_u32(stage), hs, lane);
+      else rows_dot<T, 1>(stage, hs, vecs2, lane, a);
+      if (lane == 0 && (mode != 3 || a[0] == 12345.f)) y[first2 + t - count1] = from_float<T>(a[0]);
     }
     release(empty, t, stages, lane);
   }
 }
 
-template <typename T, int ACT>
+template <typename T, int ACT, int CONSUMERS, bool TENSOR>
 void launch(const at::Tensor& x, const at::Tensor& w1, const at::Tensor* b1, const at::Tensor& w2,
-            at::Tensor& h, at::Tensor& y, at::Tensor& sync, int stages, int mode, int ctas, size_t smem) {
-  auto kernel = persistent_mlp_kernel<T, ACT>;
+            at::Tensor& h, at::Tensor& y, at::Tensor& sync, int stages, int mode, bool pdl, int ctas,
+            size_t smem) {
+  auto kernel = persistent_mlp_kernel<T, ACT, CONSUMERS, TENSOR>;
+  constexpr int threads = (CONSUMERS + 1) * 32;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
   int resident = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, kThreads, smem));
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, threads, smem));
   TORCH_CHECK(resident >= 1, "persistent_mlp: a CTA of ", stages, " stages does not fit an SM");
-  kernel<<<ctas, kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
-      reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const T*>(w1.data_ptr()),
-      b1 ? reinterpret_cast<const T*>(b1->data_ptr()) : nullptr, reinterpret_cast<T*>(h.data_ptr()),
-      reinterpret_cast<const T*>(w2.data_ptr()), reinterpret_cast<T*>(y.data_ptr()),
-      reinterpret_cast<uint32_t*>(sync.data_ptr()), (int)h.numel(), (int)w1.size(1), (int)w2.size(0),
-      (int)w2.size(1), stages, mode);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(ctas);
+  config.blockDim = dim3(threads);
+  config.dynamicSmemBytes = smem;
+  config.stream = at::cuda::getCurrentCUDAStream();
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = pdl ? 1 : 0;
+  config.attrs = attribute;
+  config.numAttrs = 1;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(
+      &config, kernel, reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const T*>(w1.data_ptr()),
+      b1 ? reinterpret_cast<const T*>(b1->data_ptr()) : static_cast<const T*>(nullptr),
+      reinterpret_cast<T*>(h.data_ptr()), reinterpret_cast<const T*>(w2.data_ptr()),
+      reinterpret_cast<T*>(y.data_ptr()), reinterpret_cast<uint32_t*>(sync.data_ptr()), (int)h.numel(),
+      (int)w1.size(1), (int)w2.size(0), (int)w2.size(1), stages, mode));
+}
+
+template <typename T, int ACT>
+void launch_with(int consumers, bool tensor, const at::Tensor& x, const at::Tensor& w1, const at::Tensor* b1,
+                 const at::Tensor& w2, at::Tensor& h, at::Tensor& y, at::Tensor& sync, int stages, int mode,
+                 bool pdl, int ctas, size_t smem) {
+  if (tensor) {
+    if (consumers == 4) launch<T, ACT, 4, true>(x, w1, b1, w2, h, y, sync, stages, mode, pdl, ctas, smem);
+    else launch<T, ACT, 8, true>(x, w1, b1, w2, h, y, sync, stages, mode, pdl, ctas, smem);
+  } else {
+    if (consumers == 4) launch<T, ACT, 4, false>(x, w1, b1, w2, h, y, sync, stages, mode, pdl, ctas, smem);
+    else launch<T, ACT, 8, false>(x, w1, b1, w2, h, y, sync, stages, mode, pdl, ctas, smem);
+  }
 }
 
 }  // namespace
@@ -275,21 +423,23 @@ void launch(const at::Tensor& x, const at::Tensor& w1, const at::Tensor* b1, con
 // x [1, k1]; w1 [n1, k1] (act 1) or [2 n1, k1] (act 2); b1 [n1] (act 1 only); w2 [n2, n1]; sync: two
 // int32, zero once, reusable by every launch on one stream (not by launches that may run concurrently).
 // Returns y [1, n2]. mode (where the time goes): 0 the MLP; 1 no grid-wide wait (h may be stale); 2 the
-// consumer warps wait for and release each stage but do no math (y is garbage).
+// consumer warps wait for and release each stage but do no math (y is garbage); 3 the math without storing h
+// or y (y is garbage).
 at::Tensor persistent_mlp(at::Tensor x, at::Tensor w1, c10::optional<at::Tensor> b1, at::Tensor w2,
-                          int64_t act, at::Tensor sync, int64_t stages, int64_t mode) {
+                          int64_t act, at::Tensor sync, int64_t stages, int64_t mode, int64_t consumers,
+                          bool pdl, bool tensor) {
   TORCH_CHECK(act == 1 || act == 2, "act: 1 relu with bias, 2 swiglu");
   TORCH_CHECK(x.is_contiguous() && w1.is_contiguous() && w2.is_contiguous(), "contiguous tensors");
-  TORCH_CHECK(stages >= kConsumers && stages <= kMaxStages && stages % kConsumers == 0, "stages: a multiple of ",
-              kConsumers, " up to ", kMaxStages);
+  TORCH_CHECK(consumers == 4 || consumers == 8, "consumers: 4 or 8 warps");
+  TORCH_CHECK(stages >= consumers && stages <= kMaxStages && stages % consumers == 0, "stages: a multiple of ",
+              consumers, " up to ", kMaxStages);
   const int k1 = w1.size(1), n1 = act == 2 ? w1.size(0) / 2 : w1.size(0), n2 = w2.size(0), k2 = w2.size(1);
   TORCH_CHECK(x.numel() == k1 && k2 == n1, "shapes: x [1, k1], w1 [n1 or 2 n1, k1], w2 [n2, n1]");
-  const int rows1 = kTileBytes / (2 * k1), outs1 = act == 2 ? rows1 / 2 : rows1, rows2 = kTileBytes / (2 * k2);
-  TORCH_CHECK(k1 % 256 == 0 && k2 % 256 == 0 && kTileBytes % (2 * k1) == 0 && kTileBytes % (2 * k2) == 0 &&
-                  outs1 >= 1 && n1 % outs1 == 0 && n2 % rows2 == 0,
-              "persistent_mlp: rows must tile 16 KB");
+  const int outs1 = act == 2 ? kRows1 / 2 : kRows1;
+  TORCH_CHECK(kRows1 * 2 * k1 == kTileBytes && 2 * k2 == kTileBytes && n1 % outs1 == 0,
+              "persistent_mlp: the probe's stages hold 4 rows of k1 = 2048 or one row of k2 = 8192");
   const int ctas = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  TORCH_CHECK(n1 / outs1 >= ctas && n2 / rows2 >= ctas, "persistent_mlp: fewer units than SMs");
+  TORCH_CHECK(n1 / outs1 >= ctas && n2 >= ctas, "persistent_mlp: fewer units than SMs");
   auto h = at::empty({n1}, x.options());
   auto y = at::empty({1, n2}, x.options());
   const int max_outs = ((n1 / outs1 + ctas - 1) / ctas) * outs1;
@@ -297,12 +447,12 @@ at::Tensor persistent_mlp(at::Tensor x, at::Tensor w1, c10::optional<at::Tensor>
   const at::Tensor* bias = b1.has_value() ? &b1.value() : nullptr;
   TORCH_CHECK(act == 2 || bias, "act 1 needs a bias");
   if (x.scalar_type() == at::kHalf) {
-    act == 1 ? launch<__half, 1>(x, w1, bias, w2, h, y, sync, stages, (int)mode, ctas, smem)
-             : launch<__half, 2>(x, w1, bias, w2, h, y, sync, stages, (int)mode, ctas, smem);
+    act == 1 ? launch_with<__half, 1>(consumers, tensor, x, w1, bias, w2, h, y, sync, stages, (int)mode, pdl, ctas, smem)
+             : launch_with<__half, 2>(consumers, tensor, x, w1, bias, w2, h, y, sync, stages, (int)mode, pdl, ctas, smem);
   } else {
     TORCH_CHECK(x.scalar_type() == at::kBFloat16, "fp16 or bf16");
-    act == 1 ? launch<__nv_bfloat16, 1>(x, w1, bias, w2, h, y, sync, stages, (int)mode, ctas, smem)
-             : launch<__nv_bfloat16, 2>(x, w1, bias, w2, h, y, sync, stages, (int)mode, ctas, smem);
+    act == 1 ? launch_with<__nv_bfloat16, 1>(consumers, tensor, x, w1, bias, w2, h, y, sync, stages, (int)mode, pdl, ctas, smem)
+             : launch_with<__nv_bfloat16, 2>(consumers, tensor, x, w1, bias, w2, h, y, sync, stages, (int)mode, pdl, ctas, smem);
   }
   return y;
 }

@@ -4,13 +4,16 @@ one process, in CUDA graphs over enough weight copies that L2 cannot hold them. 
 residual add+norm that follows them in the step (which sums the Triton path's split-K partials, and
 takes the persistent kernel's output as a plain tensor). Also each one's error against PyTorch in fp32,
 whether the kernel gives the same bits on every call, and the floor (the MLP's bytes at the device copy
-rate measured in the same run). ``--modes 0,1,2`` adds the kernel without its grid-wide wait (1) and
-without its math (2), to place its time. GPU only (Hopper or newer).
+rate measured in the same run). ``--modes 0,1,2,3`` adds the kernel without its grid-wide wait (1),
+without its math (2) and without storing h and y (3), to place its time. GPU only (Hopper or newer).
 
-Result (H200, tenth session, bench/NOTES-perf.md): correct and repeatable, ~10% slower than the two
-kernels, so the engine does not use it. Without its math (mode 2) it already takes the two kernels' time
-(eleventh session): the producer/consumer handoff, not the arithmetic, is what a faster one must cut.
-The Triton version of the same idea is ``persistent_mlp.py``.
+Result (H200, bench/NOTES-perf.md): correct and repeatable. The tenth session's form was ~10% slower than the
+two kernels. Filled before the wait for the kernel before (``--pdl 1``) and with the dot products on tensor
+cores (``--tensor 1``) it is level with them (twelfth session), not faster, so the engine does not use it.
+Without its math (mode 2) it is 2.6 us faster than the two kernels: the consumers' work at the phase
+boundaries (the last fc_in stages before the grid wait, the backlog after it, the last stage), not the
+arithmetic's volume, is what a faster one must cut. The Triton version of the same idea is
+``persistent_mlp.py``.
 
     python bench/persistent_mlp_cuda.py --out results/persistent-mlp-cuda.json
 """
@@ -18,6 +21,7 @@ The Triton version of the same idea is ``persistent_mlp.py``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from pathlib import Path
 
@@ -37,7 +41,7 @@ from report import write_json  # noqa: E402
 # name: (act, hidden, ffn); act "relu" has a bias on fc_in, "silu_mul" stacks [gate; up] in fc_in.
 SHAPES = {"opt-1.3b": ("relu", 2048, 8192), "llama-1b": ("silu_mul", 2048, 8192)}
 ACTS = {"relu": 1, "silu_mul": 2}
-TILE_BYTES, CONSUMER_WARPS, SMEM_PER_BLOCK = 16384, 4, 227 * 1024
+TILE_BYTES, SMEM_PER_BLOCK = 16384, 227 * 1024
 
 
 def extension():
@@ -48,11 +52,11 @@ def extension():
                 extra_cuda_cflags=["-O3", "-gencode=arch=compute_90,code=sm_90"])
 
 
-def max_stages(d: int, f: int) -> int:
+def max_stages(d: int, f: int, consumers: int) -> int:
     """16 KB ring stages that fit beside x, h and a CTA's fc_in biases, in whole rounds of the consumer
     warps (the kernel says why)."""
     fit = min(12, (SMEM_PER_BLOCK - 2 * (d + f) - 4 * 128) // TILE_BYTES)
-    return fit - fit % CONSUMER_WARPS
+    return fit - fit % consumers
 
 
 def reference(x, w1, b1, w2, act: str) -> torch.Tensor:
@@ -78,8 +82,13 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--shapes", default="opt-1.3b,llama-1b")
     ap.add_argument("--dtypes", default="fp16,bf16")
-    ap.add_argument("--stages", default="8,12", help="ring depths (multiples of 4)")
-    ap.add_argument("--modes", default="0", help="0 the MLP, 1 without the grid-wide wait, 2 without the math")
+    ap.add_argument("--stages", default="12", help="ring depths (multiples of the consumer warps)")
+    ap.add_argument("--consumers", default="4", help="consumer warps a CTA (4 or 8)")
+    ap.add_argument("--tensor", default="0,1",
+                    help="the consumers' dot products on CUDA cores (0) or tensor cores (1)")
+    ap.add_argument("--pdl", default="1", help="launched early, the weight ring filling before the wait (1)")
+    ap.add_argument("--modes", default="0",
+                    help="0 the MLP, 1 without the grid-wide wait, 2 without the math, 3 without storing h and y")
     args = ap.parse_args()
     copy_rate = copy_bandwidth(torch.device("cuda"))
     ext = extension()
@@ -110,20 +119,24 @@ def main() -> int:
                 residual, two_kernels(x, w1s[i % copies], b1, w2s[i % copies], act), None, norm)[1], 24)
             print(f"{shape} {dtype_name(dt):8s}: floor {row['floor_us']:5.1f} us; two kernels "
                   f"{row['two_kernels_us']:5.1f} us (err {row['two_kernels_err']:.1e})", flush=True)
-            for stages in [int(n) for n in args.stages.split(",")]:
-                assert stages % CONSUMER_WARPS == 0 and stages <= max_stages(d, f), stages
-                for mode in [int(m) for m in args.modes.split(",")]:
-                    def one(i, stages=stages, mode=mode):
-                        return ext.persistent_mlp(x, w1s[i % copies], b1, w2s[i % copies], ACTS[act], sync,
-                                                  stages, mode)
-                    y = one(0)
-                    e = err(y)
-                    same = all(torch.equal(one(0), y) for _ in range(3))
-                    us = graph_time_us(lambda i: fused.add_norm(residual, one(i), None, norm)[1], 24)
-                    row[f"persistent_{stages}_mode{mode}"] = {"us": us, "err": e, "repeatable": same}
-                    print(f"   persistent, {stages:2d} stages, mode {mode}: {us:5.1f} us (err {e:.1e}, repeatable "
-                          f"{same}) = {row['two_kernels_us'] / us:.2f}x the two kernels, "
-                          f"{us / row['floor_us']:.2f}x the floor", flush=True)
+            for tensor, consumers, stages, pdl, mode in itertools.product(*[
+                    [int(n) for n in a.split(",")]
+                    for a in (args.tensor, args.consumers, args.stages, args.pdl, args.modes)]):
+                if stages % consumers or stages > max_stages(d, f, consumers):
+                    continue
+                def one(i, stages=stages, mode=mode, consumers=consumers, pdl=pdl, tensor=tensor):
+                    return ext.persistent_mlp(x, w1s[i % copies], b1, w2s[i % copies], ACTS[act], sync,
+                                              stages, mode, consumers, bool(pdl), bool(tensor))
+                y = one(0)
+                e = err(y)
+                same = all(torch.equal(one(0), y) for _ in range(3))
+                us = graph_time_us(lambda i: fused.add_norm(residual, one(i), None, norm)[1], 24)
+                name = f"{'tc' if tensor else 'fma'}_{consumers}w_{stages}s_pdl{pdl}_mode{mode}"
+                row[f"persistent_{name}"] = {"us": us, "err": e, "repeatable": same}
+                print(f"   persistent, {'tensor' if tensor else 'fma':6s}, {consumers:2d} warps, {stages:2d} stages, "
+                      f"pdl {pdl}, mode {mode}: {us:5.1f} us (err {e:.1e}, repeatable {same}) = "
+                      f"{row['two_kernels_us'] / us:.2f}x the two kernels, {us / row['floor_us']:.2f}x the floor",
+                      flush=True)
             rows.append(row)
             del w1s, w2s
             torch.cuda.empty_cache()
