@@ -193,15 +193,25 @@ __device__ __forceinline__ uint32_t b_pair(const uint4* in, int chunk, int kk, i
 }
 
 // fc_in: the stage's 4 rows against x, whose B fragments (bx) every stage shares.
+// The whole stage's A fragments into registers (128 a lane). With `early`, the stage is handed back to the
+// producer right after, before the math.
+__device__ __forceinline__ void load_stage(uint32_t (&a)[32][4], uint32_t stage, int lane, uint64_t* early) {
+#pragma unroll
+  for (int kk = 0; kk < 32; ++kk) load_a(a[kk], stage, kk, lane);
+  if (early) {
+    __syncwarp();
+    if (lane == 0) mbar_arrive(early);
+  }
+}
+
 template <typename T>
-__device__ __forceinline__ void rows4_mma(uint32_t stage, const uint32_t (&bx)[32][2], int lane, float (&out)[4]) {
+__device__ __forceinline__ void rows4_mma(uint32_t stage, const uint32_t (&bx)[32][2], int lane, float (&out)[4],
+                                          uint64_t* early) {
+  uint32_t a[32][4];
+  load_stage(a, stage, lane, early);
   float d[4][4] = {};  // four independent accumulator chains
 #pragma unroll
-  for (int kk = 0; kk < 32; ++kk) {
-    uint32_t a[4];
-    load_a(a, stage, kk, lane);
-    mma16816<T>(d[kk & 3], a, bx[kk][0], bx[kk][1]);
-  }
+  for (int kk = 0; kk < 32; ++kk) mma16816<T>(d[kk & 3], a[kk], bx[kk][0], bx[kk][1]);
   const int g = lane >> 2, t = lane & 3;
   const bool mine = t == g / 2;  // this lane holds D[g][g] and D[g + 8][g]
   float lo = 0.f, hi = 0.f;
@@ -224,17 +234,19 @@ __device__ __forceinline__ void rows4_mma(uint32_t stage, const uint32_t (&bx)[3
 
 // fc_out: the stage's one row of 8192 against h in shared memory.
 template <typename T>
-__device__ __forceinline__ float row1_mma(uint32_t stage, const uint4* hs, int lane) {
+__device__ __forceinline__ float row1_mma(uint32_t stage, const uint4* hs, int lane, uint64_t* early) {
   const int g = lane >> 2, t = lane & 3;
-  float d1[2][4] = {}, d2[2][4] = {};
-#pragma unroll 4
+  uint32_t a[32][4];
+  load_stage(a, stage, lane, early);
+  float d1[4][4] = {}, d2[4][4] = {};  // four independent chains each
+#pragma unroll
   for (int kk = 0; kk < 32; ++kk) {
-    uint32_t a[4];
-    load_a(a, stage, kk, lane);
-    mma16816<T>(d1[kk & 1], a, b_pair(hs, g, kk, 2 * t, g), b_pair(hs, g, kk, 2 * t + 8, g));
-    mma16816<T>(d2[kk & 1], a, b_pair(hs, g + 8, kk, 2 * t, g), b_pair(hs, g + 8, kk, 2 * t + 8, g));
+    mma16816<T>(d1[kk & 3], a[kk], b_pair(hs, g, kk, 2 * t, g), b_pair(hs, g, kk, 2 * t + 8, g));
+    mma16816<T>(d2[kk & 3], a[kk], b_pair(hs, g + 8, kk, 2 * t, g), b_pair(hs, g + 8, kk, 2 * t + 8, g));
   }
-  float v = (g & 1) ? (d1[0][1] + d1[1][1]) + (d2[0][3] + d2[1][3]) : (d1[0][0] + d1[1][0]) + (d2[0][2] + d2[1][2]);
+  float v = 0.f;
+#pragma unroll
+  for (int c = 0; c < 4; ++c) v += (g & 1) ? d1[c][1] + d2[c][3] : d1[c][0] + d2[c][2];
   v = t == g / 2 ? v : 0.f;
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -324,12 +336,13 @@ __global__ void __launch_bounds__((CONSUMERS + 1) * 32, 1)
       bx[kk][1] = b_pair(xs, (lane >> 2) % 4, kk, 2 * (lane & 3) + 8, lane >> 2);
     }
 
+  const bool early = TENSOR && mode == 6;  // each stage handed back once it is in registers
   int t = warp;
   for (; t < count1; t += CONSUMERS) {  // fc_in
     const uint4* stage = acquire(ring, full, t, stages);
-    if (mode != 2) {
+    if (mode != 2 && mode != 5) {  // 5: fc_out's math only
       float a[kRows1];
-      if (TENSOR) rows4_mma<T>(smem_u32(stage), bx, lane, a);
+      if (TENSOR) rows4_mma<T>(smem_u32(stage), bx, lane, a, early ? &empty[t % stages] : nullptr);
       else rows_dot<T, kRows1>(stage, xs, vecs1, lane, a);
       if (lane == 0)
 #pragma unroll
@@ -344,7 +357,7 @@ __global__ void __launch_bounds__((CONSUMERS + 1) * 32, 1)
           if (mode != 3 || out == 12345.f) h[(first1 + t) * outs1 + o] = from_float<T>(out);
         }
     }
-    release(empty, t, stages, lane);
+    if (!early || mode == 2 || mode == 5) release(empty, t, stages, lane);
   }
 
   // All of h, from every CTA, before fc_out. The ring keeps filling with fc_out's rows meanwhile.
@@ -367,13 +380,13 @@ __global__ void __launch_bounds__((CONSUMERS + 1) * 32, 1)
 
   for (; t < total; t += CONSUMERS) {  // fc_out
     const uint4* stage = acquire(ring, full, t, stages);
-    if (mode != 2) {
+    if (mode != 2 && mode != 4) {  // 4: fc_in's math only
       float a[1];
-      if (TENSOR) a[0] = row1_mma<T>(smem_u32(stage), hs, lane);
+      if (TENSOR) a[0] = row1_mma<T>(smem_u32(stage), hs, lane, early ? &empty[t % stages] : nullptr);
       else rows_dot<T, 1>(stage, hs, vecs2, lane, a);
       if (lane == 0 && (mode != 3 || a[0] == 12345.f)) y[first2 + t - count1] = from_float<T>(a[0]);
     }
-    release(empty, t, stages, lane);
+    if (!early || mode == 2 || mode == 4) release(empty, t, stages, lane);
   }
 }
 
@@ -424,7 +437,8 @@ void launch_with(int consumers, bool tensor, const at::Tensor& x, const at::Tens
 // int32, zero once, reusable by every launch on one stream (not by launches that may run concurrently).
 // Returns y [1, n2]. mode (where the time goes): 0 the MLP; 1 no grid-wide wait (h may be stale); 2 the
 // consumer warps wait for and release each stage but do no math (y is garbage); 3 the math without storing h
-// or y (y is garbage).
+// or y (y is garbage); 4 fc_in's math only, 5 fc_out's only (y is garbage); 6 the MLP, with each stage
+// handed back to the producer once its fragments are in registers (tensor cores only).
 at::Tensor persistent_mlp(at::Tensor x, at::Tensor w1, c10::optional<at::Tensor> b1, at::Tensor w2,
                           int64_t act, at::Tensor sync, int64_t stages, int64_t mode, int64_t consumers,
                           bool pdl, bool tensor) {

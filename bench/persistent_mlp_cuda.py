@@ -4,8 +4,10 @@ one process, in CUDA graphs over enough weight copies that L2 cannot hold them. 
 residual add+norm that follows them in the step (which sums the Triton path's split-K partials, and
 takes the persistent kernel's output as a plain tensor). Also each one's error against PyTorch in fp32,
 whether the kernel gives the same bits on every call, and the floor (the MLP's bytes at the device copy
-rate measured in the same run). ``--modes 0,1,2,3`` adds the kernel without its grid-wide wait (1),
-without its math (2) and without storing h and y (3), to place its time. GPU only (Hopper or newer).
+rate measured in the same run). ``--modes 0,1,2,3,4,5`` adds the kernel without its grid-wide wait (1),
+without its math (2), without storing h and y (3), and with only fc_in's (4) or fc_out's (5) math, to
+place its time; mode 6 is the MLP with each stage handed back to the producer as soon as it is in
+registers (tensor cores only). GPU only (Hopper or newer).
 
 Result (H200, bench/NOTES-perf.md): correct and repeatable. The tenth session's form was ~10% slower than the
 two kernels. Filled before the wait for the kernel before (``--pdl 1``) and with the dot products on tensor
@@ -88,7 +90,9 @@ def main() -> int:
                     help="the consumers' dot products on CUDA cores (0) or tensor cores (1)")
     ap.add_argument("--pdl", default="1", help="launched early, the weight ring filling before the wait (1)")
     ap.add_argument("--modes", default="0",
-                    help="0 the MLP, 1 without the grid-wide wait, 2 without the math, 3 without storing h and y")
+                    help="0 the MLP, 1 without the grid-wide wait, 2 without the math, 3 without storing h and y, "
+                         "4 fc_in's math only, 5 fc_out's only, 6 the MLP with each stage handed back once in "
+                         "registers (tensor cores)")
     args = ap.parse_args()
     copy_rate = copy_bandwidth(torch.device("cuda"))
     ext = extension()
