@@ -84,12 +84,12 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--shapes", default="opt-1.3b,llama-1b")
     ap.add_argument("--dtypes", default="fp16,bf16")
-    ap.add_argument("--stages", default="12", help="ring depths (multiples of the consumer warps)")
+    ap.add_argument("--stages", default="8", help="ring depths (multiples of the consumer warps)")
     ap.add_argument("--consumers", default="4", help="consumer warps a CTA (4 or 8)")
     ap.add_argument("--tensor", default="0,1",
                     help="the consumers' dot products on CUDA cores (0) or tensor cores (1)")
     ap.add_argument("--pdl", default="1", help="launched early, the weight ring filling before the wait (1)")
-    ap.add_argument("--modes", default="0",
+    ap.add_argument("--modes", default="0,6",
                     help="0 the MLP, 1 without the grid-wide wait, 2 without the math, 3 without storing h and y, "
                          "4 fc_in's math only, 5 fc_out's only, 6 the MLP with each stage handed back once in "
                          "registers (tensor cores)")
@@ -126,8 +126,8 @@ def main() -> int:
             for tensor, consumers, stages, pdl, mode in itertools.product(*[
                     [int(n) for n in a.split(",")]
                     for a in (args.tensor, args.consumers, args.stages, args.pdl, args.modes)]):
-                if stages % consumers or stages > max_stages(d, f, consumers):
-                    continue
+                if stages % consumers or stages > max_stages(d, f, consumers) or (mode == 6 and not tensor):
+                    continue  # mode 6 hands back tensor-core fragments; the CUDA-core form has none
                 def one(i, stages=stages, mode=mode, consumers=consumers, pdl=pdl, tensor=tensor):
                     return ext.persistent_mlp(x, w1s[i % copies], b1, w2s[i % copies], ACTS[act], sync,
                                               stages, mode, consumers, bool(pdl), bool(tensor))
