@@ -253,6 +253,92 @@ __device__ __forceinline__ float row1_mma(uint32_t stage, const uint4* hs, int l
   return v;
 }
 
+// The residual add and norm before the MLP, folded in (kind 1 LayerNorm, 2 RMSNorm): x is the residual,
+// delta the last MLP's output. Every CTA computes the whole norm itself from L2 (2 x 4 KB), which is what a
+// megakernel does instead of an add+norm kernel; CTA 0 also stores the new residual x + delta.
+template <typename T>
+struct Norm {
+  int kind;  // 0: x is the MLP's input as given
+  const T* delta;
+  const T* weight;
+  const T* bias;  // LayerNorm only
+  T* residual_out;
+  float eps;
+};
+
+template <int CONSUMERS>
+__device__ __forceinline__ float consumers_sum(float v, float* scratch) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
+  consumers_sync<CONSUMERS>();
+  float total = 0.f;
+#pragma unroll
+  for (int w = 0; w < CONSUMERS; ++w) total += scratch[w];
+  consumers_sync<CONSUMERS>();  // scratch is free again
+  return total;
+}
+
+template <typename T, int CONSUMERS>
+__device__ __forceinline__ void add_norm(const T* x, const Norm<T>& norm, uint4* xs, int k, float* scratch) {
+  using T2 = typename Pair<T>::type;
+  constexpr int kPer = 2;  // 16-byte vectors a thread: k = 2048 over 4 warps (asserted on the host)
+  float v[kPer][8];
+  float sum = 0.f;
+#pragma unroll
+  for (int j = 0; j < kPer; ++j) {
+    const int i = threadIdx.x + j * CONSUMERS * 32;
+    if (i < k / 8) {
+      const uint4 a = __ldcg(reinterpret_cast<const uint4*>(x) + i), b = __ldcg(reinterpret_cast<const uint4*>(norm.delta) + i);
+      const T2* a2 = reinterpret_cast<const T2*>(&a);
+      const T2* b2 = reinterpret_cast<const T2*>(&b);
+      uint4 r;
+      T2* r2 = reinterpret_cast<T2*>(&r);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float2 fa = to_float2(a2[e]), fb = to_float2(b2[e]);
+        v[j][2 * e] = round_to<T>(fa.x + fb.x);  // the residual is stored in T, and normalised as stored
+        v[j][2 * e + 1] = round_to<T>(fa.y + fb.y);
+        r2[e] = T2{from_float<T>(v[j][2 * e]), from_float<T>(v[j][2 * e + 1])};
+        sum += v[j][2 * e] + v[j][2 * e + 1];
+      }
+      if (blockIdx.x == 0) reinterpret_cast<uint4*>(norm.residual_out)[i] = r;
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) v[j][e] = 0.f;
+    }
+  }
+  const float mean = norm.kind == 1 ? consumers_sum<CONSUMERS>(sum, scratch) / k : 0.f;
+  float sq = 0.f;
+#pragma unroll
+  for (int j = 0; j < kPer; ++j)
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const int i = threadIdx.x + j * CONSUMERS * 32;
+      const float c = i < k / 8 ? v[j][e] - mean : 0.f;
+      sq += c * c;
+    }
+  const float rstd = rsqrtf(consumers_sum<CONSUMERS>(sq, scratch) / k + norm.eps);
+#pragma unroll
+  for (int j = 0; j < kPer; ++j) {
+    const int i = threadIdx.x + j * CONSUMERS * 32;
+    if (i >= k / 8) continue;
+    const uint4 wv = reinterpret_cast<const uint4*>(norm.weight)[i];
+    const uint4 bv = norm.kind == 1 ? reinterpret_cast<const uint4*>(norm.bias)[i] : uint4{0, 0, 0, 0};
+    const T2* w2 = reinterpret_cast<const T2*>(&wv);
+    const T2* b2 = reinterpret_cast<const T2*>(&bv);
+    uint4 o;
+    T2* o2 = reinterpret_cast<T2*>(&o);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float2 fw = to_float2(w2[e]), fb = to_float2(b2[e]);
+      o2[e] = T2{from_float<T>((v[j][2 * e] - mean) * rstd * fw.x + fb.x),
+                 from_float<T>((v[j][2 * e + 1] - mean) * rstd * fw.y + fb.y)};
+    }
+    xs[i] = o;
+  }
+}
+
 // Unit t's stage, once its bytes have landed.
 __device__ __forceinline__ const uint4* acquire(unsigned char* ring, uint64_t* full, int t, int stages) {
   mbar_wait(&full[t % stages], (t / stages) & 1);
@@ -275,10 +361,11 @@ template <typename T, int ACT, int CONSUMERS, bool TENSOR>
 __global__ void __launch_bounds__((CONSUMERS + 1) * 32, 1)
     persistent_mlp_kernel(const T* __restrict__ x, const T* __restrict__ w1, const T* __restrict__ b1,
                           T* h, const T* __restrict__ w2, T* __restrict__ y, uint32_t* sync, int n1, int k1,
-                          int n2, int k2, int stages, int mode) {
+                          int n2, int k2, int stages, int mode, Norm<T> norm) {
   extern __shared__ __align__(128) unsigned char smem[];
   __shared__ __align__(8) uint64_t full[kMaxStages];
   __shared__ __align__(8) uint64_t empty[kMaxStages];
+  __shared__ float reduce_scratch[2 * CONSUMERS];
   unsigned char* ring = smem;
   uint4* xs = reinterpret_cast<uint4*>(smem + stages * kTileBytes);
   uint4* hs = xs + k1 / 8;
@@ -326,7 +413,9 @@ __global__ void __launch_bounds__((CONSUMERS + 1) * 32, 1)
   wait_for_kernel_before();  // x, and the grid wait's counters, which the last launch left
   uint32_t generation = 0;
   if (threadIdx.x == 0) generation = load_acquire(sync + 1);
-  for (int v = threadIdx.x; v < vecs1; v += CONSUMERS * 32) xs[v] = reinterpret_cast<const uint4*>(x)[v];
+  if (norm.kind) add_norm<T, CONSUMERS>(x, norm, xs, k1, reduce_scratch);
+  else
+    for (int v = threadIdx.x; v < vecs1; v += CONSUMERS * 32) xs[v] = reinterpret_cast<const uint4*>(x)[v];
   consumers_sync<CONSUMERS>();
   uint32_t bx[32][2];  // x as fc_in's B fragments (tensor cores), the same for every stage
   if (TENSOR)
@@ -393,7 +482,7 @@ __global__ void __launch_bounds__((CONSUMERS + 1) * 32, 1)
 template <typename T, int ACT, int CONSUMERS, bool TENSOR>
 void launch(const at::Tensor& x, const at::Tensor& w1, const at::Tensor* b1, const at::Tensor& w2,
             at::Tensor& h, at::Tensor& y, at::Tensor& sync, int stages, int mode, bool pdl, int ctas,
-            size_t smem) {
+            size_t smem, const Norm<T>& norm) {
   auto kernel = persistent_mlp_kernel<T, ACT, CONSUMERS, TENSOR>;
   constexpr int threads = (CONSUMERS + 1) * 32;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
@@ -415,33 +504,56 @@ void launch(const at::Tensor& x, const at::Tensor& w1, const at::Tensor* b1, con
       b1 ? reinterpret_cast<const T*>(b1->data_ptr()) : static_cast<const T*>(nullptr),
       reinterpret_cast<T*>(h.data_ptr()), reinterpret_cast<const T*>(w2.data_ptr()),
       reinterpret_cast<T*>(y.data_ptr()), reinterpret_cast<uint32_t*>(sync.data_ptr()), (int)h.numel(),
-      (int)w1.size(1), (int)w2.size(0), (int)w2.size(1), stages, mode));
+      (int)w1.size(1), (int)w2.size(0), (int)w2.size(1), stages, mode, norm));
 }
 
 template <typename T, int ACT>
 void launch_with(int consumers, bool tensor, const at::Tensor& x, const at::Tensor& w1, const at::Tensor* b1,
                  const at::Tensor& w2, at::Tensor& h, at::Tensor& y, at::Tensor& sync, int stages, int mode,
-                 bool pdl, int ctas, size_t smem) {
+                 bool pdl, int ctas, size_t smem, const Norm<T>& norm) {
   if (tensor) {
-    if (consumers == 4) launch<T, ACT, 4, true>(x, w1, b1, w2, h, y, sync, stages, mode, pdl, ctas, smem);
-    else launch<T, ACT, 8, true>(x, w1, b1, w2, h, y, sync, stages, mode, pdl, ctas, smem);
+    if (consumers == 4) launch<T, ACT, 4, true>(x, w1, b1, w2, h, y, sync, stages, mode, pdl, ctas, smem, norm);
+    else launch<T, ACT, 8, true>(x, w1, b1, w2, h, y, sync, stages, mode, pdl, ctas, smem, norm);
   } else {
-    if (consumers == 4) launch<T, ACT, 4, false>(x, w1, b1, w2, h, y, sync, stages, mode, pdl, ctas, smem);
-    else launch<T, ACT, 8, false>(x, w1, b1, w2, h, y, sync, stages, mode, pdl, ctas, smem);
+    if (consumers == 4) launch<T, ACT, 4, false>(x, w1, b1, w2, h, y, sync, stages, mode, pdl, ctas, smem, norm);
+    else launch<T, ACT, 8, false>(x, w1, b1, w2, h, y, sync, stages, mode, pdl, ctas, smem, norm);
   }
+}
+
+template <typename T>
+Norm<T> norm_args(const c10::optional<at::Tensor>& delta, const c10::optional<at::Tensor>& weight,
+                  const c10::optional<at::Tensor>& bias, at::Tensor& residual_out, double eps) {
+  if (!delta.has_value()) return Norm<T>{0, nullptr, nullptr, nullptr, nullptr, 0.f};
+  TORCH_CHECK(weight.has_value(), "the folded norm needs its weight");
+  return Norm<T>{bias.has_value() ? 1 : 2, reinterpret_cast<const T*>(delta->data_ptr()),
+                 reinterpret_cast<const T*>(weight->data_ptr()),
+                 bias.has_value() ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr,
+                 reinterpret_cast<T*>(residual_out.data_ptr()), (float)eps};
+}
+
+template <typename T>
+void dispatch(int64_t act, int consumers, bool tensor, const at::Tensor& x, const at::Tensor& w1,
+              const at::Tensor* b1, const at::Tensor& w2, at::Tensor& h, at::Tensor& y, at::Tensor& sync,
+              int stages, int mode, bool pdl, int ctas, size_t smem, const Norm<T>& norm) {
+  if (act == 1) launch_with<T, 1>(consumers, tensor, x, w1, b1, w2, h, y, sync, stages, mode, pdl, ctas, smem, norm);
+  else launch_with<T, 2>(consumers, tensor, x, w1, b1, w2, h, y, sync, stages, mode, pdl, ctas, smem, norm);
 }
 
 }  // namespace
 
 // x [1, k1]; w1 [n1, k1] (act 1) or [2 n1, k1] (act 2); b1 [n1] (act 1 only); w2 [n2, n1]; sync: two
 // int32, zero once, reusable by every launch on one stream (not by launches that may run concurrently).
-// Returns y [1, n2]. mode (where the time goes): 0 the MLP; 1 no grid-wide wait (h may be stale); 2 the
-// consumer warps wait for and release each stage but do no math (y is garbage); 3 the math without storing h
-// or y (y is garbage); 4 fc_in's math only, 5 fc_out's only (y is garbage); 6 the MLP, with each stage
-// handed back to the producer once its fragments are in registers (tensor cores only).
-at::Tensor persistent_mlp(at::Tensor x, at::Tensor w1, c10::optional<at::Tensor> b1, at::Tensor w2,
-                          int64_t act, at::Tensor sync, int64_t stages, int64_t mode, int64_t consumers,
-                          bool pdl, bool tensor) {
+// With delta, the add+norm before the MLP is folded in: x is then the residual, the MLP's input is
+// norm(x + delta) (LayerNorm with norm_b, RMSNorm without), and the new residual x + delta is returned too.
+// Returns (y [1, n2], the residual: x + delta, or x itself). mode (where the time goes): 0 the MLP; 1 no
+// grid-wide wait (h may be stale); 2 the consumer warps wait for and release each stage but do no math (y is
+// garbage); 3 the math without storing h or y (y is garbage); 4 fc_in's math only, 5 fc_out's only (y is
+// garbage); 6 the MLP, with each stage handed back to the producer once its fragments are in registers
+// (tensor cores only).
+std::tuple<at::Tensor, at::Tensor> persistent_mlp(
+    at::Tensor x, at::Tensor w1, c10::optional<at::Tensor> b1, at::Tensor w2, int64_t act, at::Tensor sync,
+    int64_t stages, int64_t mode, int64_t consumers, bool pdl, bool tensor, c10::optional<at::Tensor> delta,
+    c10::optional<at::Tensor> norm_w, c10::optional<at::Tensor> norm_b, double eps) {
   TORCH_CHECK(act == 1 || act == 2, "act: 1 relu with bias, 2 swiglu");
   TORCH_CHECK(x.is_contiguous() && w1.is_contiguous() && w2.is_contiguous(), "contiguous tensors");
   TORCH_CHECK(consumers == 4 || consumers == 8, "consumers: 4 or 8 warps");
@@ -454,21 +566,23 @@ at::Tensor persistent_mlp(at::Tensor x, at::Tensor w1, c10::optional<at::Tensor>
               "persistent_mlp: the probe's stages hold 4 rows of k1 = 2048 or one row of k2 = 8192");
   const int ctas = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   TORCH_CHECK(n1 / outs1 >= ctas && n2 >= ctas, "persistent_mlp: fewer units than SMs");
+  TORCH_CHECK(!delta.has_value() || (delta->is_contiguous() && delta->numel() == k1), "delta: [1, k1]");
   auto h = at::empty({n1}, x.options());
   auto y = at::empty({1, n2}, x.options());
+  auto residual = delta.has_value() ? at::empty_like(x) : x;
   const int max_outs = ((n1 / outs1 + ctas - 1) / ctas) * outs1;
   const size_t smem = (size_t)stages * kTileBytes + 2 * (k1 + k2) + 4 * max_outs;
   const at::Tensor* bias = b1.has_value() ? &b1.value() : nullptr;
   TORCH_CHECK(act == 2 || bias, "act 1 needs a bias");
   if (x.scalar_type() == at::kHalf) {
-    act == 1 ? launch_with<__half, 1>(consumers, tensor, x, w1, bias, w2, h, y, sync, stages, (int)mode, pdl, ctas, smem)
-             : launch_with<__half, 2>(consumers, tensor, x, w1, bias, w2, h, y, sync, stages, (int)mode, pdl, ctas, smem);
+    dispatch<__half>(act, consumers, tensor, x, w1, bias, w2, h, y, sync, stages, (int)mode, pdl, ctas, smem,
+                     norm_args<__half>(delta, norm_w, norm_b, residual, eps));
   } else {
     TORCH_CHECK(x.scalar_type() == at::kBFloat16, "fp16 or bf16");
-    act == 1 ? launch_with<__nv_bfloat16, 1>(consumers, tensor, x, w1, bias, w2, h, y, sync, stages, (int)mode, pdl, ctas, smem)
-             : launch_with<__nv_bfloat16, 2>(consumers, tensor, x, w1, bias, w2, h, y, sync, stages, (int)mode, pdl, ctas, smem);
+    dispatch<__nv_bfloat16>(act, consumers, tensor, x, w1, bias, w2, h, y, sync, stages, (int)mode, pdl, ctas,
+                            smem, norm_args<__nv_bfloat16>(delta, norm_w, norm_b, residual, eps));
   }
-  return y;
+  return {y, residual};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("persistent_mlp", &persistent_mlp); }

@@ -88,6 +88,7 @@ def main() -> int:
     ap.add_argument("--consumers", default="4", help="consumer warps a CTA (4 or 8)")
     ap.add_argument("--tensor", default="0,1",
                     help="the consumers' dot products on CUDA cores (0) or tensor cores (1)")
+    ap.add_argument("--fold", default="0,1", help="the add+norm before the MLP folded into the kernel (1)")
     ap.add_argument("--pdl", default="1", help="launched early, the weight ring filling before the wait (1)")
     ap.add_argument("--modes", default="0,6",
                     help="0 the MLP, 1 without the grid-wide wait, 2 without the math, 3 without storing h and y, "
@@ -109,13 +110,24 @@ def main() -> int:
             b1 = torch.randn(f, dtype=dt, device="cuda") * 0.1 if act == "relu" else None
             x = torch.randn(1, d, dtype=dt, device="cuda")
             residual = torch.randn(1, d, dtype=dt, device="cuda")
+            delta = torch.randn(1, d, dtype=dt, device="cuda")  # the last MLP's output, for the folded norm
             norm = (torch.nn.LayerNorm(d) if act == "relu" else RMSNorm(d, 1e-5)).to("cuda", dt)
+            with torch.no_grad():
+                norm.weight.uniform_(0.5, 1.5)
+                if act == "relu":
+                    norm.bias.uniform_(-0.5, 0.5)
             ref = reference(x.float(), w1s[0].float(), b1.float() if b1 is not None else None, w2s[0].float(), act)
+            with torch.no_grad():
+                normed = norm.float()((residual + delta).float())  # the residual as stored, then the norm
+                norm.to(dt)
+            ref_folded = reference(normed, w1s[0].float(), b1.float() if b1 is not None else None,
+                                   w2s[0].float(), act)
+            norm_args = (norm.weight, getattr(norm, "bias", None), norm.eps)
             nbytes = (w1s[0].numel() + w2s[0].numel()) * dt.itemsize
             row = {"shape": shape, "dtype": dtype_name(dt), "mbytes": nbytes / 2**20,
                    "floor_us": nbytes / copy_rate * 1e6}
 
-            def err(y):
+            def err(y, ref=ref):
                 return ((y.float() - ref).norm() / ref.norm()).item()
 
             row["two_kernels_err"] = err(resolved(two_kernels(x, w1s[0], b1, w2s[0], act)))
@@ -123,22 +135,27 @@ def main() -> int:
                 residual, two_kernels(x, w1s[i % copies], b1, w2s[i % copies], act), None, norm)[1], 24)
             print(f"{shape} {dtype_name(dt):8s}: floor {row['floor_us']:5.1f} us; two kernels "
                   f"{row['two_kernels_us']:5.1f} us (err {row['two_kernels_err']:.1e})", flush=True)
-            for tensor, consumers, stages, pdl, mode in itertools.product(*[
+            for fold, tensor, consumers, stages, pdl, mode in itertools.product(*[
                     [int(n) for n in a.split(",")]
-                    for a in (args.tensor, args.consumers, args.stages, args.pdl, args.modes)]):
+                    for a in (args.fold, args.tensor, args.consumers, args.stages, args.pdl, args.modes)]):
                 if stages % consumers or stages > max_stages(d, f, consumers) or (mode == 6 and not tensor):
                     continue  # mode 6 hands back tensor-core fragments; the CUDA-core form has none
-                def one(i, stages=stages, mode=mode, consumers=consumers, pdl=pdl, tensor=tensor):
-                    return ext.persistent_mlp(x, w1s[i % copies], b1, w2s[i % copies], ACTS[act], sync,
-                                              stages, mode, consumers, bool(pdl), bool(tensor))
+                def one(i, stages=stages, mode=mode, consumers=consumers, pdl=pdl, tensor=tensor, fold=fold):
+                    folded = (delta, *norm_args) if fold else (None, None, None, 0.0)
+                    return ext.persistent_mlp(residual if fold else x, w1s[i % copies], b1, w2s[i % copies],
+                                              ACTS[act], sync, stages, mode, consumers, bool(pdl), bool(tensor),
+                                              *folded)[0]
                 y = one(0)
-                e = err(y)
+                e = err(y, ref_folded if fold else ref)
                 same = all(torch.equal(one(0), y) for _ in range(3))
-                us = graph_time_us(lambda i: fused.add_norm(residual, one(i), None, norm)[1], 24)
-                name = f"{'tc' if tensor else 'fma'}_{consumers}w_{stages}s_pdl{pdl}_mode{mode}"
+                # Both chains hold the add+norm: after the MLP as a kernel, or folded into the next one.
+                us = graph_time_us(one if fold else lambda i: fused.add_norm(residual, one(i), None, norm)[1], 24)
+                name = (f"{'tc' if tensor else 'fma'}_{consumers}w_{stages}s_pdl{pdl}_mode{mode}"
+                        f"{'_fold' if fold else ''}")
                 row[f"persistent_{name}"] = {"us": us, "err": e, "repeatable": same}
-                print(f"   persistent, {'tensor' if tensor else 'fma':6s}, {consumers:2d} warps, {stages:2d} stages, "
-                      f"pdl {pdl}, mode {mode}: {us:5.1f} us (err {e:.1e}, repeatable {same}) = "
+                print(f"   persistent, {'norm folded, ' if fold else ''}{'tensor' if tensor else 'fma':6s}, "
+                      f"{consumers:2d} warps, {stages:2d} stages, pdl {pdl}, mode {mode}: {us:5.1f} us "
+                      f"(err {e:.1e}, repeatable {same}) = "
                       f"{row['two_kernels_us'] / us:.2f}x the two kernels, {us / row['floor_us']:.2f}x the floor",
                       flush=True)
             rows.append(row)
