@@ -289,7 +289,8 @@ __device__ __forceinline__ void add_norm(const T* x, const Norm<T>& norm, uint4*
   for (int j = 0; j < kPer; ++j) {
     const int i = threadIdx.x + j * CONSUMERS * 32;
     if (i < k / 8) {
-      const uint4 a = __ldcg(reinterpret_cast<const uint4*>(x) + i), b = __ldcg(reinterpret_cast<const uint4*>(norm.delta) + i);
+      const uint4 a = __ldcg(reinterpret_cast<const uint4*>(x) + i);
+      const uint4 b = __ldcg(reinterpret_cast<const uint4*>(norm.delta) + i);
       const T2* a2 = reinterpret_cast<const T2*>(&a);
       const T2* b2 = reinterpret_cast<const T2*>(&b);
       uint4 r;
