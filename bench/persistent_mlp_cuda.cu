@@ -2,9 +2,10 @@
 // y = W2 act(W1 x [+ b1]), with a grid-wide wait for h between the two projections that does not stop
 // the weight stream.
 // Measured on an H200 (bench/NOTES-perf.md, tenth and twelfth sessions): correct and repeatable. The first
-// form was 10% slower than the engine's two Triton kernels; with the ring filled before the wait for the
-// kernel before (PDL) and the dot products on tensor cores it is level with them (OPT 23.8 vs 23.6 us with
-// the add+norm after), not faster, so the engine does not use it.
+// form was 10% slower than the engine's two Triton kernels. With the ring filled before the wait for the
+// kernel before (PDL), the dot products on tensor cores, each stage handed back once in registers and the
+// add+norm before it folded in, it is 8% under them at OPT (21.7 vs 23.6 us) and 3% at Llama: too little
+// for a JIT-built extension in the engine, which does not use it.
 //
 // Why: as two kernels (dejavu/model/fused.py) each projection pays its own ramp and tail, and nothing is
 // read from DRAM between them. Here one CTA per SM runs a producer warp that keeps a ring of 16 KB
