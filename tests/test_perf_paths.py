@@ -235,6 +235,26 @@ def test_add_norm_sums_split_k_partials_in_both_forms_in_interpreter():
     _run_in_interpreter(_ADD_NORM_PARTS_SCRIPT.format(root=str(ROOT)))
 
 
+_PUBLISH_SCRIPT = textwrap.dedent("""
+    sys.path.insert(0, {root!r})
+    import torch
+    from dejavu.model import fused
+    x, w = torch.randn(2, 64), torch.randn(48, 64)
+    flag = torch.zeros(1, dtype=torch.int64)
+    plain = fused.skinny_mm(x, w)
+    assert torch.equal(fused.skinny_mm(x, w, progress=(flag, 1234)), plain) and int(flag) == 1234
+    parts = fused.skinny_mm_split(x, w, (2, 16, 32, 2, 4), progress=(flag, 99)).resolve()
+    assert int(flag) == 99 and torch.allclose(parts, x @ w.T, atol=1e-4)
+    print("ok")
+""")
+
+
+def test_matmuls_publish_their_progress_in_interpreter():
+    """``bench/l2_ahead.py``'s hook: a matmul given ``progress=(flag, value)`` stores the value (for the
+    weight prefetcher beside the chain) and computes the same result."""
+    _run_in_interpreter(_PUBLISH_SCRIPT.format(root=str(ROOT)))
+
+
 # ---- on a GPU (skipped in CI) -----------------------------------------------------------------------
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

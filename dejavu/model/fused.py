@@ -319,10 +319,10 @@ if HAVE_TRITON:
         tl.store(O + b * stride_ob + h * stride_oh + d, o.to(O.dtype.element_ty), mask=d < HEAD_DIM)
 
     @triton.jit
-    def _skinny_mm_kernel(X, W, B, Y, M, N, K, K_PER, stride_xm, stride_wn, stride_ym, GATE_OFF,
-                          HAS_BIAS: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr,
+    def _skinny_mm_kernel(X, W, B, Y, M, N, K, K_PER, stride_xm, stride_wn, stride_ym, GATE_OFF, PROGRESS,
+                          progress, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr = 0,
-                          SPLIT: tl.constexpr = 1):
+                          SPLIT: tl.constexpr = 1, PUBLISH: tl.constexpr = 0):
         # y[m, n] = x[m, :] . w[n, :] (+ b[n]) for a few rows m: each program streams BLOCK_N rows of w
         # once for every m. ACT: 0 none, 1 relu, 2 swiglu (silu(x.w[n]) * x.w[n + GATE_OFF]).
         # SPLIT > 1: program (i, s) sums only K slice s (K_PER long) and stores fp32 partials y[s, m, n].
@@ -335,6 +335,9 @@ if HAVE_TRITON:
             tl.extra.cuda.gdc_wait()
             if PDL == 1:
                 tl.extra.cuda.gdc_launch_dependents()
+        if PUBLISH:  # tell the weight prefetcher (``l2_ahead``) that this weight is being read
+            if (pid == 0) & (tl.program_id(1) == 0):
+                tl.store(PROGRESS, progress)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         if ACT == 2:
             acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -569,7 +572,7 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def skinny_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, act: int = 0,
-              config: tuple | None = None) -> torch.Tensor:
+              config: tuple | None = None, progress: tuple | None = None) -> torch.Tensor:
     """``x @ weight.T (+ bias)`` for x with few rows (decode), streaming the weight at full bandwidth.
 
     act: 0 none, 1 relu, 2 swiglu (weight holds [gate; up]; returns silu(x gate) * (x up), half width).
@@ -592,9 +595,9 @@ def skinny_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     pdl = _pdl(x, "plain" if act == 0 else "activation")  # the kinds DEJAVU_PDL_EARLY may name
     _skinny_mm_kernel[(triton.cdiv(n_out, block_n),)](
         x2, weight, bias if bias is not None else weight, y, m, n_out, k, k, x2.stride(0), weight.stride(0),
-        y.stride(0), n_out if act == 2 else 0, HAS_BIAS=bias is not None, ACT=act,
+        y.stride(0), n_out if act == 2 else 0, *(progress or (y, 0)), HAS_BIAS=bias is not None, ACT=act,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_stages=stages, num_warps=warps,
-        PREC="ieee" if x.dtype == torch.float32 else "tf32", **pdl)
+        PREC="ieee" if x.dtype == torch.float32 else "tf32", PUBLISH=progress is not None, **pdl)
     return y.view(*shape[:-1], n_out)
 
 
@@ -620,7 +623,7 @@ def split_config(x: torch.Tensor, weight: torch.Tensor) -> tuple | None:
     return tuning().split.get((bucket(x.numel() // k), n, k))
 
 
-def skinny_mm_split(x: torch.Tensor, weight: torch.Tensor, config: tuple) -> SplitSum:
+def skinny_mm_split(x: torch.Tensor, weight: torch.Tensor, config: tuple, progress: tuple | None = None) -> SplitSum:
     """``x @ weight.T`` (no bias, no activation) as split-K partial sums; ``config`` from split_config."""
     splits, block_n, block_k, stages, warps = config
     shape = x.shape
@@ -631,9 +634,10 @@ def skinny_mm_split(x: torch.Tensor, weight: torch.Tensor, config: tuple) -> Spl
     assert k_per * splits == k and k_per % block_k == 0, (k, config)
     parts = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
     _skinny_mm_kernel[(triton.cdiv(n, block_n), splits)](
-        x2, weight, weight, parts, m, n, k, k_per, x2.stride(0), weight.stride(0), n, 0, HAS_BIAS=False, ACT=0,
+        x2, weight, weight, parts, m, n, k, k_per, x2.stride(0), weight.stride(0), n, 0, *(progress or (parts, 0)),
+        HAS_BIAS=False, ACT=0,
         BLOCK_M=bucket(m), BLOCK_N=block_n, BLOCK_K=block_k, num_stages=stages, num_warps=warps,
-        PREC="tf32", SPLIT=splits, **_pdl(x, "split"))
+        PREC="tf32", SPLIT=splits, PUBLISH=progress is not None, **_pdl(x, "split"))
     return SplitSum(parts, torch.Size((*shape[:-1], n)), x.dtype)
 
 
