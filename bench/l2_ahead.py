@@ -22,7 +22,6 @@ measured in the same run).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -33,6 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dejavu.model import fused  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode_kernels import graph_time_us  # noqa: E402
+from generate import copy_bandwidth  # noqa: E402
 from report import write_json  # noqa: E402
 
 import triton  # noqa: E402
@@ -107,21 +108,6 @@ class _Ptr:
         return self.address
 
 
-def copy_tbps() -> float:
-    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(10):
-        b.copy_(a)
-    e.record()
-    torch.cuda.synchronize()
-    return 2 * a.numel() * 10 / (s.elapsed_time(e) * 1e-3) / 1e12
-
-
 class OptLayers:
     """``copies`` OPT-1.3B decode layers at batch 1 with the engine's kernels; ``run(flag)`` is one pass
     over all of them (each matmul publishing the end of its weight in the stream when ``flag`` is given)."""
@@ -171,7 +157,7 @@ class OptLayers:
 
 
 def time_chain(model: OptLayers, ahead: dict | None, reps: int = 2) -> float:
-    """us per layer of ``reps`` passes over the layers in one graph, with the prefetcher beside them."""
+    """us per layer of ``reps`` passes over the layers, each captured with the prefetcher beside it."""
     flag = torch.zeros(1, dtype=torch.int64, device="cuda")
     sink = torch.zeros(1 << 20, dtype=torch.int32, device="cuda")
     spins = torch.zeros(1024, dtype=torch.int32, device="cuda")
@@ -192,27 +178,10 @@ def time_chain(model: OptLayers, ahead: dict | None, reps: int = 2) -> float:
 
     model.run(flag if ahead is not None else None)  # compiles the chain before anything waits on it
     torch.cuda.synchronize()
-    step()
-    torch.cuda.synchronize()
-    spins.zero_()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            step()
-    g.replay()
-    torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    samples = []
-    for _ in range(7):
-        s.record()
-        for _ in range(5):
-            g.replay()
-        e.record()
-        torch.cuda.synchronize()
-        samples.append(s.elapsed_time(e) * 1e3 / 5 / reps / len(model.layers))
+    us = graph_time_us(lambda i: step(), reps) / len(model.layers)
     if ahead is not None and int(spins.max()) >= 1 << 20:
         raise RuntimeError("the prefetcher stopped waiting: the chain did not run beside it")
-    return statistics.median(samples)
+    return us
 
 
 def l2_reuse(rows: list) -> None:
@@ -234,30 +203,9 @@ def l2_reuse(rows: list) -> None:
             a, b = pick(([w] + copies)[i % 8])
             fused.skinny_mm(x, a)
             fused.skinny_mm(x, b)
-        g_us = _graph_us(pair, 32)
+        g_us = graph_time_us(pair, 32)
         rows.append({"case": f"l2 reuse: {name}", "us_per_pair": g_us})
         print(f"l2 reuse {name:20s}: {g_us:6.2f} us a pair (8 weight copies in turn)", flush=True)
-
-
-def _graph_us(fn, calls: int) -> float:
-    for i in range(calls):
-        fn(i)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(calls):
-            fn(i)
-    g.replay()
-    torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    samples = []
-    for _ in range(5):
-        s.record()
-        for _ in range(4):
-            g.replay()
-        e.record()
-        torch.cuda.synchronize()
-        samples.append(s.elapsed_time(e) * 1e3 / 4 / calls)
-    return statistics.median(samples)
 
 
 def main() -> int:
@@ -275,7 +223,7 @@ def main() -> int:
     rows: list = []
     if args.reuse:
         l2_reuse(rows)
-    rate = copy_tbps()
+    rate = copy_bandwidth(torch.device("cuda")) / 1e12
     for b, dummy in [(int(b), d) for b in args.batches.split(",") for d in ((False, True) if args.dummy else (False,))]:
         if dummy:
             print("decoy buffer:", flush=True)
