@@ -218,7 +218,7 @@ def main() -> int:
     ap.add_argument("--programs", default="132,264")
     ap.add_argument("--share", type=int, default=32768, help="bytes a program fetches of each chunk")
     ap.add_argument("--dummy", action="store_true", help="also fetch from a decoy buffer (no hits possible)")
-    ap.add_argument("--reuse", action="store_true", help="only the L2 reuse test across programs")
+    ap.add_argument("--reuse", action="store_true", help="first, the L2 reuse test across programs")
     args = ap.parse_args()
     rows: list = []
     if args.reuse:
