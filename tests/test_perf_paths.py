@@ -250,7 +250,7 @@ _PUBLISH_SCRIPT = textwrap.dedent("""
 
 
 def test_matmuls_publish_their_progress_in_interpreter():
-    """``bench/l2_ahead.py``'s hook: a matmul given ``progress=(flag, value)`` stores the value (for the
+    """``bench/decode_chain.py``'s hook: a matmul given ``progress=(flag, value)`` stores the value (for the
     weight prefetcher beside the chain) and computes the same result."""
     _run_in_interpreter(_PUBLISH_SCRIPT.format(root=str(ROOT)))
 
@@ -531,3 +531,24 @@ def test_cuda_skinny_matmul_against_torch(dtype):
         gate, up = F.linear(x, w).split(8192, -1)
         # The fp16-tuned tilings must also fit shared memory in fp32 (two weight tiles for SwiGLU).
         assert _rel(fused.skinny_mm(x, w, None, 2), F.silu(gate) * up) < tol
+
+
+@cuda
+def test_cuda_matmul_timestamps_are_ordered_and_change_nothing():
+    """``skinny_mm(stamps=)`` / ``skinny_mm_split(stamps=)`` (bench/decode_chain.py --parts timeline): every
+    program stores start <= wait returned <= end and its SM, and the result is the plain call's."""
+    from dejavu.model import fused
+
+    if not fused.HAVE_TRITON:
+        pytest.skip("no triton")
+    x = torch.randn(1, 2048, dtype=torch.float16, device="cuda")
+    w = torch.randn(8192, 2048, dtype=torch.float16, device="cuda") / 45
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for call in (lambda **kw: fused.skinny_mm(x, w, **kw),
+                 lambda **kw: fused.skinny_mm_split(x, w[:2048], (4, 32, 128, 4, 4), **kw).resolve()):
+        stamps = torch.zeros(4096, dtype=torch.int64, device="cuda")
+        assert torch.equal(call(stamps=stamps), call())
+        t = stamps.view(-1, 4).cpu()
+        t = t[t[:, 2] > 0]
+        assert len(t) >= 64
+        assert bool((t[:, 0] <= t[:, 1]).all() and (t[:, 1] <= t[:, 2]).all() and (t[:, 3] < sms).all())

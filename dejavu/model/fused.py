@@ -319,6 +319,15 @@ if HAVE_TRITON:
         tl.store(O + b * stride_ob + h * stride_oh + d, o.to(O.dtype.element_ty), mask=d < HEAD_DIM)
 
     @triton.jit
+    def _stamp(T, t_start, t_wait):
+        # This program's [start, PDL wait returned, end, SM] in ns (``skinny_mm(stamps=)``).
+        i = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * 4
+        tl.store(T + i, t_start)
+        tl.store(T + i + 1, t_wait)
+        tl.store(T + i + 2, tl.extra.cuda.globaltimer())
+        tl.store(T + i + 3, tl.extra.cuda.smid().to(tl.int64))
+
+    @triton.jit
     def _skinny_mm_kernel(X, W, B, Y, M, N, K, K_PER, stride_xm, stride_wn, stride_ym, GATE_OFF, PROGRESS,
                           progress, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr = 0,
@@ -331,13 +340,20 @@ if HAVE_TRITON:
         m = tl.arange(0, BLOCK_M)
         nm = n < N
         mm = m < M
+        # PUBLISH (probes in bench/decode_chain.py): 1, program 0 stores ``progress`` at PROGRESS once its
+        # wait returns (how far the chain is, for a weight prefetcher beside it); 2, every program stores
+        # its timestamps there (``_stamp``).
+        if PUBLISH == 2:
+            t_start = tl.extra.cuda.globaltimer()
         if PDL:
             tl.extra.cuda.gdc_wait()
             if PDL == 1:
                 tl.extra.cuda.gdc_launch_dependents()
-        if PUBLISH:  # tell the weight prefetcher (``l2_ahead``) that this weight is being read
+        if PUBLISH == 1:
             if (pid == 0) & (tl.program_id(1) == 0):
                 tl.store(PROGRESS, progress)
+        if PUBLISH == 2:
+            t_wait = tl.extra.cuda.globaltimer()
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         if ACT == 2:
             acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -357,6 +373,8 @@ if HAVE_TRITON:
         if SPLIT > 1:
             tl.store(Y + (tl.program_id(1) * M + m[:, None]) * stride_ym + n[None, :], acc,
                      mask=mm[:, None] & nm[None, :])
+            if PUBLISH == 2:
+                _stamp(PROGRESS, t_start, t_wait)
             return
         if HAS_BIAS:
             acc += tl.load(B + n, mask=nm, other=0.0).to(tl.float32)[None, :]
@@ -369,6 +387,8 @@ if HAVE_TRITON:
             a = (g / (1.0 + tl.exp(-g))).to(out_ty).to(tl.float32)
             acc = a * acc2.to(out_ty).to(tl.float32)
         tl.store(Y + m[:, None] * stride_ym + n[None, :], acc.to(out_ty), mask=mm[:, None] & nm[None, :])
+        if PUBLISH == 2:
+            _stamp(PROGRESS, t_start, t_wait)
 
     @triton.jit
     def _silu_mul_kernel(X, Y, stride_x, stride_y, N, BLOCK: tl.constexpr, PDL: tl.constexpr = 0):
@@ -571,11 +591,24 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
+def _probe(progress: tuple | None, stamps: torch.Tensor | None, out: torch.Tensor) -> tuple:
+    """(PROGRESS, progress, PUBLISH) of ``_skinny_mm_kernel`` for the probes' hooks (bench/decode_chain.py):
+    ``progress=(flag, value)`` publishes how far the chain is; ``stamps`` (int64, 4 per program) takes
+    each program's timestamps. Neither: compiled out."""
+    if progress is not None:
+        return (*progress, 1)
+    if stamps is not None:
+        return stamps, 0, 2
+    return out, 0, 0
+
+
 def skinny_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, act: int = 0,
-              config: tuple | None = None, progress: tuple | None = None) -> torch.Tensor:
+              config: tuple | None = None, progress: tuple | None = None,
+              stamps: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ weight.T (+ bias)`` for x with few rows (decode), streaming the weight at full bandwidth.
 
     act: 0 none, 1 relu, 2 swiglu (weight holds [gate; up]; returns silu(x gate) * (x up), half width).
+    ``progress`` / ``stamps``: the probes' hooks (``_probe``).
     """
     shape = x.shape
     k = shape[-1]
@@ -593,11 +626,12 @@ def skinny_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     while (stages - 1) * per_stage() > 160 * 1024 and block_k > 32:
         block_k //= 2
     pdl = _pdl(x, "plain" if act == 0 else "activation")  # the kinds DEJAVU_PDL_EARLY may name
+    hook = _probe(progress, stamps, y)
     _skinny_mm_kernel[(triton.cdiv(n_out, block_n),)](
         x2, weight, bias if bias is not None else weight, y, m, n_out, k, k, x2.stride(0), weight.stride(0),
-        y.stride(0), n_out if act == 2 else 0, *(progress or (y, 0)), HAS_BIAS=bias is not None, ACT=act,
+        y.stride(0), n_out if act == 2 else 0, *hook[:2], HAS_BIAS=bias is not None, ACT=act,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_stages=stages, num_warps=warps,
-        PREC="ieee" if x.dtype == torch.float32 else "tf32", PUBLISH=progress is not None, **pdl)
+        PREC="ieee" if x.dtype == torch.float32 else "tf32", PUBLISH=hook[2], **pdl)
     return y.view(*shape[:-1], n_out)
 
 
@@ -623,7 +657,8 @@ def split_config(x: torch.Tensor, weight: torch.Tensor) -> tuple | None:
     return tuning().split.get((bucket(x.numel() // k), n, k))
 
 
-def skinny_mm_split(x: torch.Tensor, weight: torch.Tensor, config: tuple, progress: tuple | None = None) -> SplitSum:
+def skinny_mm_split(x: torch.Tensor, weight: torch.Tensor, config: tuple, progress: tuple | None = None,
+                    stamps: torch.Tensor | None = None) -> SplitSum:
     """``x @ weight.T`` (no bias, no activation) as split-K partial sums; ``config`` from split_config."""
     splits, block_n, block_k, stages, warps = config
     shape = x.shape
@@ -633,11 +668,12 @@ def skinny_mm_split(x: torch.Tensor, weight: torch.Tensor, config: tuple, progre
     k_per = k // splits
     assert k_per * splits == k and k_per % block_k == 0, (k, config)
     parts = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
+    hook = _probe(progress, stamps, parts)
     _skinny_mm_kernel[(triton.cdiv(n, block_n), splits)](
-        x2, weight, weight, parts, m, n, k, k_per, x2.stride(0), weight.stride(0), n, 0, *(progress or (parts, 0)),
+        x2, weight, weight, parts, m, n, k, k_per, x2.stride(0), weight.stride(0), n, 0, *hook[:2],
         HAS_BIAS=False, ACT=0,
         BLOCK_M=bucket(m), BLOCK_N=block_n, BLOCK_K=block_k, num_stages=stages, num_warps=warps,
-        PREC="tf32", SPLIT=splits, PUBLISH=progress is not None, **_pdl(x, "split"))
+        PREC="tf32", SPLIT=splits, PUBLISH=hook[2], **_pdl(x, "split"))
     return SplitSum(parts, torch.Size((*shape[:-1], n)), x.dtype)
 
 

@@ -1,22 +1,23 @@
-"""Probe: can a weight prefetcher on a concurrent graph branch keep the DRAM busy across the decode
-step's kernel boundaries?
+"""Probes of the decode step's dependent chain: where does each kernel's fixed cost go, and can anything
+beside the chain take it back? (bench/NOTES-perf.md, thirteenth session)
 
-Every session since the fourth put the decode gap in the ~2.5 us each dependent kernel costs beyond its
-bytes: the boundary, the ramp of its first DRAM loads after its PDL wait, its tail. Loads or prefetches
-issued from inside the dependent chain were measured as slower (they gate the successor, NOTES-perf.md
-eleventh session). This probe moves them out of the chain: one persistent kernel, launched on a side
-stream of the same CUDA graph, walks the step's weights in the order the matmuls read them and pulls
-them into L2 a window ahead of the matmul that is running. Each matmul's first program publishes how far
-the chain is (the end of its weight in the stream) after its PDL wait; the prefetcher only fetches bytes
-past that point and less than ``window`` beyond it, so that what it fetches is still in L2 when read.
+The chain is an OPT-1.3B decode layer with the engine's kernels (add+norm, QKV, decode attention over 544
+positions, split-K out-projection, add+norm, fc_in, split-K fc_out), over enough layer copies that L2
+cannot hold them, as in a real step, captured in a CUDA graph.
 
-The chain is an OPT-1.3B decode layer at batch 1 with the engine's kernels (add+norm, QKV, decode
-attention over 544 positions, split-K out-projection, add+norm, fc_in, split-K fc_out), over enough
-layer copies that L2 cannot hold them, as in a real step. Printed: us per layer without the prefetcher and
-with it, for each fetch form / window / program count, and the floor (the layer's bytes at the copy rate
-measured in the same run).
+- ``--parts ahead``: a weight prefetcher on a concurrent graph branch. One persistent kernel on a side
+  stream walks the step's weights in the order the matmuls read them and pulls them into L2 a window
+  ahead of the matmul that is running; each matmul's first program publishes how far the chain is after
+  its PDL wait (``skinny_mm(progress=)``). Nothing in the chain waits for it. Printed: us a layer with and
+  without it, per fetch form / window / program count, and the floor (the layer's bytes at the copy rate
+  measured in the same run). ``--dummy`` also fetches a decoy buffer (what the fetches cost if nothing hits).
+- ``--parts reuse``: how much faster a skinny matmul reads a weight that sits in L2, and whether it matters
+  which program (SM) brought it there.
+- ``--parts timeline``: every matmul program's timestamps in the chain (``skinny_mm(stamps=)``: start, PDL
+  wait returned, end, SM), reduced to where each matmul's time goes: the gap from the previous matmul's
+  last program to its first wait return, the spread of the waits, the programs' run times, the tail.
 
-    python bench/l2_ahead.py --out results/l2-ahead.json
+    python bench/decode_chain.py --parts timeline,reuse --out results/decode-chain.json
 """
 
 from __future__ import annotations
@@ -109,8 +110,11 @@ class _Ptr:
 
 
 class OptLayers:
-    """``copies`` OPT-1.3B decode layers at batch 1 with the engine's kernels; ``run(flag)`` is one pass
-    over all of them (each matmul publishing the end of its weight in the stream when ``flag`` is given)."""
+    """``copies`` OPT-1.3B decode layers at ``batch`` with the engine's kernels; ``run()`` is one pass over
+    all of them. The weight stream's segments (``seg_*``, ``ends``) are the matmuls' weights in the order
+    they are read (or decoys of the same sizes)."""
+
+    MATMULS = ("qkv", "out", "fc_in", "fc_out")
 
     def __init__(self, copies: int, dtype=torch.float16, batch: int = 1, dummy: bool = False) -> None:
         d, ffn, heads, s = 2048, 8192, 32, 576
@@ -125,7 +129,7 @@ class OptLayers:
         self.x = torch.randn(batch, d, dtype=dtype, device=dev)
         self.pos = torch.full((batch, 1), 544, device=dev)
         self.batch, self.heads = batch, heads
-        order = [w for layer in self.layers for w in (layer["qkv"], layer["out"], layer["fc_in"], layer["fc_out"])]
+        order = [layer[name] for layer in self.layers for name in self.MATMULS]
         if dummy:  # the same bytes from a buffer the chain never reads: what the fetches cost if nothing hits
             self.decoys = [torch.empty_like(w) for w in order]
             order = self.decoys
@@ -139,21 +143,24 @@ class OptLayers:
         self.layer_bytes = sum(sizes) / copies + sum(layer["cache"][:, :, :, :545].numel() * 2
                                                     for layer in self.layers) / copies
 
-    def run(self, flag: torch.Tensor | None) -> None:
-        pub = lambda i: (flag, self.ends[i]) if flag is not None else None  # noqa: E731
+    def run(self, flag: torch.Tensor | None = None, stamps: torch.Tensor | None = None) -> None:
+        """One pass; matmul i publishes to ``flag`` or stores its programs' timestamps in ``stamps[i]``."""
+        def pub(i):
+            return {"progress": (flag, self.ends[i]) if flag is not None else None,
+                    "stamps": stamps[i] if stamps is not None else None}
         x, delta = self.x, None
         for li, w in enumerate(self.layers):
             x, h = fused.add_norm(x, delta, None, self.norm)
-            qkv = fused.skinny_mm(h, w["qkv"], w["qkv_b"], progress=pub(4 * li))
+            qkv = fused.skinny_mm(h, w["qkv"], w["qkv_b"], **pub(4 * li))
             q = qkv[:, :2048].view(self.batch, self.heads, 64)
             o = fused.decode_attention(q, w["cache"][0], w["cache"][1], self.pos)
             part = fused.skinny_mm_split(o.reshape(self.batch, -1), w["out"],
                                          fused.split_config(h, w["out"]) or (4, 32, 128, 4, 4),
-                                         progress=pub(4 * li + 1))
+                                         **pub(4 * li + 1))
             x, h = fused.add_norm(x, part, None, self.norm)
-            a = fused.skinny_mm(h, w["fc_in"], w["fc_in_b"], act=1, progress=pub(4 * li + 2))
+            a = fused.skinny_mm(h, w["fc_in"], w["fc_in_b"], act=1, **pub(4 * li + 2))
             delta = fused.skinny_mm_split(a, w["fc_out"], fused.split_config(a, w["fc_out"]) or (4, 32, 128, 4, 4),
-                                          progress=pub(4 * li + 3))
+                                          **pub(4 * li + 3))
 
 
 def time_chain(model: OptLayers, ahead: dict | None, reps: int = 2) -> float:
@@ -184,6 +191,44 @@ def time_chain(model: OptLayers, ahead: dict | None, reps: int = 2) -> float:
     return us
 
 
+def timeline(rows: list, batch: int, copies: int) -> None:
+    """Where each matmul's time goes in the chain, from its programs' timestamps (the last of the graph's
+    replays; layer 0 left out, its predecessor is not a layer's). Per matmul, means over the layers, us:
+    ``gap``: the previous matmul's last program end -> this one's first wait return (for fc_out, right
+    after fc_in, the dependent boundary alone; else it holds the light kernels between); ``waits``: first to
+    last wait return; ``run``: median and max of a program's wait-to-end; ``tail``: last end minus the
+    median end; ``span``: first wait to last end, and the weight's bytes over it."""
+    model = OptLayers(copies, batch=batch)
+    stamps = torch.zeros(4 * copies, 4096, dtype=torch.int64, device="cuda")
+    graph_time_us(lambda i: model.run(stamps=stamps), 2)
+    t = stamps.view(4 * copies, -1, 4).cpu()
+    used = [int((t[i, :, 2] > 0).sum()) for i in range(4 * copies)]
+    stamp_values = torch.unique(t[:, :, 1:3][t[:, :, 1:3] > 0])
+    step = int(stamp_values.diff().min()) if stamp_values.numel() > 1 else 0
+    print(f"timeline b={batch}: globaltimer's smallest step {step} ns; programs a matmul "
+          f"{dict(zip(OptLayers.MATMULS, used[:4]))}", flush=True)
+    for j, name in enumerate(OptLayers.MATMULS):
+        acc = []
+        for li in range(1, copies):
+            i = 4 * li + j
+            start, wait, end = (t[i, :used[i], c].double() / 1e3 for c in range(3))
+            prev_end = t[i - 1, :used[i - 1], 2].double().max() / 1e3
+            run = end - wait
+            span = float(end.max() - wait.min())
+            acc.append([float(wait.min() - prev_end), float(wait.max() - wait.min()), float(run.median()),
+                        float(run.max()), float(end.max() - end.median()), span,
+                        float(wait.min() - start.min())])
+        m = torch.tensor(acc).mean(0).tolist()
+        nbytes = model.layers[0][name].numel() * 2
+        row = {"part": "timeline", "batch": batch, "matmul": name, "gap_us": m[0], "waits_us": m[1],
+               "run_median_us": m[2], "run_max_us": m[3], "tail_us": m[4], "span_us": m[5],
+               "resident_before_wait_us": m[6], "span_TBps": nbytes / m[5] / 1e6, "timer_step_ns": step}
+        rows.append(row)
+        print(f"  {name:7s} gap {m[0]:5.2f}  waits {m[1]:5.2f}  run {m[2]:5.2f} / max {m[3]:5.2f}  tail {m[4]:5.2f}"
+              f"  span {m[5]:5.2f} us ({row['span_TBps']:.2f} TB/s)  resident {m[6]:5.2f} us before the wait",
+              flush=True)
+
+
 def l2_reuse(rows: list) -> None:
     """Is a weight line that one program pulled into L2 a hit for another program (on another SM)? The
     OPT fc_in matmul over half its rows, twice in a row, in a graph: the second call on the same rows
@@ -204,35 +249,48 @@ def l2_reuse(rows: list) -> None:
             fused.skinny_mm(x, a)
             fused.skinny_mm(x, b)
         g_us = graph_time_us(pair, 32)
-        rows.append({"case": f"l2 reuse: {name}", "us_per_pair": g_us})
+        rows.append({"part": "reuse", "case": name, "us_per_pair": g_us})
         print(f"l2 reuse {name:20s}: {g_us:6.2f} us a pair (8 weight copies in turn)", flush=True)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=None)
+    ap.add_argument("--parts", default="ahead", help="comma list of: ahead, reuse, timeline")
     ap.add_argument("--copies", type=int, default=6, help="layers in the chain (each 100 MB of weights)")
     ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--modes", default="0,1,2")
-    ap.add_argument("--windows", default="8,16,24", help="MB the prefetcher may run ahead of the chain")
-    ap.add_argument("--programs", default="132,264")
-    ap.add_argument("--share", type=int, default=32768, help="bytes a program fetches of each chunk")
-    ap.add_argument("--dummy", action="store_true", help="also fetch from a decoy buffer (no hits possible)")
-    ap.add_argument("--reuse", action="store_true", help="first, the L2 reuse test across programs")
+    ap.add_argument("--modes", default="0,1,2", help="ahead: 0 loads, 1 per-line prefetch, 2 bulk prefetch")
+    ap.add_argument("--windows", default="8,16,24", help="ahead: MB the prefetcher may run ahead of the chain")
+    ap.add_argument("--programs", default="132,264", help="ahead: programs of the prefetcher")
+    ap.add_argument("--share", type=int, default=32768, help="ahead: bytes a program fetches of each chunk")
+    ap.add_argument("--dummy", action="store_true", help="ahead: also fetch from a decoy buffer (no hits possible)")
     args = ap.parse_args()
+    parts = args.parts.split(",")
+    batches = [int(b) for b in args.batches.split(",")]
     rows: list = []
-    if args.reuse:
+    if "reuse" in parts:
         l2_reuse(rows)
+    if "timeline" in parts:
+        for b in batches:
+            timeline(rows, b, args.copies)
+    if "ahead" in parts:
+        ahead_sweep(rows, args, batches)
+    if args.out:
+        write_json(args.out, rows)
+    return 0
+
+
+def ahead_sweep(rows: list, args, batches: list) -> None:
     rate = copy_bandwidth(torch.device("cuda")) / 1e12
-    for b, dummy in [(int(b), d) for b in args.batches.split(",") for d in ((False, True) if args.dummy else (False,))]:
+    for b, dummy in [(b, d) for b in batches for d in ((False, True) if args.dummy else (False,))]:
         if dummy:
             print("decoy buffer:", flush=True)
         model = OptLayers(args.copies, batch=b, dummy=dummy)
         floor = model.layer_bytes / rate / 1e6
         base = time_chain(model, None)
         print(f"b={b}: copy {rate:.2f} TB/s, floor {floor:.1f} us a layer; chain alone {base:.1f} us", flush=True)
-        rows.append({"batch": b, "dummy": dummy, "case": "chain alone", "us_per_layer": base, "floor_us": floor,
-                     "copy_tbps": rate})
+        rows.append({"part": "ahead", "batch": b, "dummy": dummy, "case": "chain alone", "us_per_layer": base,
+                     "floor_us": floor, "copy_tbps": rate})
         for mode in map(int, args.modes.split(",")):
             for programs in map(int, args.programs.split(",")):
                 for window in map(int, args.windows.split(",")):
@@ -243,14 +301,12 @@ def main() -> int:
                         print(f"  {cfg}: {type(e).__name__}: {e}", flush=True)
                         continue
                     again = time_chain(model, None)
-                    rows.append({"batch": b, "dummy": dummy, **cfg, "us_per_layer": us, "chain_alone_us": again})
+                    rows.append({"part": "ahead", "batch": b, "dummy": dummy, **cfg, "us_per_layer": us,
+                                 "chain_alone_us": again})
                     print(f"  mode {mode} programs {programs:3d} window {window:2d} MB: {us:6.1f} us a layer "
                           f"({(us / again - 1) * 100:+.1f}% against {again:.1f} alone)", flush=True)
         del model
         torch.cuda.empty_cache()
-    if args.out:
-        write_json(args.out, rows)
-    return 0
 
 
 if __name__ == "__main__":
