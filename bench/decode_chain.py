@@ -140,27 +140,28 @@ class OptLayers:
         self.seg_bytes = torch.tensor(sizes, dtype=torch.int64, device=dev)
         self.seg_end = ends.to(dev)
         self.ends = ends.tolist()
-        self.layer_bytes = sum(sizes) / copies + sum(layer["cache"][:, :, :, :545].numel() * 2
-                                                    for layer in self.layers) / copies
+        kv = self.layers[0]["cache"]
+        self.layer_bytes = sum(sizes) / copies + kv[:, :, :, :545].numel() * kv.element_size()
 
     def run(self, flag: torch.Tensor | None = None, stamps: torch.Tensor | None = None) -> None:
         """One pass; matmul i publishes to ``flag`` or stores its programs' timestamps in ``stamps[i]``."""
         def pub(i):
             return {"progress": (flag, self.ends[i]) if flag is not None else None,
                     "stamps": stamps[i] if stamps is not None else None}
+        def split(inp, weight):  # the engine's split-K tiling, or one that fits every shape here
+            return fused.split_config(inp, weight) or (4, 32, 128, 4, 4)
+
         x, delta = self.x, None
         for li, w in enumerate(self.layers):
             x, h = fused.add_norm(x, delta, None, self.norm)
             qkv = fused.skinny_mm(h, w["qkv"], w["qkv_b"], **pub(4 * li))
             q = qkv[:, :2048].view(self.batch, self.heads, 64)
             o = fused.decode_attention(q, w["cache"][0], w["cache"][1], self.pos)
-            part = fused.skinny_mm_split(o.reshape(self.batch, -1), w["out"],
-                                         fused.split_config(h, w["out"]) or (4, 32, 128, 4, 4),
-                                         **pub(4 * li + 1))
+            o = o.reshape(self.batch, -1)
+            part = fused.skinny_mm_split(o, w["out"], split(o, w["out"]), **pub(4 * li + 1))
             x, h = fused.add_norm(x, part, None, self.norm)
             a = fused.skinny_mm(h, w["fc_in"], w["fc_in_b"], act=1, **pub(4 * li + 2))
-            delta = fused.skinny_mm_split(a, w["fc_out"], fused.split_config(a, w["fc_out"]) or (4, 32, 128, 4, 4),
-                                          **pub(4 * li + 3))
+            delta = fused.skinny_mm_split(a, w["fc_out"], split(a, w["fc_out"]), **pub(4 * li + 3))
 
 
 def time_chain(model: OptLayers, ahead: dict | None, reps: int = 2) -> float:
@@ -169,6 +170,7 @@ def time_chain(model: OptLayers, ahead: dict | None, reps: int = 2) -> float:
     sink = torch.zeros(1 << 20, dtype=torch.int32, device="cuda")
     spins = torch.zeros(1024, dtype=torch.int32, device="cuda")
     side = torch.cuda.Stream()
+    publish = flag if ahead is not None else None
 
     def step():
         if ahead is not None:
@@ -179,11 +181,11 @@ def time_chain(model: OptLayers, ahead: dict | None, reps: int = 2) -> float:
                 _ahead_kernel[(programs,)](
                     _Ptr(model.base), flag, model.seg_off, model.seg_bytes, model.seg_end, len(model.ends),
                     ahead["window"] << 20, 1 << 20, sink, spins, SHARE=share, MODE=ahead["mode"], num_warps=4)
-        model.run(flag if ahead is not None else None)
+        model.run(publish)
         if ahead is not None:
             torch.cuda.current_stream().wait_stream(side)
 
-    model.run(flag if ahead is not None else None)  # compiles the chain before anything waits on it
+    model.run(publish)  # compiles the chain before anything waits on it
     torch.cuda.synchronize()
     us = graph_time_us(lambda i: step(), reps) / len(model.layers)
     if ahead is not None and int(spins.max()) >= 1 << 20:
@@ -219,7 +221,8 @@ def timeline(rows: list, batch: int, copies: int) -> None:
                         float(run.max()), float(end.max() - end.median()), span,
                         float(wait.min() - start.min())])
         m = torch.tensor(acc).mean(0).tolist()
-        nbytes = model.layers[0][name].numel() * 2
+        weight = model.layers[0][name]
+        nbytes = weight.numel() * weight.element_size()
         row = {"part": "timeline", "batch": batch, "matmul": name, "gap_us": m[0], "waits_us": m[1],
                "run_median_us": m[2], "run_max_us": m[3], "tail_us": m[4], "span_us": m[5],
                "resident_before_wait_us": m[6], "span_TBps": nbytes / m[5] / 1e6, "timer_step_ns": step}

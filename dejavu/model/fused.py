@@ -626,12 +626,12 @@ def skinny_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     while (stages - 1) * per_stage() > 160 * 1024 and block_k > 32:
         block_k //= 2
     pdl = _pdl(x, "plain" if act == 0 else "activation")  # the kinds DEJAVU_PDL_EARLY may name
-    hook = _probe(progress, stamps, y)
+    probe, probe_value, publish = _probe(progress, stamps, y)
     _skinny_mm_kernel[(triton.cdiv(n_out, block_n),)](
         x2, weight, bias if bias is not None else weight, y, m, n_out, k, k, x2.stride(0), weight.stride(0),
-        y.stride(0), n_out if act == 2 else 0, *hook[:2], HAS_BIAS=bias is not None, ACT=act,
+        y.stride(0), n_out if act == 2 else 0, probe, probe_value, HAS_BIAS=bias is not None, ACT=act,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_stages=stages, num_warps=warps,
-        PREC="ieee" if x.dtype == torch.float32 else "tf32", PUBLISH=hook[2], **pdl)
+        PREC="ieee" if x.dtype == torch.float32 else "tf32", PUBLISH=publish, **pdl)
     return y.view(*shape[:-1], n_out)
 
 
@@ -668,12 +668,12 @@ def skinny_mm_split(x: torch.Tensor, weight: torch.Tensor, config: tuple, progre
     k_per = k // splits
     assert k_per * splits == k and k_per % block_k == 0, (k, config)
     parts = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
-    hook = _probe(progress, stamps, parts)
+    probe, probe_value, publish = _probe(progress, stamps, parts)
     _skinny_mm_kernel[(triton.cdiv(n, block_n), splits)](
-        x2, weight, weight, parts, m, n, k, k_per, x2.stride(0), weight.stride(0), n, 0, *hook[:2],
+        x2, weight, weight, parts, m, n, k, k_per, x2.stride(0), weight.stride(0), n, 0, probe, probe_value,
         HAS_BIAS=False, ACT=0,
         BLOCK_M=bucket(m), BLOCK_N=block_n, BLOCK_K=block_k, num_stages=stages, num_warps=warps,
-        PREC="tf32", SPLIT=splits, PUBLISH=hook[2], **_pdl(x, "split"))
+        PREC="tf32", SPLIT=splits, PUBLISH=publish, **_pdl(x, "split"))
     return SplitSum(parts, torch.Size((*shape[:-1], n)), x.dtype)
 
 
