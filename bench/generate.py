@@ -315,7 +315,8 @@ def run_shape(shape: str, args, device: torch.device, bw: float, results: list) 
 # 10,11` is the A/B of a new sweep file against them.
 _OFF = {"DEJAVU_TRITON": "0", "DEJAVU_SKINNY": "0", "DEJAVU_PDL": "0",
         "DEJAVU_SKINNY_ALL": "0", "DEJAVU_SPLITK": "0", "DEJAVU_ATTN_WRITE": "0", "DEJAVU_PDL_EARLY": "",
-        "DEJAVU_TUNING": os.environ.get("DEJAVU_TUNING", "auto")}
+        "DEJAVU_TUNING": os.environ.get("DEJAVU_TUNING", "auto"), "DEJAVU_MATMUL": "triton", "DEJAVU_TMA_EARLY": "1",
+        "DEJAVU_TMA_TILE": "64,128,8"}
 _SKINNY = {**_OFF, "DEJAVU_TRITON": "1", "DEJAVU_SKINNY": "1"}
 _SPLIT = {**_SKINNY, "DEJAVU_SPLITK": "1"}
 _WRITE = {**_SPLIT, "DEJAVU_ATTN_WRITE": "1"}
@@ -337,6 +338,17 @@ VARIANTS = [
      True, True),
     ("PDL late, split-K and plain matmuls at once", {**_WRITE, "DEJAVU_PDL": "late", "DEJAVU_SKINNY_ALL": "1",
                                                      "DEJAVU_PDL_EARLY": "split,plain"}, True, True),
+]
+# The TMA matmul (dejavu/model/skinny_tma.py) on the default: its weight tiles before the PDL wait, after
+# it, and two other tilings.
+_DEFAULT = VARIANTS[11][1]
+VARIANTS += [
+    ("TMA matmuls 64x128 x8, first weight tiles before the wait", {**_DEFAULT, "DEJAVU_MATMUL": "tma"}, True, True),
+    ("TMA matmuls 64x128 x8, weights after the wait", {**_DEFAULT, "DEJAVU_MATMUL": "tma", "DEJAVU_TMA_EARLY": "0"},
+     True, True),
+    *((f"TMA matmuls {t.replace(',', 'x', 1).replace(',', ' x')}, before the wait",
+       {**_DEFAULT, "DEJAVU_MATMUL": "tma", "DEJAVU_TMA_TILE": t}, True, True)
+      for t in ("64,128,6", "64,128,12", "64,256,4", "64,256,3")),
 ]
 
 

@@ -533,6 +533,79 @@ def test_cuda_skinny_matmul_against_torch(dtype):
         assert _rel(fused.skinny_mm(x, w, None, 2), F.silu(gate) * up) < tol
 
 
+def _need_tma():
+    """Skip without Hopper and Gluon; else forget the TMA kernels compiled so far (see ``_tma_ran``)."""
+    from dejavu.model import skinny_tma
+
+    if not skinny_tma.HAVE_GLUON or torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the TMA matmul needs Hopper and a Triton with Gluon")
+    skinny_tma._skinny_tma_kernel.device_caches.clear()
+
+
+def _tma_ran() -> bool:
+    from dejavu.model import skinny_tma
+
+    caches = skinny_tma._skinny_tma_kernel.device_caches
+    return bool(caches) and any(len(c[0]) for c in caches.values())
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_tma_matmul_against_torch(dtype, monkeypatch):
+    """DEJAVU_MATMUL=tma: every form the decode step uses (bias, relu, SwiGLU, split-K partials, 1-32 rows,
+    a row count that is no power of two, and a weight whose row count is no multiple of the tile) equals
+    PyTorch's matmul to the dtype's rounding, with the weight read before the PDL wait or after it."""
+    import torch.nn.functional as F
+
+    from dejavu.model import fused
+
+    _need_tma()
+    monkeypatch.setenv("DEJAVU_MATMUL", "tma")
+    tol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    for tile in ("64,128,8", "128,64,4"):
+        monkeypatch.setenv("DEJAVU_TMA_TILE", tile)
+        for m in (1, 5, 8, 32):
+            x = torch.randn(m, 2048, dtype=dtype, device="cuda")
+            w = torch.randn(16384, 2048, dtype=dtype, device="cuda") / 45
+            b = torch.randn(16384, dtype=dtype, device="cuda")
+            for static in (False, True):
+                assert _rel(fused.skinny_mm(x, w, b, static_weight=static), F.linear(x, w, b)) < tol
+                assert _rel(fused.skinny_mm(x, w, b, 1, static_weight=static), F.relu(F.linear(x, w, b))) < tol
+                gate, up = F.linear(x, w).split(8192, -1)
+                assert _rel(fused.skinny_mm(x, w, None, 2, static_weight=static), F.silu(gate) * up) < tol
+            odd = w[:5000]  # the last tile runs past the weight: TMA fills it with zeros, the store is masked
+            assert _rel(fused.skinny_mm(x, odd, b[:5000]), F.linear(x, odd, b[:5000])) < tol
+            wide = torch.randn(2048, 8192, dtype=dtype, device="cuda") / 90
+            xw = torch.randn(m, 8192, dtype=dtype, device="cuda")
+            parts = fused.skinny_mm_split(xw, wide, (4, 32, 128, 4, 4), static_weight=True)
+            assert parts.parts.shape == (4, m, 2048)
+            assert _rel(parts.resolve(), F.linear(xw, wide)) < tol
+    assert _tma_ran(), "the TMA kernel never ran"
+
+
+@cuda
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_cuda_tma_decode_step_matches_triton_matmuls(family, monkeypatch):
+    """The decode step with DEJAVU_MATMUL=tma, eager and as a graph replayed three times with PDL (the
+    weights' first tiles read before each kernel's wait), gives the logits of the Triton matmuls (tensor-
+    core sums in another order: rounding aside) and the same greedy tokens; replays are bitwise equal."""
+    _need_tma()
+    stage, cache, x, pos, index = _wide_stage_after_prefill(family)
+    monkeypatch.setenv("DEJAVU_SKINNY_ALL", "1")
+    logits = {}
+    for matmul in ("triton", "tma"):
+        monkeypatch.setenv("DEJAVU_MATMUL", matmul)
+        logits[matmul] = stage(x, pos, cache, index).float()
+        graph = stage.capture_decode(cache)
+        logits[matmul + "g"] = [graph(x, pos.cuda()).float().clone() for _ in range(3)]
+    assert _tma_ran(), "the TMA kernel never ran"
+    for run in logits["tmag"]:
+        assert torch.equal(run, logits["tmag"][0])
+    for got in (logits["tma"], logits["tmag"][0]):
+        assert _rel(got, logits["triton"]) < 1e-2
+        assert torch.equal(got.argmax(-1), logits["triton"].argmax(-1))
+
+
 @cuda
 def test_cuda_matmul_timestamps_are_ordered_and_change_nothing():
     """``skinny_mm(stamps=)`` / ``skinny_mm_split(stamps=)`` (bench/decode_chain.py --parts timeline): every

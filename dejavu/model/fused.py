@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dejavu.model import skinny_tma
 from dejavu.model.kernel_tuning import bucket, tuning
 
 try:
@@ -423,6 +424,7 @@ def _prefer_shared(module, function, name, metadata_group, hash) -> None:
 _CARVEOUT = False
 if HAVE_TRITON:
     _OURS = {name for name, f in list(globals().items()) if isinstance(f, triton.runtime.JITFunction)}
+    _OURS.add("_skinny_tma_kernel")
     _hooks = getattr(getattr(getattr(triton, "knobs", None), "runtime", None), "kernel_load_end_hook", None)
     if _PDL_OK and os.environ.get("DEJAVU_CARVEOUT", "1") != "0" and _hooks is not None:
         _hooks.add(_prefer_shared)  # Triton >= 3.4; older ones load every kernel with their own carveout
@@ -602,13 +604,22 @@ def _probe(progress: tuple | None, stamps: torch.Tensor | None, out: torch.Tenso
     return out, 0, 0
 
 
+def _tma(x2: torch.Tensor, weight: torch.Tensor, k_per: int, hooks: tuple) -> tuple | None:
+    """The tiling of ``skinny_tma`` where DEJAVU_MATMUL=tma picks it and it applies (not with probe hooks)."""
+    if not skinny_tma.wanted() or any(h is not None for h in hooks):
+        return None
+    tile = skinny_tma.tile()
+    return tile if skinny_tma.applies(x2, weight, k_per, tile[1]) else None
+
+
 def skinny_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, act: int = 0,
               config: tuple | None = None, progress: tuple | None = None,
-              stamps: torch.Tensor | None = None) -> torch.Tensor:
+              stamps: torch.Tensor | None = None, static_weight: bool = False) -> torch.Tensor:
     """``x @ weight.T (+ bias)`` for x with few rows (decode), streaming the weight at full bandwidth.
 
     act: 0 none, 1 relu, 2 swiglu (weight holds [gate; up]; returns silu(x gate) * (x up), half width).
-    ``progress`` / ``stamps``: the probes' hooks (``_probe``).
+    ``progress`` / ``stamps``: the probes' hooks (``_probe``). ``static_weight``: no kernel of the step
+    writes ``weight`` (a model weight), so the TMA kernel may read it before its PDL wait.
     """
     shape = x.shape
     k = shape[-1]
@@ -616,6 +627,11 @@ def skinny_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     m, n = x2.shape[0], weight.shape[0]
     n_out = n // 2 if act == 2 else n
     y = torch.empty(m, n_out, dtype=x.dtype, device=x.device)
+    tma = _tma(x2, weight, k, (config, progress, stamps))
+    if tma is not None:
+        skinny_tma.launch(x2, weight, bias, y, n_out, act, 1, tma, _pdl(x, "plain" if act == 0 else "activation"),
+                          static_weight)
+        return y.view(*shape[:-1], n_out)
     block_n, block_k, stages, warps = config or _skinny_config(m, n_out, k)
     # The tilings were tuned in fp16; keep the pipelined tiles inside shared memory for fp32 (and swiglu's
     # two weight tiles): (stages - 1) * (x tile + w tiles) must fit.
@@ -658,8 +674,9 @@ def split_config(x: torch.Tensor, weight: torch.Tensor) -> tuple | None:
 
 
 def skinny_mm_split(x: torch.Tensor, weight: torch.Tensor, config: tuple, progress: tuple | None = None,
-                    stamps: torch.Tensor | None = None) -> SplitSum:
-    """``x @ weight.T`` (no bias, no activation) as split-K partial sums; ``config`` from split_config."""
+                    stamps: torch.Tensor | None = None, static_weight: bool = False) -> SplitSum:
+    """``x @ weight.T`` (no bias, no activation) as split-K partial sums; ``config`` from split_config.
+    ``static_weight`` as in ``skinny_mm``."""
     splits, block_n, block_k, stages, warps = config
     shape = x.shape
     k = shape[-1]
@@ -668,6 +685,10 @@ def skinny_mm_split(x: torch.Tensor, weight: torch.Tensor, config: tuple, progre
     k_per = k // splits
     assert k_per * splits == k and k_per % block_k == 0, (k, config)
     parts = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
+    tma = _tma(x2, weight, k_per, (progress, stamps))
+    if tma is not None:
+        skinny_tma.launch(x2, weight, None, parts, n, 0, splits, tma, _pdl(x, "split"), static_weight)
+        return SplitSum(parts, torch.Size((*shape[:-1], n)), x.dtype)
     probe, probe_value, publish = _probe(progress, stamps, parts)
     _skinny_mm_kernel[(triton.cdiv(n, block_n), splits)](
         x2, weight, weight, parts, m, n, k, k_per, x2.stride(0), weight.stride(0), n, 0, probe, probe_value,

@@ -46,11 +46,12 @@ def linear(x: torch.Tensor, lin: nn.Linear, act: str | None = None, deferred: bo
     if deferred and act is None and lin.bias is None:
         config = fused.split_config(x, lin.weight)
         if config is not None:
-            return fused.skinny_mm_split(x, lin.weight, config)
+            return fused.skinny_mm_split(x, lin.weight, config, static_weight=True)
     if fused.skinny_enabled(x):
         n = lin.weight.shape[0] // (2 if act == "silu_mul" else 1)
         if fused.use_skinny(x.numel() // x.shape[-1], n, x.shape[-1]):
-            return fused.skinny_mm(x, lin.weight, lin.bias, {None: 0, "relu": 1, "silu_mul": 2}[act])
+            return fused.skinny_mm(x, lin.weight, lin.bias, {None: 0, "relu": 1, "silu_mul": 2}[act],
+                                   static_weight=True)
     y = lin(x)
     if act == "relu":
         return F.relu(y)
