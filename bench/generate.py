@@ -316,7 +316,7 @@ def run_shape(shape: str, args, device: torch.device, bw: float, results: list) 
 _OFF = {"DEJAVU_TRITON": "0", "DEJAVU_SKINNY": "0", "DEJAVU_PDL": "0",
         "DEJAVU_SKINNY_ALL": "0", "DEJAVU_SPLITK": "0", "DEJAVU_ATTN_WRITE": "0", "DEJAVU_PDL_EARLY": "",
         "DEJAVU_TUNING": os.environ.get("DEJAVU_TUNING", "auto"), "DEJAVU_MATMUL": "triton", "DEJAVU_TMA_EARLY": "1",
-        "DEJAVU_TMA_TILE": "64,128,8"}
+        "DEJAVU_TMA_TILE": "", "DEJAVU_FOLD_NORM": "0"}
 _SKINNY = {**_OFF, "DEJAVU_TRITON": "1", "DEJAVU_SKINNY": "1"}
 _SPLIT = {**_SKINNY, "DEJAVU_SPLITK": "1"}
 _WRITE = {**_SPLIT, "DEJAVU_ATTN_WRITE": "1"}
@@ -333,22 +333,24 @@ VARIANTS = [
     ("+ PDL late, skinny everywhere", {**_WRITE, "DEJAVU_PDL": "late", "DEJAVU_SKINNY_ALL": "1"}, True, True),
     ("PDL late, skinny everywhere, H100 tilings", {**_WRITE, "DEJAVU_PDL": "late", "DEJAVU_SKINNY_ALL": "1",
                                                    "DEJAVU_TUNING": "builtin"}, True, True),
-    ("PDL late, split-K matmuls trigger at once (default)", {**_WRITE, "DEJAVU_PDL": "late",
+    ("PDL late, split-K matmuls trigger at once (Triton matmuls)", {**_WRITE, "DEJAVU_PDL": "late",
                                                              "DEJAVU_SKINNY_ALL": "1", "DEJAVU_PDL_EARLY": "split"},
      True, True),
     ("PDL late, split-K and plain matmuls at once", {**_WRITE, "DEJAVU_PDL": "late", "DEJAVU_SKINNY_ALL": "1",
                                                      "DEJAVU_PDL_EARLY": "split,plain"}, True, True),
 ]
-# The TMA matmul (dejavu/model/skinny_tma.py) on the default: its weight tiles before the PDL wait, after
-# it, and two other tilings.
-_DEFAULT = VARIANTS[11][1]
+# The TMA matmul (dejavu/model/skinny_tma.py) on the Triton matmuls' settings: the default (its weight tiles
+# before the PDL wait, tilings per row count), the same with the weights read after the wait, and one tiling
+# for every row count.
+_TRITON = VARIANTS[11][1]
 VARIANTS += [
-    ("TMA matmuls 64x128 x8, first weight tiles before the wait", {**_DEFAULT, "DEJAVU_MATMUL": "tma"}, True, True),
-    ("TMA matmuls 64x128 x8, weights after the wait", {**_DEFAULT, "DEJAVU_MATMUL": "tma", "DEJAVU_TMA_EARLY": "0"},
-     True, True),
-    *((f"TMA matmuls {t.replace(',', 'x', 1).replace(',', ' x')}, before the wait",
-       {**_DEFAULT, "DEJAVU_MATMUL": "tma", "DEJAVU_TMA_TILE": t}, True, True)
-      for t in ("64,128,6", "64,128,12", "64,256,4", "64,256,3")),
+    ("TMA matmuls, first weight tiles before the wait (default)", {**_TRITON, "DEJAVU_MATMUL": "tma"}, True, True),
+    ("TMA matmuls, weights after the wait", {**_TRITON, "DEJAVU_MATMUL": "tma", "DEJAVU_TMA_EARLY": "0"}, True, True),
+    *((f"TMA matmuls {t.replace(',', 'x', 1).replace(',', ' x')} at every batch",
+       {**_TRITON, "DEJAVU_MATMUL": "tma", "DEJAVU_TMA_TILE": t}, True, True)
+      for t in ("64,128,8", "64,128,6", "64,256,4")),
+    ("TMA matmuls, each add+norm folded into the next projection", {**_TRITON, "DEJAVU_MATMUL": "tma",
+                                                                    "DEJAVU_FOLD_NORM": "1"}, True, True),
 ]
 
 

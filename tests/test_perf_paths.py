@@ -488,39 +488,46 @@ def test_cuda_pdl_decode_step_is_bitwise_equal(family, monkeypatch):
 
 
 @cuda
-def test_cuda_kernels_take_the_whole_shared_memory_carveout():
+def test_cuda_kernels_take_the_whole_shared_memory_carveout(monkeypatch):
     """With PDL on, each of our kernels is loaded with the full shared-memory carveout (so that the next
     kernel's early-launched programs can share an SM with it), the small ones included."""
     import ctypes
 
-    from dejavu.model import fused
+    from dejavu.model import fused, skinny_tma
 
     if not fused._CARVEOUT:
         pytest.skip("PDL off (nothing launches early), DEJAVU_CARVEOUT=0, or a Triton without load hooks")
     x = torch.randn(3, 2048, dtype=torch.float16, device="cuda")
     fused.add_norm(x, x, None, torch.nn.LayerNorm(2048).to("cuda", torch.float16))
-    fused.skinny_mm(x, torch.randn(4096, 2048, dtype=torch.float16, device="cuda"))
+    jits = [fused._add_norm_kernel, fused._skinny_mm_kernel]
+    if skinny_tma.HAVE_GLUON:
+        jits.append(skinny_tma._skinny_tma_kernel)
+    for matmul in ("triton", "tma"):
+        monkeypatch.setenv("DEJAVU_MATMUL", matmul)
+        fused.skinny_mm(x, torch.randn(4096, 2048, dtype=torch.float16, device="cuda"))
     torch.cuda.synchronize()
     lib = ctypes.CDLL("libcuda.so.1")
     seen = {}
-    for jit in (fused._add_norm_kernel, fused._skinny_mm_kernel):
+    for jit in jits:
         for kernel in jit.device_caches[torch.cuda.current_device()][0].values():
             value = ctypes.c_int()
             assert lib.cuFuncGetAttribute(ctypes.byref(value), 9, ctypes.c_void_p(kernel.function)) == 0
             seen[kernel.name, kernel.metadata.shared] = value.value
-    assert {name for name, _ in seen} == {"_add_norm_kernel", "_skinny_mm_kernel"}
+    assert {name for name, _ in seen} == {jit.__name__ for jit in jits}
     assert set(seen.values()) == {100}, seen
 
 
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_cuda_skinny_matmul_against_torch(dtype):
+def test_cuda_skinny_matmul_against_torch(dtype, monkeypatch):
+    """The Triton matmul (DEJAVU_MATMUL=triton; the TMA one has its own test below)."""
     import torch.nn.functional as F
 
     from dejavu.model import fused
 
     if not fused.HAVE_TRITON:
         pytest.skip("no triton")
+    monkeypatch.setenv("DEJAVU_MATMUL", "triton")
     tol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5}[dtype]
     for m in (1, 8, 32, 64):
         x = torch.randn(m, 2048, dtype=dtype, device="cuda")
@@ -562,7 +569,7 @@ def test_cuda_tma_matmul_against_torch(dtype, monkeypatch):
     _need_tma()
     monkeypatch.setenv("DEJAVU_MATMUL", "tma")
     tol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
-    for tile in ("64,128,8", "128,64,4"):
+    for tile in ("", "64,128,8", "128,64,4"):  # "": the tilings per row count (skinny_tma.TILES)
         monkeypatch.setenv("DEJAVU_TMA_TILE", tile)
         for m in (1, 5, 8, 32):
             x = torch.randn(m, 2048, dtype=dtype, device="cuda")
@@ -604,6 +611,76 @@ def test_cuda_tma_decode_step_matches_triton_matmuls(family, monkeypatch):
     for got in (logits["tma"], logits["tmag"][0]):
         assert _rel(got, logits["triton"]) < 1e-2
         assert torch.equal(got.argmax(-1), logits["triton"].argmax(-1))
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_add_norm_folded_into_the_matmul_against_the_two_kernels(dtype, monkeypatch):
+    """``fused.norm_mm``: the add+norm computed by every program of the TMA matmul gives the new residual of
+    ``add_norm`` bit for bit and the matmul of its output to rounding, for LayerNorm (with and without a
+    bias) and RMSNorm, a residual alone, a delta tensor with a bias, and split-K partials, with each
+    activation and 1-32 rows (a count that is no power of two among them)."""
+    import torch.nn.functional as F
+
+    from dejavu.model import fused, skinny_tma
+    from dejavu.model.layers import RMSNorm
+
+    _need_tma()
+    monkeypatch.setenv("DEJAVU_FOLD_NORM", "1")
+    tol = {torch.float16: 3e-3, torch.bfloat16: 2e-2}[dtype]
+    k = 2048
+    norms = [torch.nn.LayerNorm(k), torch.nn.LayerNorm(k, bias=False), RMSNorm(k, 1e-5)]
+    for norm in norms:
+        with torch.no_grad():
+            norm.weight.copy_(torch.rand(k) + 0.5)
+            if getattr(norm, "bias", None) is not None:
+                norm.bias.copy_(torch.randn(k) * 0.1)
+        norm.to("cuda", dtype)
+    w = torch.randn(8192, k, dtype=dtype, device="cuda") / 45
+    wb = torch.randn(8192, dtype=dtype, device="cuda")
+    for m in (1, 5, 8, 32):
+        x = torch.randn(m, k, dtype=dtype, device="cuda")
+        deltas = [(None, None),
+                  (torch.randn(m, k, dtype=dtype, device="cuda"), torch.randn(k, dtype=dtype, device="cuda")),
+                  (fused.SplitSum(torch.randn(4, m, k, device="cuda"), torch.Size((m, k)), dtype), None)]
+        for norm in norms:
+            for delta, dbias in deltas:
+                for act, ref in ((0, lambda y: F.linear(y, w, wb)), (1, lambda y: F.relu(F.linear(y, w, wb))),
+                                 (2, lambda y: F.silu(F.linear(y, w[:4096])) * F.linear(y, w[4096:]))):
+                    pending = fused.pending_norm(x, delta, dbias, norm)
+                    assert pending is not None
+                    got = fused.norm_mm(pending, w, wb if act < 2 else None, act)
+                    assert got is not None, (m, act)
+                    h, y = fused.add_norm(x, delta, dbias, norm)
+                    assert torch.equal(pending.h, h), (type(norm).__name__, m, act)
+                    assert _rel(got, ref(y)) < tol, (type(norm).__name__, m, act)
+    assert any(len(c[0]) for c in skinny_tma._norm_tma_kernel.device_caches.values())
+
+
+@cuda
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_cuda_folded_add_norm_decode_step_matches_the_kernels_apart(family, monkeypatch):
+    """DEJAVU_FOLD_NORM=1: the decode step with each layer's add+norms inside the next projection's kernel,
+    eager and as a graph replayed three times with PDL, gives the logits of the step with separate add+norm
+    kernels (rounding aside) and the same greedy tokens; replays are bitwise equal."""
+    from dejavu.model import skinny_tma
+
+    _need_tma()
+    skinny_tma._norm_tma_kernel.device_caches.clear()
+    stage, cache, x, pos, index = _wide_stage_after_prefill(family)
+    monkeypatch.setenv("DEJAVU_SKINNY_ALL", "1")
+    logits = {}
+    for fold in ("0", "1"):
+        monkeypatch.setenv("DEJAVU_FOLD_NORM", fold)
+        logits[fold] = stage(x, pos, cache, index).float()
+        graph = stage.capture_decode(cache)
+        logits[fold + "g"] = [graph(x, pos.cuda()).float().clone() for _ in range(3)]
+    assert any(len(c[0]) for c in skinny_tma._norm_tma_kernel.device_caches.values()), "the fold never ran"
+    for run in logits["1g"]:
+        assert torch.equal(run, logits["1g"][0])
+    for got in (logits["1"], logits["1g"][0]):
+        assert _rel(got, logits["0"]) < 1e-2
+        assert torch.equal(got.argmax(-1), logits["0"].argmax(-1))
 
 
 @cuda
