@@ -316,7 +316,7 @@ def run_shape(shape: str, args, device: torch.device, bw: float, results: list) 
 _OFF = {"DEJAVU_TRITON": "0", "DEJAVU_SKINNY": "0", "DEJAVU_PDL": "0",
         "DEJAVU_SKINNY_ALL": "0", "DEJAVU_SPLITK": "0", "DEJAVU_ATTN_WRITE": "0", "DEJAVU_PDL_EARLY": "",
         "DEJAVU_TUNING": os.environ.get("DEJAVU_TUNING", "auto"), "DEJAVU_MATMUL": "triton", "DEJAVU_TMA_EARLY": "1",
-        "DEJAVU_TMA_TILE": "", "DEJAVU_FOLD_NORM": "0"}
+        "DEJAVU_TMA_TILE": ""}
 _SKINNY = {**_OFF, "DEJAVU_TRITON": "1", "DEJAVU_SKINNY": "1"}
 _SPLIT = {**_SKINNY, "DEJAVU_SPLITK": "1"}
 _WRITE = {**_SPLIT, "DEJAVU_ATTN_WRITE": "1"}
@@ -349,8 +349,6 @@ VARIANTS += [
     *((f"TMA matmuls {t.replace(',', 'x', 1).replace(',', ' x')} at every batch",
        {**_TRITON, "DEJAVU_MATMUL": "tma", "DEJAVU_TMA_TILE": t}, True, True)
       for t in ("64,128,8", "64,128,6", "64,256,4")),
-    ("TMA matmuls, each add+norm folded into the next projection", {**_TRITON, "DEJAVU_MATMUL": "tma",
-                                                                    "DEJAVU_FOLD_NORM": "1"}, True, True),
 ]
 
 

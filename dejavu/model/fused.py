@@ -424,7 +424,7 @@ def _prefer_shared(module, function, name, metadata_group, hash) -> None:
 _CARVEOUT = False
 if HAVE_TRITON:
     _OURS = {name for name, f in list(globals().items()) if isinstance(f, triton.runtime.JITFunction)}
-    _OURS.update(("_skinny_tma_kernel", "_norm_tma_kernel"))
+    _OURS.add("_skinny_tma_kernel")
     _hooks = getattr(getattr(getattr(triton, "knobs", None), "runtime", None), "kernel_load_end_hook", None)
     if _PDL_OK and os.environ.get("DEJAVU_CARVEOUT", "1") != "0" and _hooks is not None:
         _hooks.add(_prefer_shared)  # Triton >= 3.4; older ones load every kernel with their own carveout
@@ -434,12 +434,11 @@ if HAVE_TRITON:
 # ---- entry points (callers check ``enabled`` first) -------------------------------------------------
 
 def add_norm(x: torch.Tensor, delta: torch.Tensor | None, bias: torch.Tensor | None, norm,
-             one_load: bool | None = None, h_out: torch.Tensor | None = None) -> tuple:
+             one_load: bool | None = None) -> tuple:
     """``h = x + (delta + bias)`` (when delta is given) and ``norm(h)``; returns (h, norm(h)).
 
     ``norm`` is our RMSNorm or an ``nn.LayerNorm``; ``delta`` a tensor or a split-K ``SplitSum``.
     ``one_load`` forces how split-K partials are read (None: the faster form for the dtype, below).
-    ``h_out``: where h goes (default a new tensor).
     """
     shape = x.shape
     n = shape[-1]
@@ -447,7 +446,7 @@ def add_norm(x: torch.Tensor, delta: torch.Tensor | None, bias: torch.Tensor | N
     rows = x2.shape[0]
     rms = not hasattr(norm, "normalized_shape")
     y = torch.empty_like(x2)
-    h = (h_out.view(-1, n) if h_out is not None else torch.empty_like(x2)) if delta is not None else x2
+    h = torch.empty_like(x2) if delta is not None else x2
     parts = 1
     if isinstance(delta, SplitSum):
         parts, d2 = delta.parts.shape[0], delta.parts  # [parts, rows, n], contiguous
@@ -698,64 +697,6 @@ def skinny_mm_split(x: torch.Tensor, weight: torch.Tensor, config: tuple, progre
         BLOCK_M=bucket(m), BLOCK_N=block_n, BLOCK_K=block_k, num_stages=stages, num_warps=warps,
         PREC="tf32", SPLIT=splits, PUBLISH=publish, **_pdl(x, "split"))
     return SplitSum(parts, torch.Size((*shape[:-1], n)), x.dtype)
-
-
-def fold_norm_wanted() -> bool:
-    """DEJAVU_FOLD_NORM=1: the add+norm before a projection runs inside the projection's TMA kernel."""
-    return os.environ.get("DEJAVU_FOLD_NORM", "0") == "1"
-
-
-@dataclass
-class PendingNorm:
-    """``add_norm(x, delta, bias, norm)`` left to the projection that reads its output: ``norm_mm`` has
-    every program of that matmul normalise the rows itself (program 0 stores the new residual into ``h``),
-    so the add+norm costs no kernel of its own. Any other reader calls ``resolve``."""
-
-    x: torch.Tensor
-    delta: object
-    bias: torch.Tensor | None
-    norm: object
-    h: torch.Tensor
-    _y: torch.Tensor | None = None
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.x.shape
-
-    def resolve(self) -> torch.Tensor:
-        if self._y is None:
-            _, self._y = add_norm(self.x, self.delta, self.bias, self.norm, h_out=self.h)
-        return self._y
-
-
-def pending_norm(x: torch.Tensor, delta, bias: torch.Tensor | None, norm) -> PendingNorm | None:
-    """A ``PendingNorm`` where the fold is wanted and the TMA kernel can take these rows, else None."""
-    if not (fold_norm_wanted() and skinny_tma.wanted() and x.is_contiguous() and norm.weight is not None):
-        return None
-    if not skinny_tma.takes_rows(x.reshape(-1, x.shape[-1])):
-        return None
-    return PendingNorm(x, delta, bias, norm, torch.empty_like(x) if delta is not None else x)
-
-
-def norm_mm(p: PendingNorm, weight: torch.Tensor, bias: torch.Tensor | None, act: int) -> torch.Tensor | None:
-    """``skinny_mm(p.resolve(), weight, bias, act)`` with the add+norm inside the matmul's kernel, or None
-    where that kernel cannot hold all of x beside its weight stages (then the caller resolves ``p``)."""
-    x2 = p.x.reshape(-1, p.x.shape[-1])
-    m, k = x2.shape
-    tile = skinny_tma.tile(m)
-    stages = skinny_tma.norm_stages(m, k, act, tile)
-    if not stages or k % tile[1] or not skinny_tma.applies(x2, weight, k, tile[1]):
-        return None
-    delta = p.delta.parts if isinstance(p.delta, SplitSum) else p.delta
-    if delta is not None:
-        delta = delta if delta.dim() == 3 else delta.reshape(-1, k)
-        if not delta.is_contiguous():
-            return None
-    n_out = weight.shape[0] // 2 if act == 2 else weight.shape[0]
-    y = torch.empty(m, n_out, dtype=x2.dtype, device=x2.device)
-    skinny_tma.launch_norm(x2, delta, p.bias, p.norm, weight, bias, y, p.h.view(-1, k), n_out, act, tile, stages,
-                           _pdl(x2, "plain" if act == 0 else "activation"), early=True)
-    return y.view(*p.x.shape[:-1], n_out)
 
 
 def silu_mul(x: torch.Tensor) -> torch.Tensor:

@@ -58,10 +58,9 @@ def forward(stage, x: torch.Tensor, plan: StepPlan, cache: KVCache, logits_index
     last = len(stage.layers) - 1
     for i, block in enumerate(stage.layers):
         norm1, attn, norm2, mlp = block_parts(block)
-        # fold: the attention and the MLP read the normalised rows only through their first projection.
-        h, xn = add_norm(h, delta, bias, norm1, fold=deferred)
+        h, xn = add_norm(h, delta, bias, norm1)
         delta, bias = attn.core(xn, plan, cache, i, deferred=deferred), attn.out_bias
-        h, xn = add_norm(h, delta, bias, norm2, fold=deferred and _first_op_is_linear(mlp))
+        h, xn = add_norm(h, delta, bias, norm2)
         delta, bias = mlp.core(xn, deferred=deferred and i < last), getattr(mlp, "fc_out_bias", None)
         if on_layer_done is not None:
             on_layer_done(i)
@@ -76,12 +75,6 @@ def forward(stage, x: torch.Tensor, plan: StepPlan, cache: KVCache, logits_index
     for module in rest:
         y = linear(y, module) if isinstance(module, nn.Linear) else module(y)
     return y
-
-
-def _first_op_is_linear(mlp: nn.Module) -> bool:
-    """Does ``mlp.core`` hand its input only to ``layers.linear`` (so it may take a ``PendingNorm``)? Every MLP
-    but a gated one with another activation than SiLU, which calls its gate/up projection directly."""
-    return not hasattr(mlp, "gate_up") or mlp.act is torch.nn.functional.silu
 
 
 def _pick(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -43,12 +43,6 @@ def linear(x: torch.Tensor, lin: nn.Linear, act: str | None = None, deferred: bo
     projection that splits K (``kernel_tuning.SPLIT``) may return its partial sums (``fused.SplitSum``)
     for that kernel to add up.
     """
-    if isinstance(x, fused.PendingNorm):
-        y = fused.norm_mm(x, lin.weight, lin.bias, {None: 0, "relu": 1, "silu_mul": 2}[act]) \
-            if act in (None, "relu", "silu_mul") and not deferred else None
-        if y is not None:
-            return y
-        x = x.resolve()
     if deferred and act is None and lin.bias is None:
         config = fused.split_config(x, lin.weight)
         if config is not None:
@@ -69,14 +63,10 @@ def linear(x: torch.Tensor, lin: nn.Linear, act: str | None = None, deferred: bo
     return y
 
 
-def add_norm(h: torch.Tensor, delta, bias: torch.Tensor | None, norm: nn.Module, fold: bool = False):
+def add_norm(h: torch.Tensor, delta, bias: torch.Tensor | None, norm: nn.Module):
     """``h + (delta + bias)`` and its normalisation, as one kernel on the GPU: (new h, norm(new h)).
-    ``delta``: a tensor, a ``fused.SplitSum`` (see ``linear``), or None. ``fold``: the caller hands norm(new h)
-    only to ``linear``, so it may come back as a ``fused.PendingNorm`` that the projection's kernel computes."""
+    ``delta``: a tensor, a ``fused.SplitSum`` (see ``linear``), or None."""
     if fused.enabled(h):
-        pending = fused.pending_norm(h, delta, bias, norm) if fold else None
-        if pending is not None:
-            return pending.h, pending
         return fused.add_norm(h, delta, bias, norm)
     if isinstance(delta, fused.SplitSum):
         delta = delta.resolve()

@@ -10,18 +10,13 @@ since no kernel of a decode step writes the model's weights. The activations are
 The product is computed transposed, ``acc[n, m] = w[n, :] . x[m, :]``, so that the weight tile is the
 64-row operand of a warpgroup MMA and the few decode rows (padded to 8-32) are its narrow side.
 
-Two kernels:
-- ``_skinny_tma_kernel``: ``fused.skinny_mm`` / ``fused.skinny_mm_split`` run it wherever it applies
-  (``applies``) unless ``DEJAVU_MATMUL=triton``. On an H200 it took 4-10% off every fp16 decode step of
-  OPT-1.3B and Llama-1B at batch 1, 8 and 32 against the Triton kernel (bench/NOTES-perf.md, fourteenth
-  session).
-- ``_norm_tma_kernel``: the add+norm before a projection folded into it (``fused.norm_mm``,
-  ``DEJAVU_FOLD_NORM=1``). Every program normalises the few rows itself, into shared memory, while its
-  first weight tiles stream in; program 0 stores the new residual.
+``fused.skinny_mm`` / ``fused.skinny_mm_split`` run it wherever it applies (``applies``) unless
+``DEJAVU_MATMUL=triton``. On an H200 it took 4-10% off every fp16 decode step of OPT-1.3B and Llama-1B at
+batch 1, 8 and 32 against the Triton kernel (bench/NOTES-perf.md, fourteenth session).
 
 Switches, read at each call (so one process can A/B them; a CUDA graph keeps what it captured):
 ``DEJAVU_TMA_TILE`` sets the tiling (``tile``), ``DEJAVU_TMA_EARLY=0`` loads the weight only after the wait
-(the A/B of the early tiles alone). GPU only (sm_90+); where they do not apply the Triton kernels run.
+(the A/B of the early tiles alone). GPU only (sm_90+); where it does not apply the Triton kernel runs.
 """
 
 from __future__ import annotations
@@ -35,8 +30,7 @@ from dejavu.model.kernel_tuning import bucket
 try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
-                                                                   warpgroup_mma_wait)
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     HAVE_GLUON = True
@@ -123,9 +117,8 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _mma_loop(w_desc, x_desc, w_smem, x_smem, bars, n0, k_lo, n_k, GATE_OFF, mma: gl.constexpr,
-                  NW: gl.constexpr, STAGES: gl.constexpr, STAGE_BYTES: gl.constexpr, X_RING: gl.constexpr):
-        """acc[n, m] (and acc2 for SwiGLU's up rows) over the K tiles. ``X_RING``: x's tiles come through the
-        ring with the weight's (else ``x_smem`` holds all of x's K tiles already)."""
+                  NW: gl.constexpr, STAGES: gl.constexpr, STAGE_BYTES: gl.constexpr):
+        """acc[n, m] (and acc2 for SwiGLU's up rows) over the K tiles, which come through the ring."""
         BN: gl.constexpr = w_desc.block_type.shape[0]
         BK: gl.constexpr = w_desc.block_type.shape[1]
         BM: gl.constexpr = mma.instr_shape[1]
@@ -134,10 +127,7 @@ if HAVE_GLUON:
         for i in range(n_k):
             cur = i % STAGES
             mbarrier.wait(bars.index(cur), (i // STAGES) & 1)
-            if X_RING:
-                xt = x_smem.index(cur).permute((1, 0))
-            else:
-                xt = x_smem.index(i).permute((1, 0))
+            xt = x_smem.index(cur).permute((1, 0))
             acc = warpgroup_mma(w_smem.index(cur * NW), xt, acc, is_async=True)
             if NW == 2:
                 acc2 = warpgroup_mma(w_smem.index(cur * NW + 1), xt, acc2, is_async=True)
@@ -150,9 +140,7 @@ if HAVE_GLUON:
             ps = j % STAGES
             mbarrier.expect(bars.index(ps), STAGE_BYTES, pred=refill)
             _load_weight(w_desc, bars.index(ps), w_smem, ps, n0, k_lo + j * BK, GATE_OFF, NW, refill)
-            if X_RING:
-                tma.async_copy_global_to_shared(x_desc, [0, k_lo + j * BK], bars.index(ps), x_smem.index(ps),
-                                                pred=refill)
+            tma.async_copy_global_to_shared(x_desc, [0, k_lo + j * BK], bars.index(ps), x_smem.index(ps), pred=refill)
         if NW == 2:
             acc, acc2 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc2))
         else:
@@ -206,97 +194,10 @@ if HAVE_GLUON:
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                       instr_shape=[16, BM, 16])
         acc, acc2 = _mma_loop(w_desc, x_desc, w_smem, x_smem, bars, n0, k_lo, n_k, GATE_OFF, mma, NW, STAGES,
-                              STAGE_BYTES, True)
+                              STAGE_BYTES)
         if PDL == 2:  # let the next kernel launch only once the weights are streamed
             _gdc_launch_dependents()
         _store(acc, acc2, B, Y, M, N, n0, stride_ym, mma, HAS_BIAS, ACT, SPLIT)
-
-    @gluon.jit
-    def _normalise_into(x_all, X, D, DB, NORM_W, NORM_B, H, M, stride_x, stride_d, stride_part, stride_h, eps,
-                        write_h, K: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr, PARTS: gl.constexpr,
-                        HAS_D: gl.constexpr, HAS_DB: gl.constexpr, HAS_NB: gl.constexpr, RMS: gl.constexpr,
-                        num_warps: gl.constexpr):
-        """fused._add_norm_kernel for BM rows, into shared memory: h = x + (d + db) (d: a tensor or PARTS
-        fp32 split-K partials summed in order), stored to H where ``write_h``; x_all's K tiles take norm(h)."""
-        SPT: gl.constexpr = BK // (32 * num_warps) if BK >= 32 * num_warps else 1
-        L: gl.constexpr = gl.BlockedLayout([1, SPT], [1, 32], [1, num_warps], [1, 0])
-        dt: gl.constexpr = X.dtype.element_ty
-        m = gl.arange(0, BM, layout=gl.SliceLayout(1, L))
-        rows = (m < M)[:, None]
-        s1 = gl.zeros([BM], gl.float32, gl.SliceLayout(1, L))
-        for kt in range(K // BK):  # not unrolled: one tile's loads in registers at a time
-            c = kt * BK + gl.arange(0, BK, layout=gl.SliceLayout(0, L))
-            x = gl.load(X + m[:, None] * stride_x + c[None, :], mask=rows, other=0.0)
-            if HAS_D:
-                if PARTS > 1:
-                    part_sum = gl.zeros([BM, BK], gl.float32, L)
-                    for p in gl.static_range(PARTS):
-                        part_sum += gl.load(D + p * stride_part + m[:, None] * stride_d + c[None, :], mask=rows,
-                                            other=0.0)
-                    d = part_sum.to(dt)
-                else:
-                    d = gl.load(D + m[:, None] * stride_d + c[None, :], mask=rows, other=0.0)
-                if HAS_DB:  # the reference adds the bias to the projection first, then the sum to the residual
-                    d = (d.to(gl.float32) + gl.load(DB + c).to(gl.float32)[None, :]).to(dt)
-                x = (x.to(gl.float32) + d.to(gl.float32)).to(dt)
-                gl.store(H + m[:, None] * stride_h + c[None, :], x, mask=rows & write_h)
-            x_all.index(kt).store(x)
-            xf = x.to(gl.float32)
-            s1 += gl.sum(xf * xf, axis=1) if RMS else gl.sum(xf, axis=1)
-        gl.thread_barrier()
-        mean = s1 / K
-        var = mean
-        if not RMS:
-            s2 = gl.zeros([BM], gl.float32, gl.SliceLayout(1, L))
-            for kt in range(K // BK):  # not unrolled: one tile's loads in registers at a time
-                xc = x_all.index(kt).load(L).to(gl.float32) - mean[:, None]
-                s2 += gl.sum(xc * xc, axis=1)
-            var = s2 / K
-        rstd = gl.rsqrt(var + eps)
-        for kt in range(K // BK):  # not unrolled: one tile's loads in registers at a time
-            c = kt * BK + gl.arange(0, BK, layout=gl.SliceLayout(0, L))
-            xf = x_all.index(kt).load(L).to(gl.float32)
-            w = gl.load(NORM_W + c).to(gl.float32)[None, :]
-            if RMS:  # cast before the weight, as Llama does
-                y = ((xf * rstd[:, None]).to(dt).to(gl.float32) * w).to(dt)
-            else:
-                y = (xf - mean[:, None]) * rstd[:, None] * w
-                if HAS_NB:
-                    y = y + gl.load(NORM_B + c).to(gl.float32)[None, :]
-                y = y.to(dt)
-            x_all.index(kt).store(y)
-        # The MMAs read x_all through the async proxy: every thread's writes fenced, then all threads met.
-        fence_async_shared()
-        gl.thread_barrier()
-
-    @gluon.jit
-    def _norm_tma_kernel(w_desc, X, D, DB, NORM_W, NORM_B, H, B, Y, M, N, stride_x, stride_d, stride_part, stride_h,
-                         stride_ym, GATE_OFF, eps, K: gl.constexpr, BM: gl.constexpr, X_LAYOUT: gl.constexpr,
-                         PARTS: gl.constexpr, HAS_D: gl.constexpr, HAS_DB: gl.constexpr, HAS_NB: gl.constexpr,
-                         RMS: gl.constexpr, HAS_BIAS: gl.constexpr, ACT: gl.constexpr, STAGES: gl.constexpr,
-                         PDL: gl.constexpr, EARLY: gl.constexpr, num_warps: gl.constexpr):
-        # fused.add_norm then the matmul of its output, in one kernel: every program normalises the few rows
-        # itself while the first weight tiles stream in (program 0 also stores the new residual h).
-        BN: gl.constexpr = w_desc.block_type.shape[0]
-        BK: gl.constexpr = w_desc.block_type.shape[1]
-        NW: gl.constexpr = 2 if ACT == 2 else 1
-        STAGE_BYTES: gl.constexpr = NW * w_desc.block_type.nbytes
-        n0 = gl.program_id(0) * BN
-        n_k = K // BK
-        w_smem = gl.allocate_shared_memory(w_desc.dtype, [STAGES * NW, BN, BK], w_desc.layout)
-        x_all = gl.allocate_shared_memory(w_desc.dtype, [K // BK, BM, BK], X_LAYOUT)
-        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        _start(w_desc, w_smem, bars, n0, 0, n_k, GATE_OFF, NW, STAGES, STAGE_BYTES, PDL, EARLY)
-        _normalise_into(x_all, X, D, DB, NORM_W, NORM_B, H, M, stride_x, stride_d, stride_part, stride_h, eps,
-                        gl.program_id(0) == 0, K, BM, BK, PARTS, HAS_D, HAS_DB, HAS_NB, RMS, num_warps)
-        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                      instr_shape=[16, BM, 16])
-        acc, acc2 = _mma_loop(w_desc, w_desc, w_smem, x_all, bars, n0, 0, n_k, GATE_OFF, mma, NW, STAGES,
-                              STAGE_BYTES, False)
-        if PDL == 2:
-            _gdc_launch_dependents()
-        _store(acc, acc2, B, Y, M, N, n0, stride_ym, mma, HAS_BIAS, ACT, 1)
-
 
 def _gl_dtype(dtype: torch.dtype):
     return gl.float16 if dtype == torch.float16 else gl.bfloat16
@@ -329,39 +230,3 @@ def launch(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ou
         EARLY=bool(early and pdl.get("PDL") and os.environ.get("DEJAVU_TMA_EARLY", "1") != "0"), num_warps=warps,
         **pdl)
 
-
-def norm_stages(m: int, k: int, act: int, config: tuple) -> int:
-    """Weight stages that fit beside all of x's K tiles (the folded add+norm keeps x in shared memory); 0 if
-    fewer than two do."""
-    block_n, block_k, stages, _ = config
-    x_bytes = max(8, 1 << (m - 1).bit_length()) * k * 2
-    stage = (2 if act == 2 else 1) * block_n * block_k * 2
-    fit = min(stages, k // block_k, (SMEM_BYTES - x_bytes) // stage)
-    return fit if fit >= 2 else 0
-
-
-def launch_norm(x2: torch.Tensor, delta: torch.Tensor | None, delta_bias: torch.Tensor | None, norm,
-                weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, h: torch.Tensor, n_out: int,
-                act: int, config: tuple, stages: int, pdl: dict, early: bool) -> None:
-    """``fused.add_norm(x2, delta, delta_bias, norm)`` and ``launch`` on its output in one kernel: ``out`` =
-    norm(h) @ weight.T (+ bias, act), and ``h`` = x2 + (delta + delta_bias) stored by program 0. ``delta``:
-    None, [m, k] in x2's dtype, or [parts, m, k] fp32 split-K partials. ``stages`` from ``norm_stages``."""
-    block_n, block_k, _, warps = config
-    m, k = x2.shape
-    block_m = max(8, 1 << (m - 1).bit_length())
-    dt = _gl_dtype(x2.dtype)
-    w_desc = TensorDescriptor.from_tensor(weight, [block_n, block_k],
-                                          gl.NVMMASharedLayout.get_default_for([block_n, block_k], dt))
-    parts = delta.shape[0] if delta is not None and delta.dim() == 3 else 1
-    d = delta if delta is not None else x2
-    rms = not hasattr(norm, "normalized_shape")
-    norm_bias = None if rms else norm.bias
-    _norm_tma_kernel[(-(-n_out // block_n), 1)](
-        w_desc, x2, d, delta_bias if delta_bias is not None else x2, norm.weight,
-        norm_bias if norm_bias is not None else norm.weight, h, bias if bias is not None else weight, out, m, n_out,
-        x2.stride(0), d.stride(-2), d.stride(0) if parts > 1 else 0, h.stride(0), out.stride(0),
-        n_out if act == 2 else 0, norm.eps, K=k, BM=block_m,
-        X_LAYOUT=gl.NVMMASharedLayout.get_default_for([block_m, block_k], dt), PARTS=parts, HAS_D=delta is not None,
-        HAS_DB=delta_bias is not None, HAS_NB=norm_bias is not None, RMS=rms, HAS_BIAS=bias is not None, ACT=act,
-        STAGES=stages, EARLY=bool(early and pdl.get("PDL") and os.environ.get("DEJAVU_TMA_EARLY", "1") != "0"),
-        num_warps=warps, **pdl)
