@@ -94,6 +94,14 @@ if HAVE_GLUON:
             tma.async_copy_global_to_shared(w_desc, [n0 + GATE_OFF, k], bar, w_smem.index(stage * NW + 1), pred=pred)
 
     @gluon.jit
+    def _first_weights(w_desc, w_smem, bars, n0, k_lo, n_k, GATE_OFF, NW: gl.constexpr, STAGES: gl.constexpr,
+                       STAGE_BYTES: gl.constexpr):
+        for s in gl.static_range(STAGES):
+            mbarrier.expect(bars.index(s), STAGE_BYTES, pred=s < n_k)
+            _load_weight(w_desc, bars.index(s), w_smem, s, n0, k_lo + s * w_desc.block_type.shape[1], GATE_OFF, NW,
+                         s < n_k)
+
+    @gluon.jit
     def _start(w_desc, w_smem, bars, n0, k_lo, n_k, GATE_OFF, NW: gl.constexpr, STAGES: gl.constexpr,
                STAGE_BYTES: gl.constexpr, PDL: gl.constexpr, EARLY: gl.constexpr):
         """Barriers set up, the weight halves of the first stages in flight (before the PDL wait when
@@ -101,19 +109,13 @@ if HAVE_GLUON:
         for s in gl.static_range(STAGES):
             mbarrier.init(bars.index(s), count=1)
         if EARLY:
-            for s in gl.static_range(STAGES):
-                mbarrier.expect(bars.index(s), STAGE_BYTES, pred=s < n_k)
-                _load_weight(w_desc, bars.index(s), w_smem, s, n0, k_lo + s * w_desc.block_type.shape[1], GATE_OFF,
-                             NW, s < n_k)
+            _first_weights(w_desc, w_smem, bars, n0, k_lo, n_k, GATE_OFF, NW, STAGES, STAGE_BYTES)
         if PDL:
             _gdc_wait()
             if PDL == 1:
                 _gdc_launch_dependents()
         if not EARLY:
-            for s in gl.static_range(STAGES):
-                mbarrier.expect(bars.index(s), STAGE_BYTES, pred=s < n_k)
-                _load_weight(w_desc, bars.index(s), w_smem, s, n0, k_lo + s * w_desc.block_type.shape[1], GATE_OFF,
-                             NW, s < n_k)
+            _first_weights(w_desc, w_smem, bars, n0, k_lo, n_k, GATE_OFF, NW, STAGES, STAGE_BYTES)
 
     @gluon.jit
     def _mma_loop(w_desc, x_desc, w_smem, x_smem, bars, n0, k_lo, n_k, GATE_OFF, mma: gl.constexpr,
@@ -189,7 +191,7 @@ if HAVE_GLUON:
         x_smem = gl.allocate_shared_memory(x_desc.dtype, [STAGES, BM, BK], x_desc.layout)
         bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         _start(w_desc, w_smem, bars, n0, k_lo, n_k, GATE_OFF, NW, STAGES, STAGE_BYTES, PDL, EARLY)
-        for s in gl.static_range(STAGES):  # x's halves of the first stages: written by the kernel before
+        for s in gl.static_range(STAGES):  # x's halves of the first stages: x is the kernel before's output
             tma.async_copy_global_to_shared(x_desc, [0, k_lo + s * BK], bars.index(s), x_smem.index(s), pred=s < n_k)
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                       instr_shape=[16, BM, 16])
@@ -198,6 +200,7 @@ if HAVE_GLUON:
         if PDL == 2:  # let the next kernel launch only once the weights are streamed
             _gdc_launch_dependents()
         _store(acc, acc2, B, Y, M, N, n0, stride_ym, mma, HAS_BIAS, ACT, SPLIT)
+
 
 def _gl_dtype(dtype: torch.dtype):
     return gl.float16 if dtype == torch.float16 else gl.bfloat16
