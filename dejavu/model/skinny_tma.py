@@ -59,6 +59,12 @@ def tile(m: int) -> tuple[int, int, int, int]:
     return block_n, block_k, stages, block_n // 16
 
 
+def splits(tuned: int) -> int:
+    """K slices of a split-K projection: the split table's (tuned for the Triton kernel), or
+    ``DEJAVU_TMA_SPLITS`` (a probe of other counts; bench/generate.py --variants)."""
+    return int(os.environ.get("DEJAVU_TMA_SPLITS") or tuned)
+
+
 def _readable(t: torch.Tensor) -> bool:
     """TMA's rules: unit stride along the row, 16-byte aligned rows and base."""
     return t.stride(-1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
