@@ -700,6 +700,36 @@ def test_cuda_split_qkv_decode_step_matches_whole(family, monkeypatch):
 
 
 @cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_attention_reading_the_cache_by_tma_matches_loads(dtype, monkeypatch):
+    """Decode attention with the new token folded in, the cache read by TMA (DEJAVU_ATTN_TMA=1), against
+    the same kernel's pointer loads: the same output and cache, with NaN at and past every slot's position
+    (TMA reads whole tiles there; nothing of them may reach the output), one or many splits."""
+    from dejavu.model import fused
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs sm_90+")
+    for (b, H, KV, hd, S), config in [((1, 32, 8, 64, 576), None), ((8, 32, 32, 64, 576), None),
+                                      ((32, 32, 8, 64, 576), None), ((3, 8, 2, 64, 200), (64, 2, 4, 3)),
+                                      ((4, 8, 8, 128, 300), None)]:
+        qkv = torch.randn(b, 1, (H + 2 * KV) * hd, dtype=dtype, device="cuda")
+        pos = torch.randint(0, S, (b, 1), device="cuda")
+        pos[0], pos[-1] = S - 1, 0
+        cache = torch.randn(2, b, KV, S, hd, dtype=dtype, device="cuda")
+        for i, p in enumerate(pos.view(-1).tolist()):
+            cache[:, i, :, p:] = float("nan")
+        out = {}
+        for tma in ("0", "1"):
+            monkeypatch.setenv("DEJAVU_ATTN_TMA", tma)
+            c = cache.clone()
+            out[tma] = (fused.decode_attention_new(qkv, pos, None, None, c, H, hd, config=config), c)
+        assert fused._kv_descriptors(cache[0], cache[1], 64, hd) is not None
+        assert not out["1"][0].isnan().any(), (b, H, KV, hd, S)
+        assert _rel(out["1"][0], out["0"][0]) < 1e-3, (b, H, KV, hd, S)
+        assert torch.equal(out["1"][1].nan_to_num(), out["0"][1].nan_to_num())
+
+
+@cuda
 def test_cuda_matmul_timestamps_are_ordered_and_change_nothing():
     """``skinny_mm(stamps=)`` / ``skinny_mm_split(stamps=)`` (bench/decode_chain.py --parts timeline): every
     program stores start <= wait returned <= end and its SM, and the result is the plain call's."""

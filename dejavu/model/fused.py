@@ -237,12 +237,14 @@ if HAVE_TRITON:
                             HEAD_DIM: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
                             SPLIT_LEN: tl.constexpr, NUM_SPLITS: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr = 0,
                             NEW: tl.constexpr = False, ROPE: tl.constexpr = False,
-                            QKV_BIAS=None, stride_part=0, PARTS: tl.constexpr = 1, HAS_QKV_BIAS: tl.constexpr = False):
+                            QKV_BIAS=None, stride_part=0, PARTS: tl.constexpr = 1, HAS_QKV_BIAS: tl.constexpr = False,
+                            K_DESC=None, V_DESC=None, KV_TMA: tl.constexpr = False):
         # NEW: Q is the fused projection's row [H q | KV k | KV v heads] of this step's token, not yet in
         # the cache: q (and k) are rotated here, the new key and value are attended from registers, and
         # the split that holds the token's position stores them into the cache (rope_write folded in).
         # PARTS > 1: Q holds that projection's split-K fp32 partials [PARTS, b, row], summed here with
-        # QKV_BIAS (the projection's bias) as they are read.
+        # QKV_BIAS (the projection's bias) as they are read. KV_TMA: the cached keys and values come by TMA
+        # through K_DESC / V_DESC, [b * KV * S, D] views of K and V (rows past the slot's end are masked).
         if PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -286,17 +288,25 @@ if HAVE_TRITON:
         m_i = tl.zeros([BLOCK_G], dtype=tl.float32) - float("inf")
         l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
         acc = tl.zeros([BLOCK_G, D], dtype=tl.float32)
+        k_row = ((b * stride_kb + kvh * stride_kh) // stride_ks).to(tl.int32)  # KV_TMA: this head's first row
+        v_row = ((b * stride_vb + kvh * stride_vh) // stride_vs).to(tl.int32)
         for n0 in range(start, cached_end, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
             nm = n < cached_end
-            k = tl.load(k_base + n[:, None] * stride_ks + d[None, :], mask=nm[:, None] & dm[None, :], other=0.0)
+            if KV_TMA:
+                k = K_DESC.load([k_row + n0, 0])
+            else:
+                k = tl.load(k_base + n[:, None] * stride_ks + d[None, :], mask=nm[:, None] & dm[None, :], other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
             s = tl.where(nm[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_base + n[:, None] * stride_vs + d[None, :], mask=nm[:, None] & dm[None, :], other=0.0)
+            if KV_TMA:  # rows past the end belong to later positions or heads (may hold NaN): zeroed
+                v = tl.where(nm[:, None], V_DESC.load([v_row + n0, 0]), 0.0)
+            else:
+                v = tl.load(v_base + n[:, None] * stride_vs + d[None, :], mask=nm[:, None] & dm[None, :], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
             m_i = m_new
         if NEW:
@@ -561,6 +571,25 @@ def decode_attention_new(qkv: "torch.Tensor | SplitSum", positions: torch.Tensor
                              positions, scale, config, new=(cos, sin), split=split)
 
 
+def _kv_descriptors(keys: torch.Tensor, values: torch.Tensor, block_n: int, d_pad: int) -> tuple | None:
+    """TMA descriptors of the cached keys and values as [b * KV * S, d] rows, for decode attention to read
+    them by TMA (``DEJAVU_ATTN_TMA=1``, Hopper, head_dim a power of two of 16+), or None."""
+    if os.environ.get("DEJAVU_ATTN_TMA", "0") != "1" or _INTERPRET or not keys.is_cuda:
+        return None
+    if torch.cuda.get_device_capability(keys.device)[0] < 9 or keys.shape[-1] != d_pad:
+        return None
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    descs = []
+    for t in (keys, values):
+        rows = t.numel() // d_pad
+        if t.stride(2) != d_pad or t.stride(1) != t.shape[2] * d_pad or t.stride(0) != t.shape[1] * t.stride(1) \
+                or t.data_ptr() % 16:
+            return None
+        descs.append(TensorDescriptor(t, [rows, d_pad], [d_pad, 1], [block_n, d_pad]))
+    return tuple(descs)
+
+
 def _decode_attention(q, stride_qb: int, stride_qh: int, heads: int, head_dim: int, keys, values, positions,
                       scale, config, new: tuple | None = None, split: tuple | None = None) -> torch.Tensor:
     b = q.shape[0]
@@ -583,6 +612,7 @@ def _decode_attention(q, stride_qb: int, stride_qh: int, heads: int, head_dim: i
         mx = lx = acc = out
     cos, sin = new if new is not None else (None, None)
     parts, qkv_bias = split if split is not None else (None, None)
+    descs = _kv_descriptors(keys, values, block_n, d_pad)
     _decode_attn_kernel[(b * kv_heads, num_splits)](
         q, keys, values, pos, out, mx, lx, acc,
         stride_qb, stride_qh, keys.stride(0), keys.stride(1), keys.stride(2),
@@ -593,7 +623,9 @@ def _decode_attention(q, stride_qb: int, stride_qh: int, heads: int, head_dim: i
         PREC="ieee" if dtype == torch.float32 else "tf32",  # fp32 stays fp32 (no TF32)
         NEW=new is not None, ROPE=cos is not None,
         QKV_BIAS=qkv_bias if qkv_bias is not None else q, stride_part=parts.stride(0) if parts is not None else 0,
-        PARTS=parts.shape[0] if parts is not None else 1, HAS_QKV_BIAS=qkv_bias is not None, **_pdl(q))
+        PARTS=parts.shape[0] if parts is not None else 1, HAS_QKV_BIAS=qkv_bias is not None,
+        K_DESC=descs[0] if descs else keys, V_DESC=descs[1] if descs else values, KV_TMA=descs is not None,
+        **_pdl(q))
     if num_splits > 1:
         _decode_reduce_kernel[(b * heads,)](
             mx, lx, acc, out, out.stride(0), out.stride(1), H=heads, HEAD_DIM=head_dim, D=d_pad,
