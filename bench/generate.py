@@ -316,8 +316,7 @@ def run_shape(shape: str, args, device: torch.device, bw: float, results: list) 
 _OFF = {"DEJAVU_TRITON": "0", "DEJAVU_SKINNY": "0", "DEJAVU_PDL": "0",
         "DEJAVU_SKINNY_ALL": "0", "DEJAVU_SPLITK": "0", "DEJAVU_ATTN_WRITE": "0", "DEJAVU_PDL_EARLY": "",
         "DEJAVU_TUNING": os.environ.get("DEJAVU_TUNING", "auto"), "DEJAVU_MATMUL": "triton", "DEJAVU_TMA_EARLY": "1",
-        "DEJAVU_TMA_TILE": "", "DEJAVU_TMA_SPLITS": "", "DEJAVU_QKV_SPLITS": "1",
-        "DEJAVU_ATTN_TMA": "0"}
+        "DEJAVU_TMA_TILE": "", "DEJAVU_TMA_SPLITS": ""}
 _SKINNY = {**_OFF, "DEJAVU_TRITON": "1", "DEJAVU_SKINNY": "1"}
 _SPLIT = {**_SKINNY, "DEJAVU_SPLITK": "1"}
 _WRITE = {**_SPLIT, "DEJAVU_ATTN_WRITE": "1"}
@@ -345,22 +344,13 @@ VARIANTS = [
 # for every row count.
 _TRITON = VARIANTS[11][1]
 VARIANTS += [
-    ("TMA matmuls, first weight tiles before the wait", {**_TRITON, "DEJAVU_MATMUL": "tma"}, True, True),
+    ("TMA matmuls, first weight tiles before the wait (default)", {**_TRITON, "DEJAVU_MATMUL": "tma"}, True, True),
     ("TMA matmuls, weights after the wait", {**_TRITON, "DEJAVU_MATMUL": "tma", "DEJAVU_TMA_EARLY": "0"}, True, True),
     *((f"TMA matmuls {t.replace(',', 'x', 1).replace(',', ' x')} at every batch",
        {**_TRITON, "DEJAVU_MATMUL": "tma", "DEJAVU_TMA_TILE": t}, True, True)
       for t in ("64,128,8", "64,128,6", "64,256,4")),
     *((f"TMA matmuls, split-K projections in {k} slices", {**_TRITON, "DEJAVU_MATMUL": "tma", "DEJAVU_TMA_SPLITS": k},
        True, True) for k in ("2", "8")),
-]
-# The QKV projection split along K, its partials summed by decode attention (fused.qkv_split_config): enough
-# slices to cover the SMs (the default), and fixed counts.
-_TMA = VARIANTS[13][1]
-VARIANTS += [
-    ("TMA matmuls, QKV split until it covers the SMs (default)", {**_TMA, "DEJAVU_QKV_SPLITS": "auto"}, True, True),
-    *((f"TMA matmuls, QKV split in {k}", {**_TMA, "DEJAVU_QKV_SPLITS": k}, True, True) for k in ("2", "4")),
-    ("TMA matmuls, QKV split, attention reads the cache by TMA", {**_TMA, "DEJAVU_QKV_SPLITS": "auto",
-                                                                  "DEJAVU_ATTN_TMA": "1"}, True, True),
 ]
 
 

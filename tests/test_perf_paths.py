@@ -255,62 +255,6 @@ def test_matmuls_publish_their_progress_in_interpreter():
     _run_in_interpreter(_PUBLISH_SCRIPT.format(root=str(ROOT)))
 
 
-_QKV_SPLIT_SCRIPT = textwrap.dedent("""
-    sys.path[:0] = [{root!r}, {tests!r}]
-    import torch
-    import tiny_models as tm
-    from dejavu.engine import build_stages
-    from dejavu.model import fused
-    from dejavu.model.config import ModelConfig
-    from dejavu.model.weights import HFCheckpoint
-
-    # The split QKV's partial sums, added up by decode attention, against the whole projection.
-    torch.manual_seed(0)
-    b, H, KV, hd, S = 3, 4, 2, 16, 40
-    pos = torch.tensor([17, 0, 39])
-    for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
-        parts = torch.randn(3, b, (H + 2 * KV) * hd)
-        bias = torch.randn((H + 2 * KV) * hd, dtype=dtype)
-        whole = (parts[0] + parts[1] + parts[2] + bias.float()).to(dtype).view(b, 1, -1)
-        split = fused.SplitSum(parts, whole.shape, dtype)
-        cache = torch.randn(2, b, KV, S, hd, dtype=dtype)
-        caches = [cache.clone(), cache.clone()]
-        want = fused.decode_attention_new(whole, pos, None, None, caches[0], H, hd)
-        got = fused.decode_attention_new(split, pos, None, None, caches[1], H, hd, bias=bias)
-        assert got.dtype == dtype and (got.float() - want.float()).abs().max() < tol, (dtype, (got - want).abs().max())
-        assert (caches[1].float() - caches[0].float()).abs().max() < tol, dtype
-
-    # A decode step of fp16 stages (Llama with qkv bias and RoPE, OPT with bias) with the QKV split in 2 and
-    # 4 gives the unsplit step's logits and cache, and the split path ran.
-    calls = []
-    split_mm = fused.skinny_mm_split
-    fused.skinny_mm_split = lambda *a, **k: calls.append(k.get("kind")) or split_mm(*a, **k)
-    for name in ("llama", "opt"):
-        folder = getattr(tm, name)(sys.argv[1] + "/" + name, layers=2)
-        stage = build_stages(ModelConfig.from_folder(folder), HFCheckpoint(folder), 1, dtype="fp16")[0]
-        tokens = torch.randint(3, 90, (b, 6))
-        out = {{}}
-        for splits in ("1", "2", "4"):
-            os.environ["DEJAVU_QKV_SPLITS"] = splits
-            cache = stage.new_cache(b, 16)
-            stage(tokens[:, :5], torch.arange(5).expand(b, 5), cache, torch.full((b,), 4))
-            out[splits] = (stage(tokens[:, 5:], torch.full((b, 1), 5), cache, torch.zeros(b, dtype=torch.long)).float(),
-                           cache.data.float())
-        for splits in ("2", "4"):
-            assert (out[splits][0] - out["1"][0]).abs().max() < 2e-2, (name, splits)
-            assert (out[splits][1] - out["1"][1]).abs().max() < 2e-2, (name, splits)
-    assert calls.count("qkv") == 2 * 2 * 2, calls  # 2 models x 2 split counts x 2 layers
-    print("ok")
-""")
-
-
-def test_decode_attention_sums_split_qkv_partials_in_interpreter(tmp_path):
-    """Decode attention reading the QKV projection as split-K fp32 partials plus bias (fp32 and fp16
-    caches) gives the output and cache of the whole projection's; fp16 decode steps of Llama and OPT with
-    the QKV split in 2 and 4 give the unsplit step's logits and cache."""
-    _run_in_interpreter(_QKV_SPLIT_SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests")), str(tmp_path))
-
-
 # ---- on a GPU (skipped in CI) -----------------------------------------------------------------------
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -667,66 +611,6 @@ def test_cuda_tma_decode_step_matches_triton_matmuls(family, monkeypatch):
     for got in (logits["tma"], logits["tmag"][0]):
         assert _rel(got, logits["triton"]) < 1e-2
         assert torch.equal(got.argmax(-1), logits["triton"].argmax(-1))
-
-
-@cuda
-@pytest.mark.parametrize("family", ["llama", "opt"])
-def test_cuda_split_qkv_decode_step_matches_whole(family, monkeypatch):
-    """The decode step with the QKV projection split until its programs cover the SMs (the default) and in
-    2, eager and as a graph replayed three times, gives the unsplit step's logits (rounding aside) and
-    greedy tokens; replays are bitwise equal."""
-    from dejavu.model import fused
-
-    stage, cache, x, pos, index = _wide_stage_after_prefill(family)
-    monkeypatch.setenv("DEJAVU_SKINNY_ALL", "1")
-    xs = torch.zeros(4, 1, 2048, dtype=torch.float16, device="cuda")
-    monkeypatch.setenv("DEJAVU_QKV_SPLITS", "auto")
-    splits, block_n = fused.qkv_split_config(xs, stage.layers[0].attn.qkv.weight)[:2]
-    rows = stage.layers[0].attn.qkv.weight.shape[0]
-    tile = fused._tma(xs.view(4, 2048), stage.layers[0].attn.qkv.weight, 2048, (None,))
-    assert -(-rows // (tile or (block_n,))[0]) * splits >= fused._sm_count(xs.device), (splits, rows)
-    logits = {}
-    for splits in ("1", "auto", "2"):
-        monkeypatch.setenv("DEJAVU_QKV_SPLITS", splits)
-        logits[splits] = stage(x, pos, cache, index).float()
-        graph = stage.capture_decode(cache)
-        logits[splits + "g"] = [graph(x, pos.cuda()).float().clone() for _ in range(3)]
-    for splits in ("1", "auto", "2"):
-        runs = logits[splits + "g"]
-        assert all(torch.equal(run, runs[0]) for run in runs), splits
-    for got in (logits["auto"], logits["autog"][0], logits["2"], logits["2g"][0]):
-        assert _rel(got, logits["1"]) < 1e-2
-        assert torch.equal(got.argmax(-1), logits["1"].argmax(-1))
-
-
-@cuda
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cuda_attention_reading_the_cache_by_tma_matches_loads(dtype, monkeypatch):
-    """Decode attention with the new token folded in, the cache read by TMA (DEJAVU_ATTN_TMA=1), against
-    the same kernel's pointer loads: the same output and cache, with NaN at and past every slot's position
-    (TMA reads whole tiles there; nothing of them may reach the output), one or many splits."""
-    from dejavu.model import fused
-
-    if torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("TMA needs sm_90+")
-    for (b, H, KV, hd, S), config in [((1, 32, 8, 64, 576), None), ((8, 32, 32, 64, 576), None),
-                                      ((32, 32, 8, 64, 576), None), ((3, 8, 2, 64, 200), (64, 2, 4, 3)),
-                                      ((4, 8, 8, 128, 300), None)]:
-        qkv = torch.randn(b, 1, (H + 2 * KV) * hd, dtype=dtype, device="cuda")
-        pos = torch.randint(0, S, (b, 1), device="cuda")
-        pos[0], pos[-1] = S - 1, 0
-        cache = torch.randn(2, b, KV, S, hd, dtype=dtype, device="cuda")
-        for i, p in enumerate(pos.view(-1).tolist()):
-            cache[:, i, :, p:] = float("nan")
-        out = {}
-        for tma in ("0", "1"):
-            monkeypatch.setenv("DEJAVU_ATTN_TMA", tma)
-            c = cache.clone()
-            out[tma] = (fused.decode_attention_new(qkv, pos, None, None, c, H, hd, config=config), c)
-        assert fused._kv_descriptors(cache[0], cache[1], 64, hd) is not None
-        assert not out["1"][0].isnan().any(), (b, H, KV, hd, S)
-        assert _rel(out["1"][0], out["0"][0]) < 1e-3, (b, H, KV, hd, S)
-        assert torch.equal(out["1"][1].nan_to_num(), out["0"][1].nan_to_num())
 
 
 @cuda

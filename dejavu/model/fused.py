@@ -200,28 +200,13 @@ if HAVE_TRITON:
         tl.store(cache_k + s_kv + vh[:, None] * s_head + d[None, :], v, mask=vm)
 
     @triton.jit
-    def _qkv_load(ROW, cols, mask, BIAS, stride_part, PARTS: tl.constexpr, HAS_BIAS: tl.constexpr, DTYPE: tl.constexpr):
-        # The fused QKV projection's values at ``cols`` of one slot's row: its output, or (PARTS > 1) its
-        # split-K partials summed in a fixed order plus the bias, rounded as the matmul's epilogue rounds.
-        x = tl.load(ROW + cols, mask=mask, other=0.0)
-        if PARTS > 1:
-            for p in tl.static_range(1, PARTS):
-                x += tl.load(ROW + p * stride_part + cols, mask=mask, other=0.0)
-            if HAS_BIAS:
-                x += tl.load(BIAS + cols, mask=mask, other=0.0).to(tl.float32)
-            x = x.to(DTYPE)
-        return x
-
-    @triton.jit
-    def _rope_row(ROW, cols0, d, c, s, ROPE: tl.constexpr, HEAD_DIM: tl.constexpr, other_mask,
-                  BIAS, stride_part, PARTS: tl.constexpr, HAS_BIAS: tl.constexpr, DTYPE: tl.constexpr):
-        # Head vectors of the QKV row (their first columns ``cols0`` [rows, 1]), rotated as rope_write
-        # rotates them.
-        x = _qkv_load(ROW, cols0 + d[None, :], other_mask, BIAS, stride_part, PARTS, HAS_BIAS, DTYPE)
+    def _rope_row(X, d, dm, c, s, ROPE: tl.constexpr, HEAD_DIM: tl.constexpr, other_mask):
+        # Rows of head vectors at X (pointer block [rows, D]), rotated as rope_write rotates them.
+        x = tl.load(X + d[None, :], mask=other_mask, other=0.0)
         if ROPE:
             half = HEAD_DIM // 2
             partner = tl.where(d < half, d + half, d - half)
-            o = _qkv_load(ROW, cols0 + partner[None, :], other_mask, BIAS, stride_part, PARTS, HAS_BIAS, DTYPE)
+            o = tl.load(X + partner[None, :], mask=other_mask, other=0.0)
             rot = tl.where((d < half)[None, :], -o.to(tl.float32), o.to(tl.float32))
             a = (x.to(tl.float32) * c[None, :]).to(x.dtype).to(tl.float32)
             b = (rot * s[None, :]).to(x.dtype).to(tl.float32)
@@ -236,15 +221,10 @@ if HAVE_TRITON:
                             H: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
                             HEAD_DIM: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
                             SPLIT_LEN: tl.constexpr, NUM_SPLITS: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr = 0,
-                            NEW: tl.constexpr = False, ROPE: tl.constexpr = False,
-                            QKV_BIAS=None, stride_part=0, PARTS: tl.constexpr = 1, HAS_QKV_BIAS: tl.constexpr = False,
-                            K_DESC=None, V_DESC=None, KV_TMA: tl.constexpr = False):
+                            NEW: tl.constexpr = False, ROPE: tl.constexpr = False):
         # NEW: Q is the fused projection's row [H q | KV k | KV v heads] of this step's token, not yet in
         # the cache: q (and k) are rotated here, the new key and value are attended from registers, and
         # the split that holds the token's position stores them into the cache (rope_write folded in).
-        # PARTS > 1: Q holds that projection's split-K fp32 partials [PARTS, b, row], summed here with
-        # QKV_BIAS (the projection's bias) as they are read. KV_TMA: the cached keys and values come by TMA
-        # through K_DESC / V_DESC, [b * KV * S, D] views of K and V (rows past the slot's end are masked).
         if PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -266,20 +246,16 @@ if HAVE_TRITON:
         v_base = V + b * stride_vb + kvh * stride_vh
         if NEW:
             if ROPE:
-                c = tl.load(COS + pos * HEAD_DIM + d, mask=dm, other=0.0).to(K.dtype.element_ty).to(tl.float32)
-                sn = tl.load(SIN + pos * HEAD_DIM + d, mask=dm, other=0.0).to(K.dtype.element_ty).to(tl.float32)
+                c = tl.load(COS + pos * HEAD_DIM + d, mask=dm, other=0.0).to(Q.dtype.element_ty).to(tl.float32)
+                sn = tl.load(SIN + pos * HEAD_DIM + d, mask=dm, other=0.0).to(Q.dtype.element_ty).to(tl.float32)
             else:
                 c = tl.zeros([D], dtype=tl.float32)  # unused without RoPE
                 sn = c
             row = Q + b * stride_qb
-            dt: tl.constexpr = K.dtype.element_ty
-            q = _rope_row(row, heads[:, None] * HEAD_DIM, d, c, sn, ROPE, HEAD_DIM, gm[:, None] & dm[None, :],
-                          QKV_BIAS, stride_part, PARTS, HAS_QKV_BIAS, dt)
+            q = _rope_row(row + heads[:, None] * HEAD_DIM, d, dm, c, sn, ROPE, HEAD_DIM, gm[:, None] & dm[None, :])
             one = tl.arange(0, 1)
-            k_new = _rope_row(row, (H + kvh + one[:, None]) * HEAD_DIM, d, c, sn, ROPE, HEAD_DIM, dm[None, :],
-                              QKV_BIAS, stride_part, PARTS, HAS_QKV_BIAS, dt)
-            v_new = _qkv_load(row, (H + KVH + kvh + one[:, None]) * HEAD_DIM + d[None, :], dm[None, :], QKV_BIAS,
-                              stride_part, PARTS, HAS_QKV_BIAS, dt)
+            k_new = _rope_row(row + (H + kvh + one[:, None]) * HEAD_DIM, d, dm, c, sn, ROPE, HEAD_DIM, dm[None, :])
+            v_new = tl.load(row + (H + KVH + kvh + one[:, None]) * HEAD_DIM + d[None, :], mask=dm[None, :], other=0.0)
             cached_end = tl.minimum(end, pos)  # the cache holds positions < pos; pos is k_new / v_new
         else:
             q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
@@ -288,25 +264,17 @@ if HAVE_TRITON:
         m_i = tl.zeros([BLOCK_G], dtype=tl.float32) - float("inf")
         l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
         acc = tl.zeros([BLOCK_G, D], dtype=tl.float32)
-        k_row = ((b * stride_kb + kvh * stride_kh) // stride_ks).to(tl.int32)  # KV_TMA: this head's first row
-        v_row = ((b * stride_vb + kvh * stride_vh) // stride_vs).to(tl.int32)
         for n0 in range(start, cached_end, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
             nm = n < cached_end
-            if KV_TMA:
-                k = K_DESC.load([k_row + n0, 0])
-            else:
-                k = tl.load(k_base + n[:, None] * stride_ks + d[None, :], mask=nm[:, None] & dm[None, :], other=0.0)
+            k = tl.load(k_base + n[:, None] * stride_ks + d[None, :], mask=nm[:, None] & dm[None, :], other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
             s = tl.where(nm[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            if KV_TMA:  # rows past the end belong to later positions or heads (may hold NaN): zeroed
-                v = tl.where(nm[:, None], V_DESC.load([v_row + n0, 0]), 0.0)
-            else:
-                v = tl.load(v_base + n[:, None] * stride_vs + d[None, :], mask=nm[:, None] & dm[None, :], other=0.0)
+            v = tl.load(v_base + n[:, None] * stride_vs + d[None, :], mask=nm[:, None] & dm[None, :], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
             m_i = m_new
         if NEW:
@@ -548,50 +516,22 @@ def attention_writes_cache() -> bool:
     return os.environ.get("DEJAVU_ATTN_WRITE", "1") != "0"
 
 
-def decode_attention_new(qkv: "torch.Tensor | SplitSum", positions: torch.Tensor, cos: torch.Tensor | None,
+def decode_attention_new(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor | None,
                          sin: torch.Tensor | None, cache_layer: torch.Tensor, heads: int, head_dim: int,
-                         scale: float | None = None, config: tuple | None = None,
-                         bias: torch.Tensor | None = None) -> torch.Tensor:
+                         scale: float | None = None, config: tuple | None = None) -> torch.Tensor:
     """``rope_write`` and ``decode_attention`` of one new token per slot, in one kernel: qkv
     [b, 1, (H + 2 KV) * d] is the fused projection's output, rotated here (cos/sin None: no RoPE); its k, v
     are stored into ``cache_layer`` [2, b, KV, S, d] at ``positions`` and attended with keys 0..pos-1
-    read from the cache. ``qkv`` may be that projection's split-K partials (``qkv_split_config``), which
-    the kernel sums with ``bias`` as it reads them. Returns [b, H, d]."""
+    read from the cache. Returns [b, H, d]."""
     b = qkv.shape[0]
-    assert cache_layer.stride(-1) == 1
-    if isinstance(qkv, SplitSum):
-        parts = qkv.parts  # [splits, b, row], contiguous
-        assert parts.is_contiguous() and parts.shape[1] == b
-        row, split = parts[0], (parts, bias)
-    else:
-        assert bias is None, "the projection's output already holds its bias"
-        row, split = qkv.reshape(b, -1), None
-    assert row.stride(1) == 1
+    row = qkv.reshape(b, -1)
+    assert row.stride(1) == 1 and cache_layer.stride(-1) == 1
     return _decode_attention(row, row.stride(0), head_dim, heads, head_dim, cache_layer[0], cache_layer[1],
-                             positions, scale, config, new=(cos, sin), split=split)
-
-
-def _kv_descriptors(keys: torch.Tensor, values: torch.Tensor, block_n: int, d_pad: int) -> tuple | None:
-    """TMA descriptors of the cached keys and values as [b * KV * S, d] rows, for decode attention to read
-    them by TMA (``DEJAVU_ATTN_TMA=1``, Hopper, head_dim a power of two of 16+), or None."""
-    if os.environ.get("DEJAVU_ATTN_TMA", "0") != "1" or _INTERPRET or not keys.is_cuda:
-        return None
-    if torch.cuda.get_device_capability(keys.device)[0] < 9 or keys.shape[-1] != d_pad:
-        return None
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    descs = []
-    for t in (keys, values):
-        rows = t.numel() // d_pad
-        if t.stride(2) != d_pad or t.stride(1) != t.shape[2] * d_pad or t.stride(0) != t.shape[1] * t.stride(1) \
-                or t.data_ptr() % 16:
-            return None
-        descs.append(TensorDescriptor(t, [rows, d_pad], [d_pad, 1], [block_n, d_pad]))
-    return tuple(descs)
+                             positions, scale, config, new=(cos, sin))
 
 
 def _decode_attention(q, stride_qb: int, stride_qh: int, heads: int, head_dim: int, keys, values, positions,
-                      scale, config, new: tuple | None = None, split: tuple | None = None) -> torch.Tensor:
+                      scale, config, new: tuple | None = None) -> torch.Tensor:
     b = q.shape[0]
     kv_heads, max_seq = keys.shape[1], keys.shape[2]
     assert keys.stride(-1) == 1 and values.stride(-1) == 1
@@ -601,8 +541,7 @@ def _decode_attention(q, stride_qb: int, stride_qh: int, heads: int, head_dim: i
     block_n, stages, warps, target = config or tuning().attention.get((b, kv_heads)) or (64, 2, 4, 264)
     block_n = min(block_n, max(16, _pow2(max_seq)))
     num_splits, split_len = _splits(b, kv_heads, max_seq, block_n, target)
-    dtype = keys.dtype  # q may be fp32 split-K partials
-    out = torch.empty(b, heads, head_dim, dtype=dtype, device=q.device)
+    out = torch.empty(b, heads, head_dim, dtype=q.dtype, device=q.device)
     d_pad = _pow2(max(head_dim, 16))
     if num_splits > 1:
         mx = torch.empty(b * heads * num_splits, dtype=torch.float32, device=q.device)
@@ -611,8 +550,6 @@ def _decode_attention(q, stride_qb: int, stride_qh: int, heads: int, head_dim: i
     else:
         mx = lx = acc = out
     cos, sin = new if new is not None else (None, None)
-    parts, qkv_bias = split if split is not None else (None, None)
-    descs = _kv_descriptors(keys, values, block_n, d_pad)
     _decode_attn_kernel[(b * kv_heads, num_splits)](
         q, keys, values, pos, out, mx, lx, acc,
         stride_qb, stride_qh, keys.stride(0), keys.stride(1), keys.stride(2),
@@ -620,12 +557,8 @@ def _decode_attention(q, stride_qb: int, stride_qh: int, heads: int, head_dim: i
         scale * 1.4426950408889634, cos if cos is not None else q, sin if sin is not None else q,
         H=heads, GROUP=group, BLOCK_G=max(16, _pow2(group)), HEAD_DIM=head_dim, D=d_pad, BLOCK_N=block_n,
         SPLIT_LEN=split_len, NUM_SPLITS=num_splits, num_warps=warps, num_stages=stages,
-        PREC="ieee" if dtype == torch.float32 else "tf32",  # fp32 stays fp32 (no TF32)
-        NEW=new is not None, ROPE=cos is not None,
-        QKV_BIAS=qkv_bias if qkv_bias is not None else q, stride_part=parts.stride(0) if parts is not None else 0,
-        PARTS=parts.shape[0] if parts is not None else 1, HAS_QKV_BIAS=qkv_bias is not None,
-        K_DESC=descs[0] if descs else keys, V_DESC=descs[1] if descs else values, KV_TMA=descs is not None,
-        **_pdl(q))
+        PREC="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays fp32 (no TF32)
+        NEW=new is not None, ROPE=cos is not None, **_pdl(q))
     if num_splits > 1:
         _decode_reduce_kernel[(b * heads,)](
             mx, lx, acc, out, out.stride(0), out.stride(1), H=heads, HEAD_DIM=head_dim, D=d_pad,
@@ -741,50 +674,9 @@ def split_config(x: torch.Tensor, weight: torch.Tensor) -> tuple | None:
     return tuning().split.get((bucket(x.numel() // k), n, k))
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def qkv_split_config(x: torch.Tensor, weight: torch.Tensor) -> tuple | None:
-    """The split-K tiling of a decode step's fused QKV projection, whose partial sums decode attention
-    adds up as it reads q, k and v (``decode_attention_new``), or None where it is not split.
-
-    At 64 rows a program (the TMA matmul), Llama-1B's 3072 QKV rows make only 48 programs and OPT-1.3B's
-    6144 make 96 on a 132-SM GPU: most SMs would idle while the few stream. ``DEJAVU_QKV_SPLITS``: "auto"
-    (default) halves K until the programs cover the SMs (at most 8 slices, whole K tiles); a number fixes
-    the slices (1: no split)."""
-    if not skinny_enabled(x) or not attention_writes_cache():
-        return None
-    n, k = weight.shape
-    m = x.numel() // k
-    given = os.environ.get("DEJAVU_QKV_SPLITS", "auto")
-    triton_tile = _skinny_config(m, n, k)
-    tma = _tma(_rows(x), weight, k, (None,))
-    block_n, block_k = (tma or triton_tile)[:2]
-    if given == "auto":
-        splits, sms = 1, _sm_count(x.device)
-        while triton.cdiv(n, block_n) * splits < sms and splits < 8 and (k // (2 * splits)) % block_k == 0:
-            splits *= 2
-    else:
-        splits = int(given)
-        if splits < 1 or k % splits or (k // splits) % 16:
-            raise ValueError(f"DEJAVU_QKV_SPLITS={given}: K = {k} must split into slices of a multiple of 16")
-    if splits == 1:
-        return None
-    k_per = k // splits
-    bn, bk, stages, warps = triton_tile  # the Triton kernel's, for where the TMA one does not apply
-    while k_per % bk:
-        bk //= 2
-    return splits, bn, bk, stages, warps
-
-
 def skinny_mm_split(x: torch.Tensor, weight: torch.Tensor, config: tuple, progress: tuple | None = None,
-                    stamps: torch.Tensor | None = None, static_weight: bool = False,
-                    kind: str = "split") -> SplitSum:
-    """``x @ weight.T`` (no bias, no activation) as split-K partial sums; ``config`` from split_config
-    (``kind`` "split", read by an add+norm) or qkv_split_config (``kind`` "qkv", read by decode
-    attention, which needs its SM slots: its launch waits like a plain matmul's, see ``_pdl``).
+                    stamps: torch.Tensor | None = None, static_weight: bool = False) -> SplitSum:
+    """``x @ weight.T`` (no bias, no activation) as split-K partial sums; ``config`` from split_config.
     ``static_weight`` as in ``skinny_mm``."""
     splits, block_n, block_k, stages, warps = config
     shape = x.shape
@@ -793,12 +685,11 @@ def skinny_mm_split(x: torch.Tensor, weight: torch.Tensor, config: tuple, progre
     m, n = x2.shape[0], weight.shape[0]
     k_per = k // splits
     assert k_per * splits == k and k_per % block_k == 0, (k, config)
-    tma_splits = skinny_tma.splits(splits) if kind == "split" else splits
+    tma_splits = skinny_tma.splits(splits)
     tma = _tma(x2, weight, k // tma_splits, (progress, stamps)) if k % tma_splits == 0 else None
-    pdl = _pdl(x, "split" if kind == "split" else "plain")
     if tma is not None:
         parts = torch.empty(tma_splits, m, n, dtype=torch.float32, device=x.device)
-        skinny_tma.launch(x2, weight, None, parts, n, 0, tma_splits, tma, pdl, static_weight)
+        skinny_tma.launch(x2, weight, None, parts, n, 0, tma_splits, tma, _pdl(x, "split"), static_weight)
         return SplitSum(parts, torch.Size((*shape[:-1], n)), x.dtype)
     parts = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
     probe, probe_value, publish = _probe(progress, stamps, parts)
@@ -806,7 +697,7 @@ def skinny_mm_split(x: torch.Tensor, weight: torch.Tensor, config: tuple, progre
         x2, weight, weight, parts, m, n, k, k_per, x2.stride(0), weight.stride(0), n, 0, probe, probe_value,
         HAS_BIAS=False, ACT=0,
         BLOCK_M=bucket(m), BLOCK_N=block_n, BLOCK_K=block_k, num_stages=stages, num_warps=warps,
-        PREC="tf32", SPLIT=splits, PUBLISH=publish, **pdl)
+        PREC="tf32", SPLIT=splits, PUBLISH=publish, **_pdl(x, "split"))
     return SplitSum(parts, torch.Size((*shape[:-1], n)), x.dtype)
 
 

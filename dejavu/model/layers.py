@@ -167,35 +167,18 @@ class Attention(nn.Module):
         """Attention and output projection, all-reduced; the output bias is left to the caller (so that
         a fused kernel can add it together with the residual). ``deferred``: see ``linear``."""
         b, t, _ = x.shape
-        qkv = self._decode_qkv_split(x) if t == 1 and self.alibi_slopes is None else None
-        if qkv is not None:
-            o = fused.decode_attention_new(qkv, plan.positions, *self._rope_tables(), cache.data[layer], self.heads,
-                                           self.head_dim, bias=self.qkv.bias)
-            return self._project_out(o, b, t, deferred)
         qkv = linear(x, self.qkv)
         if self.alibi_slopes is None and fused.enabled(qkv):
             o = self._attend_fused(qkv, plan, cache, layer)
         else:
             o = self._attend_torch(qkv, plan, cache, layer)
-        return self._project_out(o, b, t, deferred)
-
-    def _project_out(self, o: torch.Tensor, b: int, t: int, deferred: bool):
         o = linear(o.reshape(b, t, self.heads * self.head_dim), self.out, deferred=deferred)
         return self.comm.all_reduce_(o)
 
-    def _decode_qkv_split(self, x: torch.Tensor):
-        """The decode QKV projection as split-K partial sums for decode attention to add up (see
-        ``fused.qkv_split_config``: its rows alone leave most SMs idle), or None where it is not split."""
-        config = fused.qkv_split_config(x, self.qkv.weight)
-        return fused.skinny_mm_split(x, self.qkv.weight, config, static_weight=True, kind="qkv") if config else None
-
-    def _rope_tables(self) -> tuple:
-        rot = self.rotary
-        return (rot.cos, rot.sin) if rot is not None else (None, None)
-
     def _attend_fused(self, qkv: torch.Tensor, plan: StepPlan, cache: KVCache, layer: int) -> torch.Tensor:
         b, t, _ = qkv.shape
-        cos, sin = self._rope_tables()
+        rot = self.rotary
+        cos, sin = (rot.cos, rot.sin) if rot is not None else (None, None)
         if t == 1 and fused.attention_writes_cache():
             # Decode: one kernel rotates q and k, stores k and v, and attends keys 0..pos of each slot.
             return fused.decode_attention_new(qkv, plan.positions, cos, sin, cache.data[layer], self.heads,
