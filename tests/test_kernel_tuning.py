@@ -79,3 +79,24 @@ def test_pdl_early_trigger_is_chosen_per_matmul_kind(monkeypatch):
     assert fused._pdl(t, "split")["PDL"] == 1 and fused._pdl(t, "plain")["PDL"] == 1
     monkeypatch.setattr(fused, "_pdl_mode", lambda: "0")
     assert fused._pdl(t, "split") == {"PDL": 0}
+
+
+def test_tma_matmul_switches_pick_tilings_and_reject_bad_values(monkeypatch):
+    """The TMA matmul's tiling per row count and split-K slices, as DEJAVU_TMA_TILE / DEJAVU_TMA_SPLITS
+    override them; a value it cannot use is refused by name before any kernel runs."""
+    from dejavu.model import skinny_tma
+
+    monkeypatch.delenv("DEJAVU_TMA_TILE", raising=False)
+    monkeypatch.delenv("DEJAVU_TMA_SPLITS", raising=False)
+    assert skinny_tma.tile(1) == (64, 256, 4, 4) and skinny_tma.tile(16) == (64, 256, 4, 4) and skinny_tma.tile(17) == (64, 128, 8, 4)
+    assert skinny_tma.splits(4) == 4
+    monkeypatch.setenv("DEJAVU_TMA_TILE", "128,64,8")
+    assert skinny_tma.tile(1) == (128, 64, 8, 8)  # one warpgroup per 64 rows
+    monkeypatch.setenv("DEJAVU_TMA_SPLITS", "8")
+    assert skinny_tma.splits(4) == 8
+    for name, bad in (("DEJAVU_TMA_TILE", "32,128,4"), ("DEJAVU_TMA_TILE", "64,512,4"),
+                      ("DEJAVU_TMA_SPLITS", "two"), ("DEJAVU_TMA_SPLITS", "0")):
+        monkeypatch.setenv(name, bad)
+        with pytest.raises(ValueError, match=name):
+            skinny_tma.tile(1) if name == "DEJAVU_TMA_TILE" else skinny_tma.splits(4)
+        monkeypatch.delenv(name)

@@ -62,7 +62,12 @@ def tile(m: int) -> tuple[int, int, int, int]:
 def splits(tuned: int) -> int:
     """K slices of a split-K projection: the split table's (tuned for the Triton kernel), or
     ``DEJAVU_TMA_SPLITS`` (a probe of other counts; bench/generate.py --variants)."""
-    return int(os.environ.get("DEJAVU_TMA_SPLITS") or tuned)
+    given = os.environ.get("DEJAVU_TMA_SPLITS", "")
+    if not given:
+        return tuned
+    if not given.isdigit() or int(given) < 1:
+        raise ValueError(f"DEJAVU_TMA_SPLITS={given!r}: give a whole number of K slices, 1 or more (or leave it unset)")
+    return int(given)
 
 
 def _readable(t: torch.Tensor) -> bool:
