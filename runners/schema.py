@@ -80,8 +80,10 @@ class ClusterConf:
     python: str = "python3"  # interpreter on the hosts that creates the venv
     venv: Optional[str] = None  # None: ${remote_dir}/venv
     setup: SetupMode = SetupMode.install
-    system_site_packages: bool = False  # venv sees the interpreter's packages (offline hosts, tests)
-    pip_args: list[str] = field(default_factory=list)  # e.g. [--no-deps, --no-build-isolation]
+    # The venv sees cluster.python's packages and, on the machine dejavu-run runs on, the launching
+    # environment's too (offline hosts, tests); the tree itself always arrives as a wheel built here.
+    system_site_packages: bool = False
+    pip_args: list[str] = field(default_factory=list)  # e.g. [--no-deps] (offline hosts)
     env: dict[str, str] = field(default_factory=dict)  # extra environment for every process
 
 

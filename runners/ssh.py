@@ -1,8 +1,9 @@
 """Processes on the hosts of a host list, over SSH (Fabric): the seed's multi-machine runs.
 
 For every distinct host: check that it answers and has Python, then set up the environment — this
-source tree copied over SFTP into ``<remote_dir>/src/<content hash>/`` and pip-installed into a venv
-(``setup=install``), or only put on PYTHONPATH (``pythonpath``), or an existing venv checked
+source tree copied over SFTP into ``<remote_dir>/src/<content hash>/`` and, as a wheel built once on this
+machine, pip-installed into a venv (``setup=install``: hosts build nothing, so they need neither setuptools
+nor ``wheel``), or only put on PYTHONPATH (``pythonpath``), or an existing venv checked
 (``existing``). Hosts that turn out to be one machine (same /etc/machine-id) are set up once.
 
 Then the controller (on ``runner.controller_host``, default the first host) and one worker per line of
@@ -23,7 +24,10 @@ import logging
 import math
 import os
 import shlex
+import shutil
 import socket
+import subprocess
+import sys
 import tarfile
 import tempfile
 import uuid
@@ -76,6 +80,53 @@ def source_archive() -> tuple[bytes, str]:
     return buf.getvalue(), h.hexdigest()[:16]
 
 
+def build_wheel(archive: bytes, digest: str) -> Path:
+    """The tree (as archived for the hosts) built into a wheel here, once per content hash. Building needs
+    the build backend of pyproject.toml: this environment's when it has it (offline), else pip's isolated
+    build environment from the index. Hosts then only install it."""
+    cache = Path(tempfile.gettempdir()) / f"dejavu-wheel-{digest}"
+    if found := sorted(cache.glob("dejavu-*.whl")):
+        return found[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = Path(tmp) / "src", Path(tmp) / "dist"
+        with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
+            tar.extractall(src, filter="data")
+        errors = []
+        for isolation in (["--no-build-isolation"], []):
+            cmd = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--disable-pip-version-check",
+                   *isolation, "-w", str(out), str(src)]
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            if res.returncode == 0:
+                break
+            errors.append(f"`pip wheel {' '.join(isolation)}`: {(res.stderr or res.stdout).strip()[-400:]}")
+        else:
+            raise LaunchError("cluster.setup=install: cannot build a wheel of this tree on this machine, so there is "
+                              f"nothing to install on the hosts. Install 'setuptools>=70.1' into {sys.prefix} "
+                              "(or give pip an index), or use cluster.setup=pythonpath.\n" + "\n".join(errors))
+        cache.mkdir(parents=True, exist_ok=True)
+        for w in out.glob("dejavu-*.whl"):
+            shutil.copy(w, cache / w.name)
+    return sorted(cache.glob("dejavu-*.whl"))[0]
+
+
+def _local_machine() -> str:
+    try:
+        return Path("/etc/machine-id").read_text().strip() or socket.gethostname()
+    except OSError:
+        return socket.gethostname()
+
+
+def _local_py() -> str:
+    return "%d.%d" % sys.version_info[:2]
+
+
+def _launcher_site_packages() -> list[str]:
+    """Where this environment's packages live (its own site-packages first, then its base's)."""
+    import site
+
+    return [p for p in dict.fromkeys([*site.getsitepackages(), site.getusersitepackages()]) if os.path.isdir(p)]
+
+
 @dataclass
 class Host:
     addr: str
@@ -83,6 +134,7 @@ class Host:
     machine: str = ""  # /etc/machine-id (or the address): hosts on one machine share a setup
     python: str = ""  # the interpreter that runs our processes there
     src: str = ""  # the copied source tree
+    py: str = ""  # cluster.python's version there, "3.11"
 
 
 class SSHRunner:
@@ -101,6 +153,7 @@ class SSHRunner:
         self._offset = 0
         self._exit: dict[str, int | None] = {}
         self._stopped = False
+        self._wheel: Path | None = None  # setup=install: this tree's wheel, built here
 
     # ---- connections -------------------------------------------------------------------------------
     def conn(self, addr: str):
@@ -162,7 +215,7 @@ class SSHRunner:
         major, minor = (int(x) for x in out["PY"].split("."))
         if (major, minor) < (3, 11):
             raise LaunchError(f"host {addr}: cluster.python={c.python} is Python {major}.{minor}; need >= 3.11")
-        return Host(addr, home=out["HOME"], machine=out.get("MACHINE") or addr)
+        return Host(addr, home=out["HOME"], machine=out.get("MACHINE") or addr, py=out["PY"])
 
     def _path(self, addr: str, p: str) -> str:
         home = self.hosts[addr].home
@@ -186,15 +239,44 @@ class SSHRunner:
             return
         h.python = f"{venv}/bin/python"
         if c.setup == SetupMode.install:
-            # Sharing the interpreter's packages: no pip/setuptools of the venv's own either (ensurepip's old
-            # setuptools would shadow the interpreter's); its pip then installs into the venv.
-            flags = " --system-site-packages --without-pip" if c.system_site_packages else ""
-            pip = " ".join(q(a) for a in c.pip_args)
-            self.sh(addr, f"set -e; test -x {q(venv)}/bin/python || {c.python} -m venv{flags} {q(venv)}; "
-                          f"if [ \"$(cat {q(venv)}/.dejavu-src 2>/dev/null)\" != {digest} ]; then "
-                          f"{q(venv)}/bin/python -m pip install -q --disable-pip-version-check {pip} {q(h.src)}; "
-                          f"echo {digest} > {q(venv)}/.dejavu-src; fi", timeout=1800)
+            self._install(addr, venv, digest)
         self._check_import(addr)
+
+    def _install(self, addr: str, venv: str, digest: str) -> None:
+        """The tree's wheel (built once on this machine) pip-installed into the host's venv: nothing is
+        built on the host, so it needs neither setuptools nor wheel, and works offline with --no-deps."""
+        c, h = self.cfg.cluster, self.hosts[addr]
+        # Sharing the interpreter's packages: no pip/setuptools of the venv's own either (ensurepip's old
+        # setuptools would shadow the interpreter's); its pip then installs into the venv.
+        flags = " --system-site-packages --without-pip" if c.system_site_packages else ""
+        made = self.sh(addr, f"test -x {q(venv)}/bin/python || {c.python} -m venv{flags} {q(venv)}", check=False)
+        if not made.ok:
+            raise LaunchError(f"host {addr}: `{c.python} -m venv{flags}` failed, so cluster.setup=install cannot "
+                              f"work there: {(made.stderr or made.stdout).strip()[-400:]}; install the venv module "
+                              f"(Debian: apt-get install python3-venv) or use cluster.setup=pythonpath")
+        if c.system_site_packages and h.machine == _local_machine() and h.py == _local_py():
+            # The launching environment (a venv, a conda env) is on this very machine: the host venv sees
+            # its packages, not only the base interpreter's, so what runs dejavu-run here runs there too.
+            site = f"{venv}/lib/python{h.py}/site-packages"
+            paths = " ".join(q(p) for p in _launcher_site_packages())
+            self.sh(addr, f"mkdir -p {q(site)} && printf '%s\\n' {paths} > {q(site)}/_dejavu_launcher.pth")
+        pip = self.sh(addr, f"{q(venv)}/bin/python -m pip --version", check=False)
+        if not pip.ok:
+            raise LaunchError(f"host {addr}: the venv {venv} has no pip ({c.python} lacks it"
+                              f"{' and cluster.system_site_packages=true gives the venv none of its own' if flags else ''}); "
+                              f"install pip there (Debian: apt-get install python3-pip) or use cluster.setup=pythonpath")
+        wheel = f"{h.src}/dist/{self._wheel.name}"
+        if not self.sh(addr, f"test -f {q(wheel)}", check=False).ok:
+            self.sh(addr, f"mkdir -p {q(h.src)}/dist")
+            self.conn(addr).put(str(self._wheel), wheel + ".part")
+            self.sh(addr, f"mv {q(wheel + '.part')} {q(wheel)}")
+        wheel, py = q(wheel), f"{q(venv)}/bin/python -m pip install -q --disable-pip-version-check"
+        # Our version number does not change with the tree: force our package in, then (unless --no-deps)
+        # let pip add what it depends on. pip never touches a launching environment outside the venv.
+        deps = "" if "--no-deps" in c.pip_args else f" && {py} {' '.join(q(a) for a in c.pip_args)} {wheel}"
+        self.sh(addr, f"set -e; if [ \"$(cat {q(venv)}/.dejavu-src 2>/dev/null)\" != {digest} ]; then "
+                      f"{py} {' '.join(q(a) for a in c.pip_args)} --no-deps --force-reinstall {wheel}{deps}; "
+                      f"echo {digest} > {q(venv)}/.dejavu-src; fi", timeout=1800)
 
     def _check_import(self, addr: str) -> None:
         h, c = self.hosts[addr], self.cfg.cluster
@@ -229,6 +311,8 @@ class SSHRunner:
         for host in self._parallel(self._probe, self.addrs):
             self.hosts[host.addr] = host
         archive, digest = source_archive()
+        if self.cfg.cluster.setup == SetupMode.install:
+            self._wheel = build_wheel(archive, digest)
         by_machine: dict[str, list[str]] = {}
         for a in self.addrs:
             by_machine.setdefault(self.hosts[a].machine, []).append(a)

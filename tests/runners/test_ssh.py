@@ -55,6 +55,36 @@ def test_disaggregated_run_on_two_hosts_end_to_end(sshd, two_hosts, tmp_path, ti
     assert leftover_processes(run) == []
 
 
+def _bare_interpreter() -> str | None:
+    """An interpreter of this Python version with none of the launching environment's packages (the
+    distribution's /usr/bin/python3): a host as a newcomer's machine has it, with no `wheel` installed."""
+    for cand in ("/usr/bin/python3", "/usr/local/bin/python3"):
+        if not os.path.exists(cand) or os.path.realpath(cand) == os.path.realpath(sys.executable):
+            continue
+        probe = subprocess.run([cand, "-c", "import sys; print('%d.%d' % sys.version_info[:2]); import torch"],
+                               capture_output=True, text=True)
+        if probe.stdout.strip() == "%d.%d" % sys.version_info[:2] and probe.returncode != 0:
+            return cand
+    return None
+
+
+def test_install_on_a_host_whose_interpreter_lacks_wheel_and_our_packages(sshd, two_hosts, tmp_path, tiny_checkpoint):
+    """The hosts' venv is made from a bare interpreter: nothing is built there (the tree arrives as a wheel
+    built here) and, on this machine, the venv sees the launching environment's packages (torch...)."""
+    bare = _bare_interpreter()
+    if bare is None:
+        pytest.skip("no second interpreter of this Python version without torch on this machine")
+    run = tmp_path / "run"
+    remote = tmp_path / "remote-bare"
+    r = dejavu_run([*sshd.overrides(two_hosts), *tiny_model_args(tiny_checkpoint("llama-gqa-bias")), "logger=none",
+                    "cluster.setup=install", "cluster.system_site_packages=true", "cluster.pip_args=[--no-deps]",
+                    f"cluster.python={bare}", f"cluster.remote_dir={remote}", f"hydra.run.dir={run}"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert json.loads((run / "summary.json").read_text())["counts"]["completed"] == 4
+    installed = list((remote / "venv").glob("lib/python3*/site-packages/dejavu-*.dist-info"))
+    assert installed and (installed[0] / "WHEEL").is_file()
+
+
 def test_ctrl_c_leaves_no_process_on_any_host(sshd, two_hosts, tmp_path, tiny_checkpoint):
     run = tmp_path / f"run-{time.time_ns()}"  # its own name: the remote runs/ folder is shared by the tests
     env = {**os.environ, "WANDB_MODE": "offline"}
