@@ -1,20 +1,26 @@
-"""Sweep of the decode kernels' launch configurations on the GPU (where do the bytes go?).
+"""The decode kernels' launch configurations swept on the GPU: the tuning sweep for a new card.
 
-- skinny matmuls (the decode step's projections, M = batch rows): cuBLAS (``F.linear``) against the
-  Triton ``skinny_mm`` in several tilings, each timed inside a CUDA graph over enough weight copies that
-  the L2 cache cannot hold them (as in a real step, where every layer's weights are new);
-- split-K projections (out-proj, fc_out / down) together with the add+norm that sums their partials;
-- decode attention over a 576-position cache (24 layers' worth, same reason) in several tilings;
-- (``--parts add_norm``) the add+norm that sums split-K partials, in both dtypes and both read forms;
-- (``--parts l2``) whether weights bulk-prefetched into L2 by a light kernel make the next matmul faster;
-- prefill at batch 1: wall time with and without the Triton kernels, and the same prefill replayed as a
-  CUDA graph (its GPU time alone).
+What it times (``--parts``, default ``matmul,split,attention,prefill``):
+
+- ``matmul``: the decode step's projections (M = batch rows), cuBLAS (``F.linear``) against the Triton
+  ``skinny_mm`` in several tilings, each inside a CUDA graph over enough weight copies that the L2 cache
+  cannot hold them (as in a real step, where every layer's weights are new);
+- ``split``: the split-K projections (out-proj, fc_out / down) together with the add+norm that sums their
+  partials;
+- ``attention``: decode attention over a 576-position cache (24 layers' worth, same reason);
+- ``prefill``: prefill at batch 1, wall time with and without the Triton kernels, and the same prefill
+  replayed as a CUDA graph (its GPU time alone);
+- ``launch``: the fixed cost of one kernel in a dependent chain, with PDL off and on (the boundary part of
+  the gap, docs/PERFORMANCE.md);
+- ``add_norm``: the add+norm that sums split-K partials, in both dtypes and both read forms (rerun after a
+  Triton upgrade: ``fused.add_norm`` picks the form per dtype).
 
 The JSON it writes is a tuning file: saved as ``dejavu/model/tuning/<device-name>.json`` it gives that
 card its tilings (``dejavu/model/kernel_tuning.py``); ``DEJAVU_TUNING=<file>`` tries one out first.
 Every configuration is compiled first by ``--jobs`` processes in parallel (Triton's disk cache keeps them).
 
-    python bench/decode_kernels.py --parts matmul,split,attention --out results/decode-kernels.json
+    python bench/decode_kernels.py --parts matmul,split,attention --out sweep.json   # the sweep, ~1 minute
+    python bench/decode_kernels.py --parts launch,add_norm                           # the two measurements
 """
 
 from __future__ import annotations
@@ -250,68 +256,6 @@ def add_norm_forms(rows: list) -> None:
                       f"{row['part_by_part_us']:5.2f} us, one load {row['one_load_us']:5.2f} us", flush=True)
 
 
-def l2_prefetch(rows: list) -> None:
-    """Can a light kernel fill the DRAM's idle time with the next matmul's weights? A chain in a graph
-    (PDL on) of a one-row kernel (as the add+norm at batch 1) with extra programs, one per SM, that
-    bulk-prefetch a share of the next weight into L2 (every ``step``-th row, whole rows), then the OPT
-    fc_in matmul at m=1 on that weight, over weight copies that L2 cannot hold. Also the same chain
-    without the matmul (does a program that issued prefetches hold its successor back until they land?)
-    and the matmul over one weight that stays in L2 (how much faster is an L2-resident weight at all?)."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def _light(Y, W, stride_row, row_bytes, step, count, per, BLOCK: tl.constexpr):
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
-        pid = tl.program_id(0)
-        if pid == 0:
-            tl.store(Y, tl.load(Y) + 1.0)
-        elif count > 0:
-            j = tl.arange(0, BLOCK)
-            i = (pid - 1) * per + j
-            ok = ((j < per) & (i < count)).to(tl.int32)
-            r = (tl.minimum(i, count - 1) * step).to(tl.int64)
-            tl.inline_asm_elementwise(
-                "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $3; mov.u32 $0, 0; }",
-                "=r,l,r,r", [W + r * stride_row, ok, ok * 0 + row_bytes], dtype=tl.int32, is_pure=False, pack=1)
-
-    n, k = MATMULS["opt.fc_in"][:2]
-    copies, calls, sms = 12, 48, torch.cuda.get_device_properties(0).multi_processor_count
-    weights = [torch.randn(n, k, device="cuda", dtype=torch.float16) / 45 for _ in range(copies)]
-    x = torch.randn(1, k, device="cuda", dtype=torch.float16)
-    y = torch.zeros(1, device="cuda")
-    row_bytes = k * 2
-    for mb in (0, 2, 4, 8, 16, 32):
-        count = min(n, (mb << 20) // row_bytes)
-        per = triton.cdiv(count, sms) if count else 1
-        step = n // count if count else 1
-
-        def light(w):
-            _light[(1 + (triton.cdiv(count, per) if count else 0),)](
-                y, w, w.stride(0), row_bytes, step, count, per, BLOCK=max(128, triton.next_power_of_2(per)),
-                num_warps=4, launch_pdl=True)
-
-        def chain(i):
-            light(weights[i % copies])
-            fused.skinny_mm(x, weights[i % copies])
-
-        def light_only(i):
-            light(weights[i % copies])
-            _light[(1,)](y, x, 0, 16, 1, 0, 1, BLOCK=128, num_warps=4, launch_pdl=True)
-
-        row = {"part": "l2_prefetch", "case": f"{mb} MB", "mb": mb,
-               "light_then_matmul_us": graph_time_us(chain, calls),
-               "light_then_light_us": graph_time_us(light_only, calls)}
-        rows.append(row)
-        print(f"l2        prefetch {mb:2d} MB: light + fc_in matmul {row['light_then_matmul_us']:6.2f} us, "
-              f"light + light {row['light_then_light_us']:5.2f} us", flush=True)
-    hot = graph_time_us(lambda i: fused.skinny_mm(x, weights[0]), calls)
-    cold = graph_time_us(lambda i: fused.skinny_mm(x, weights[i % copies]), calls)
-    rows.append({"part": "l2_prefetch", "case": "matmul alone", "l2_resident_us": hot, "cold_us": cold})
-    print(f"l2        fc_in matmul alone: weight in L2 {hot:6.2f} us, cold {cold:6.2f} us", flush=True)
-
-
 def prefill_overhead(rows: list, dtype) -> None:
     from dejavu.model.config import ModelConfig
     from dejavu.model.kv_cache import KVCache
@@ -363,7 +307,7 @@ def prefill_overhead(rows: list, dtype) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=None)
-    ap.add_argument("--parts", default="matmul,split,attention,prefill", help="also: launch, add_norm, l2")
+    ap.add_argument("--parts", default="matmul,split,attention,prefill", help="also: launch, add_norm")
     ap.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"],
                     help="of the sweep's tensors (the shipped tilings come from fp16 sweeps)")
     ap.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1),
@@ -389,8 +333,6 @@ def main() -> int:
         launch_floor(rows)
     if "add_norm" in parts:
         add_norm_forms(rows)
-    if "l2" in parts:
-        l2_prefetch(rows)
     if args.out:
         write_json(args.out, rows, default=str)
     return 0

@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dejavu.engine import Engine  # noqa: E402
+from dejavu.model import switches  # noqa: E402
 from dejavu.model.config import ModelConfig, parse_dtype  # noqa: E402
 from dejavu.model.stage import StageModel  # noqa: E402
 from dejavu.model.weights import StateDictSource  # noqa: E402
@@ -185,7 +186,7 @@ def decode_step_ms(engine: Engine, prompts: list[list[int]], device: torch.devic
     x = torch.randint(3, engine.cfg.vocab_size, (batch, 1), device=device)
     pos = torch.full((batch, 1), len(prompts[0]) + steps // 2, dtype=torch.long)
     # Graphs take device positions. They stay there, as in the engine's greedy loop: a blocking host-to-device
-    # copy per step would time the host's round trip too (bench/NOTES-perf.md, 2026-12-03 seventh: +2-12%).
+    # copy per step would time the host's round trip too (+2-12% on the H200, docs/PERFORMANCE.md).
     graphs = slab.graphs is not None
     pos_device = pos.to(device) if graphs else pos
 
@@ -315,7 +316,7 @@ def run_shape(shape: str, args, device: torch.device, bw: float, results: list) 
 # 10,11` is the A/B of a new sweep file against them.
 _OFF = {"DEJAVU_TRITON": "0", "DEJAVU_SKINNY": "0", "DEJAVU_PDL": "0",
         "DEJAVU_SKINNY_ALL": "0", "DEJAVU_SPLITK": "0", "DEJAVU_ATTN_WRITE": "0", "DEJAVU_PDL_EARLY": "",
-        "DEJAVU_TUNING": os.environ.get("DEJAVU_TUNING", "auto"), "DEJAVU_MATMUL": "triton", "DEJAVU_TMA_EARLY": "1",
+        "DEJAVU_TUNING": switches.get("DEJAVU_TUNING"), "DEJAVU_MATMUL": "triton", "DEJAVU_TMA_EARLY": "1",
         "DEJAVU_TMA_TILE": "", "DEJAVU_TMA_SPLITS": ""}
 _SKINNY = {**_OFF, "DEJAVU_TRITON": "1", "DEJAVU_SKINNY": "1"}
 _SPLIT = {**_SKINNY, "DEJAVU_SPLITK": "1"}
@@ -493,7 +494,7 @@ def main(argv=None) -> int:
 
     info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "argv": sys.argv[1:],
-            "triton": os.environ.get("DEJAVU_TRITON", "1") != "0"}
+            "triton": switches.get("DEJAVU_TRITON")}
     try:
         import transformers
         info["transformers"] = transformers.__version__

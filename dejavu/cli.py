@@ -38,7 +38,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def generate_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dejavu generate", description="Generate with the single-process engine.")
+    from .model import switches
+
+    p = argparse.ArgumentParser(prog="dejavu generate", description="Generate with the single-process engine.",
+                                epilog=switches.table(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompts", nargs="+", metavar="PROMPT")
     p.add_argument("--model", default="smollm2-135m", help="a name from conf/model/, a checkpoint folder or a .gguf file")
     p.add_argument("--max-new-tokens", type=int, default=64)

@@ -235,26 +235,6 @@ def test_add_norm_sums_split_k_partials_in_both_forms_in_interpreter():
     _run_in_interpreter(_ADD_NORM_PARTS_SCRIPT.format(root=str(ROOT)))
 
 
-_PUBLISH_SCRIPT = textwrap.dedent("""
-    sys.path.insert(0, {root!r})
-    import torch
-    from dejavu.model import fused
-    x, w = torch.randn(2, 64), torch.randn(48, 64)
-    flag = torch.zeros(1, dtype=torch.int64)
-    plain = fused.skinny_mm(x, w)
-    assert torch.equal(fused.skinny_mm(x, w, progress=(flag, 1234)), plain) and int(flag) == 1234
-    parts = fused.skinny_mm_split(x, w, (2, 16, 32, 2, 4), progress=(flag, 99)).resolve()
-    assert int(flag) == 99 and torch.allclose(parts, x @ w.T, atol=1e-4)
-    print("ok")
-""")
-
-
-def test_matmuls_publish_their_progress_in_interpreter():
-    """``bench/decode_chain.py``'s hook: a matmul given ``progress=(flag, value)`` stores the value (for the
-    weight prefetcher beside the chain) and computes the same result."""
-    _run_in_interpreter(_PUBLISH_SCRIPT.format(root=str(ROOT)))
-
-
 # ---- on a GPU (skipped in CI) -----------------------------------------------------------------------
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -611,24 +591,3 @@ def test_cuda_tma_decode_step_matches_triton_matmuls(family, monkeypatch):
     for got in (logits["tma"], logits["tmag"][0]):
         assert _rel(got, logits["triton"]) < 1e-2
         assert torch.equal(got.argmax(-1), logits["triton"].argmax(-1))
-
-
-@cuda
-def test_cuda_matmul_timestamps_are_ordered_and_change_nothing():
-    """``skinny_mm(stamps=)`` / ``skinny_mm_split(stamps=)`` (bench/decode_chain.py --parts timeline): every
-    program stores start <= wait returned <= end and its SM, and the result is the plain call's."""
-    from dejavu.model import fused
-
-    if not fused.HAVE_TRITON:
-        pytest.skip("no triton")
-    x = torch.randn(1, 2048, dtype=torch.float16, device="cuda")
-    w = torch.randn(8192, 2048, dtype=torch.float16, device="cuda") / 45
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    for call in (lambda **kw: fused.skinny_mm(x, w, **kw),
-                 lambda **kw: fused.skinny_mm_split(x, w[:2048], (4, 32, 128, 4, 4), **kw).resolve()):
-        stamps = torch.zeros(4096, dtype=torch.int64, device="cuda")
-        assert torch.equal(call(stamps=stamps), call())
-        t = stamps.view(-1, 4).cpu()
-        t = t[t[:, 2] > 0]
-        assert len(t) >= 64
-        assert bool((t[:, 0] <= t[:, 1]).all() and (t[:, 1] <= t[:, 2]).all() and (t[:, 3] < sms).all())

@@ -20,15 +20,14 @@ launch-bound. Bigger prefills keep the GPU busy from eager launches and run eage
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from . import switches
 from .kv_cache import KVCache
 
 # Slots x padded length at most; past it the eager launches keep up with the GPU. DEJAVU_PREFILL_GRAPH_TOKENS
 # overrides it (0: no prefill graphs), for A/B measurements.
-PREFILL_GRAPH_TOKENS = int(os.environ.get("DEJAVU_PREFILL_GRAPH_TOKENS", "2048"))
+PREFILL_GRAPH_TOKENS = switches.get("DEJAVU_PREFILL_GRAPH_TOKENS")
 PREFILL_BUCKET = 64  # the shortest padded length; longer prompts are padded to the next power of two
 
 

@@ -15,8 +15,8 @@ a handful of launches:
 Every kernel rounds where the PyTorch reference rounds (e.g. RMSNorm casts before the weight, RoPE
 rounds each product), so fp16/bf16 results follow the reference as closely as the reduction order allows.
 The callers fall back to plain PyTorch when Triton is missing or the tensors are on the CPU.
-``DEJAVU_TRITON=0`` turns the kernels off (A/B measurements); ``TRITON_INTERPRET=1`` runs them on the CPU
-(slowly) for tests.
+``DEJAVU_TRITON=0`` turns the kernels off (A/B measurements; every switch is in ``switches.py``);
+``TRITON_INTERPRET=1`` runs them on the CPU (slowly) for tests.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dejavu.model import skinny_tma
+from dejavu.model import skinny_tma, switches
 from dejavu.model.kernel_tuning import bucket, tuning
 
 try:
@@ -49,13 +49,12 @@ def skinny_enabled(x: torch.Tensor) -> bool:
     Not in fp32: that is the dtype we check against the reference with, and cuBLAS sums in the same order
     as the reference's own matmuls (skinny_mm flipped a near-tie in 1 of 32 rows of a 64-token run)."""
     rows = x.numel() // x.shape[-1]
-    return (rows <= SKINNY_MAX_ROWS and x.dtype != torch.float32 and os.environ.get("DEJAVU_SKINNY", "1") != "0"
-            and enabled(x))
+    return rows <= SKINNY_MAX_ROWS and x.dtype != torch.float32 and switches.get("DEJAVU_SKINNY") and enabled(x)
 
 
 def enabled(t: torch.Tensor) -> bool:
     """Use the Triton kernels for tensors like ``t``?"""
-    if not HAVE_TRITON or os.environ.get("DEJAVU_TRITON", "1") == "0":
+    if not HAVE_TRITON or not switches.get("DEJAVU_TRITON"):
         return False
     if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return False
@@ -79,7 +78,7 @@ _PDL_OK = _pdl_supported()
 
 def _pdl_mode() -> str:
     """DEJAVU_PDL: "late" (default), "1", or "0" (off); see ``_pdl``."""
-    return os.environ.get("DEJAVU_PDL", "late") if _PDL_OK else "0"
+    return switches.get("DEJAVU_PDL") if _PDL_OK else "0"
 
 
 def _pdl(t: torch.Tensor, matmul: str | None = None) -> dict:
@@ -87,7 +86,7 @@ def _pdl(t: torch.Tensor, matmul: str | None = None) -> dict:
     waits (griddepcontrol.wait) before it reads or writes anything; the weight stream of a matmul and the
     launch latency of every kernel then overlap the previous kernel's tail. Each kernel lets its successor
     launch only after its own wait (else the whole step goes resident at once and spins: 15-20% slower,
-    bench/NOTES-perf.md); with "late", a matmul lets it launch only once its weights are streamed, so the
+    docs/PERFORMANCE.md); with "late", a matmul lets it launch only once its weights are streamed, so the
     waiting successor takes no SM slots from the matmul.
 
     ``matmul`` names the kind of matmul ("split": split-K, whose successor is a one-program-per-row
@@ -95,10 +94,10 @@ def _pdl(t: torch.Tensor, matmul: str | None = None) -> dict:
     listed in DEJAVU_PDL_EARLY (comma list, default "split") let their successor launch right after
     their wait even in "late" mode. The add+norm after a split-K projection needs no SM slots worth
     having, so its launch may as well hide behind the projection: 0.1-1.1% faster in all six fp16 cells
-    on the H200; "plain" was not (bench/NOTES-perf.md, ninth session)."""
+    on the H200; "plain" was not (docs/PERFORMANCE.md)."""
     mode = _pdl_mode()
     on = t.is_cuda and mode in ("1", "late")
-    early = os.environ.get("DEJAVU_PDL_EARLY", "split").split(",")
+    early = switches.get("DEJAVU_PDL_EARLY")
     late = mode == "late" and matmul is not None and matmul not in early
     return {"PDL": 2 if late else 1, "launch_pdl": True} if on else {"PDL": 0}
 
@@ -320,19 +319,10 @@ if HAVE_TRITON:
         tl.store(O + b * stride_ob + h * stride_oh + d, o.to(O.dtype.element_ty), mask=d < HEAD_DIM)
 
     @triton.jit
-    def _stamp(T, t_start, t_wait):
-        # This program's [start, PDL wait returned, end, SM] in ns (``skinny_mm(stamps=)``).
-        i = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * 4
-        tl.store(T + i, t_start)
-        tl.store(T + i + 1, t_wait)
-        tl.store(T + i + 2, tl.extra.cuda.globaltimer())
-        tl.store(T + i + 3, tl.extra.cuda.smid().to(tl.int64))
-
-    @triton.jit
-    def _skinny_mm_kernel(X, W, B, Y, M, N, K, K_PER, stride_xm, stride_wn, stride_ym, GATE_OFF, PROGRESS,
-                          progress, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr,
+    def _skinny_mm_kernel(X, W, B, Y, M, N, K, K_PER, stride_xm, stride_wn, stride_ym, GATE_OFF,
+                          HAS_BIAS: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr = 0,
-                          SPLIT: tl.constexpr = 1, PUBLISH: tl.constexpr = 0):
+                          SPLIT: tl.constexpr = 1):
         # y[m, n] = x[m, :] . w[n, :] (+ b[n]) for a few rows m: each program streams BLOCK_N rows of w
         # once for every m. ACT: 0 none, 1 relu, 2 swiglu (silu(x.w[n]) * x.w[n + GATE_OFF]).
         # SPLIT > 1: program (i, s) sums only K slice s (K_PER long) and stores fp32 partials y[s, m, n].
@@ -341,20 +331,10 @@ if HAVE_TRITON:
         m = tl.arange(0, BLOCK_M)
         nm = n < N
         mm = m < M
-        # PUBLISH (probes in bench/decode_chain.py): 1, program 0 stores ``progress`` at PROGRESS once its
-        # wait returns (how far the chain is, for a weight prefetcher beside it); 2, every program stores
-        # its timestamps there (``_stamp``).
-        if PUBLISH == 2:
-            t_start = tl.extra.cuda.globaltimer()
         if PDL:
             tl.extra.cuda.gdc_wait()
             if PDL == 1:
                 tl.extra.cuda.gdc_launch_dependents()
-        if PUBLISH == 1:
-            if (pid == 0) & (tl.program_id(1) == 0):
-                tl.store(PROGRESS, progress)
-        if PUBLISH == 2:
-            t_wait = tl.extra.cuda.globaltimer()
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         if ACT == 2:
             acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -374,8 +354,6 @@ if HAVE_TRITON:
         if SPLIT > 1:
             tl.store(Y + (tl.program_id(1) * M + m[:, None]) * stride_ym + n[None, :], acc,
                      mask=mm[:, None] & nm[None, :])
-            if PUBLISH == 2:
-                _stamp(PROGRESS, t_start, t_wait)
             return
         if HAS_BIAS:
             acc += tl.load(B + n, mask=nm, other=0.0).to(tl.float32)[None, :]
@@ -388,8 +366,6 @@ if HAVE_TRITON:
             a = (g / (1.0 + tl.exp(-g))).to(out_ty).to(tl.float32)
             acc = a * acc2.to(out_ty).to(tl.float32)
         tl.store(Y + m[:, None] * stride_ym + n[None, :], acc.to(out_ty), mask=mm[:, None] & nm[None, :])
-        if PUBLISH == 2:
-            _stamp(PROGRESS, t_start, t_wait)
 
     @triton.jit
     def _silu_mul_kernel(X, Y, stride_x, stride_y, N, BLOCK: tl.constexpr, PDL: tl.constexpr = 0):
@@ -415,7 +391,7 @@ def _prefer_shared(module, function, name, metadata_group, hash) -> None:
     """Give each of our kernels the whole shared-memory carveout when it is loaded. Triton asks for it only
     for kernels over 48 KB, so the small kernels (add+norm, attention at some tilings, the reduce) ran
     with another split of L1 and shared memory, and an SM cannot take programs of a kernel with another
-    carveout until it drains: PDL's early-launched programs waited. Measured (bench/NOTES-perf.md):
+    carveout until it drains: PDL's early-launched programs waited. Measured (docs/PERFORMANCE.md):
     Llama b=8 -2.5% (bf16) to -7% (fp16), OPT b=8 bf16 -2.5%, b=1 within noise. DEJAVU_CARVEOUT=0: off."""
     if name in _OURS:
         _libcuda().cuFuncSetAttribute(ctypes.c_void_p(function), 9, 100)  # PREFERRED_SHARED_MEMORY_CARVEOUT, %
@@ -426,7 +402,7 @@ if HAVE_TRITON:
     _OURS = {name for name, f in list(globals().items()) if isinstance(f, triton.runtime.JITFunction)}
     _OURS.add("_skinny_tma_kernel")
     _hooks = getattr(getattr(getattr(triton, "knobs", None), "runtime", None), "kernel_load_end_hook", None)
-    if _PDL_OK and os.environ.get("DEJAVU_CARVEOUT", "1") != "0" and _hooks is not None:
+    if _PDL_OK and switches.get("DEJAVU_CARVEOUT") and _hooks is not None:
         _hooks.add(_prefer_shared)  # Triton >= 3.4; older ones load every kernel with their own carveout
         _CARVEOUT = True
 
@@ -458,8 +434,7 @@ def add_norm(x: torch.Tensor, delta: torch.Tensor | None, bias: torch.Tensor | N
     eps = norm.eps
     # The partials' loads must all be in flight at once. Loaded part by part, the fp16 build does that and
     # the bf16 build issues them one after another (4 parts: 2.8 us against 1.6); as one [parts, n] load
-    # both take 1.8. Each dtype gets the form that compiles to parallel loads (H200,
-    # bench/NOTES-perf.md, ninth session).
+    # both take 1.8. Each dtype gets the form that compiles to parallel loads (H200, docs/PERFORMANCE.md).
     one_load = x.dtype == torch.bfloat16 if one_load is None else one_load
     _add_norm_kernel[(rows,)](
         x2, d2, bias if bias is not None else x2, w if w is not None else x2, nb if nb is not None else x2,
@@ -513,7 +488,7 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
 def attention_writes_cache() -> bool:
     """Decode through ``decode_attention_new`` (one kernel) rather than ``rope_write`` + ``decode_attention``
     (``DEJAVU_ATTN_WRITE=0``: the two-kernel path, for A/B measurements)."""
-    return os.environ.get("DEJAVU_ATTN_WRITE", "1") != "0"
+    return switches.get("DEJAVU_ATTN_WRITE")
 
 
 def decode_attention_new(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor | None,
@@ -571,8 +546,8 @@ SKINNY_MAX_ROWS = 64
 
 def use_skinny(m: int, n: int, k: int) -> bool:
     """False where the sweep found cuBLAS at least as fast for this shape (and PDL is off)."""
-    everywhere = os.environ.get("DEJAVU_SKINNY_ALL")
-    if everywhere == "1" or (everywhere is None and _pdl_mode() != "0"):
+    everywhere = switches.get("DEJAVU_SKINNY_ALL")
+    if everywhere or (everywhere is None and _pdl_mode() != "0"):
         return True
     t = tuning()
     return (bucket(m), n, k) not in t.cublas_faster and t.skinny.get((bucket(m), n, k), True) is not None
@@ -593,34 +568,21 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-def _probe(progress: tuple | None, stamps: torch.Tensor | None, out: torch.Tensor) -> tuple:
-    """(PROGRESS, progress, PUBLISH) of ``_skinny_mm_kernel`` for the probes' hooks (bench/decode_chain.py):
-    ``progress=(flag, value)`` publishes how far the chain is; ``stamps`` (int64, 4 per program) takes
-    each program's timestamps. Neither: compiled out."""
-    if progress is not None:
-        return (*progress, 1)
-    if stamps is not None:
-        return stamps, 0, 2
-    return out, 0, 0
-
-
-def _tma(x2: torch.Tensor, weight: torch.Tensor, k_per: int, hooks: tuple) -> tuple | None:
-    """The tiling of ``skinny_tma`` where it applies and DEJAVU_MATMUL does not say "triton" (not with an
-    explicit Triton tiling or the probes' hooks)."""
-    if not skinny_tma.wanted() or any(h is not None for h in hooks):
+def _tma(x2: torch.Tensor, weight: torch.Tensor, k_per: int) -> tuple | None:
+    """The tiling of ``skinny_tma`` where it applies and DEJAVU_MATMUL does not say "triton"."""
+    if not skinny_tma.wanted():
         return None
     tile = skinny_tma.tile(x2.shape[0])
     return tile if skinny_tma.applies(x2, weight, k_per, tile[1]) else None
 
 
 def skinny_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, act: int = 0,
-              config: tuple | None = None, progress: tuple | None = None,
-              stamps: torch.Tensor | None = None, static_weight: bool = False) -> torch.Tensor:
+              config: tuple | None = None, static_weight: bool = False) -> torch.Tensor:
     """``x @ weight.T (+ bias)`` for x with few rows (decode), streaming the weight at full bandwidth.
 
     act: 0 none, 1 relu, 2 swiglu (weight holds [gate; up]; returns silu(x gate) * (x up), half width).
-    ``progress`` / ``stamps``: the probes' hooks (``_probe``). ``static_weight``: no kernel of the step
-    writes ``weight`` (a model weight), so the TMA kernel may read it before its PDL wait.
+    ``config``: a Triton tiling (the sweep's; it also picks the Triton kernel). ``static_weight``: no kernel
+    of the step writes ``weight`` (a model weight), so the TMA kernel may read it before its PDL wait.
     """
     shape = x.shape
     k = shape[-1]
@@ -628,7 +590,7 @@ def skinny_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     m, n = x2.shape[0], weight.shape[0]
     n_out = n // 2 if act == 2 else n
     y = torch.empty(m, n_out, dtype=x.dtype, device=x.device)
-    tma = _tma(x2, weight, k, (config, progress, stamps))
+    tma = _tma(x2, weight, k) if config is None else None
     if tma is not None:
         skinny_tma.launch(x2, weight, bias, y, n_out, act, 1, tma, _pdl(x, "plain" if act == 0 else "activation"),
                           static_weight)
@@ -643,12 +605,11 @@ def skinny_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     while (stages - 1) * per_stage() > 160 * 1024 and block_k > 32:
         block_k //= 2
     pdl = _pdl(x, "plain" if act == 0 else "activation")  # the kinds DEJAVU_PDL_EARLY may name
-    probe, probe_value, publish = _probe(progress, stamps, y)
     _skinny_mm_kernel[(triton.cdiv(n_out, block_n),)](
         x2, weight, bias if bias is not None else weight, y, m, n_out, k, k, x2.stride(0), weight.stride(0),
-        y.stride(0), n_out if act == 2 else 0, probe, probe_value, HAS_BIAS=bias is not None, ACT=act,
+        y.stride(0), n_out if act == 2 else 0, HAS_BIAS=bias is not None, ACT=act,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_stages=stages, num_warps=warps,
-        PREC="ieee" if x.dtype == torch.float32 else "tf32", PUBLISH=publish, **pdl)
+        PREC="ieee" if x.dtype == torch.float32 else "tf32", **pdl)
     return y.view(*shape[:-1], n_out)
 
 
@@ -668,14 +629,13 @@ class SplitSum:
 
 def split_config(x: torch.Tensor, weight: torch.Tensor) -> tuple | None:
     """The split-K tiling for ``x @ weight.T``, or None where the projection is not split."""
-    if os.environ.get("DEJAVU_SPLITK", "1") == "0" or not skinny_enabled(x):
+    if not switches.get("DEJAVU_SPLITK") or not skinny_enabled(x):
         return None
     n, k = weight.shape
     return tuning().split.get((bucket(x.numel() // k), n, k))
 
 
-def skinny_mm_split(x: torch.Tensor, weight: torch.Tensor, config: tuple, progress: tuple | None = None,
-                    stamps: torch.Tensor | None = None, static_weight: bool = False) -> SplitSum:
+def skinny_mm_split(x: torch.Tensor, weight: torch.Tensor, config: tuple, static_weight: bool = False) -> SplitSum:
     """``x @ weight.T`` (no bias, no activation) as split-K partial sums; ``config`` from split_config.
     ``static_weight`` as in ``skinny_mm``."""
     splits, block_n, block_k, stages, warps = config
@@ -686,18 +646,16 @@ def skinny_mm_split(x: torch.Tensor, weight: torch.Tensor, config: tuple, progre
     k_per = k // splits
     assert k_per * splits == k and k_per % block_k == 0, (k, config)
     tma_splits = skinny_tma.splits(splits)
-    tma = _tma(x2, weight, k // tma_splits, (progress, stamps)) if k % tma_splits == 0 else None
+    tma = _tma(x2, weight, k // tma_splits) if k % tma_splits == 0 else None
     if tma is not None:
         parts = torch.empty(tma_splits, m, n, dtype=torch.float32, device=x.device)
         skinny_tma.launch(x2, weight, None, parts, n, 0, tma_splits, tma, _pdl(x, "split"), static_weight)
         return SplitSum(parts, torch.Size((*shape[:-1], n)), x.dtype)
     parts = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
-    probe, probe_value, publish = _probe(progress, stamps, parts)
     _skinny_mm_kernel[(triton.cdiv(n, block_n), splits)](
-        x2, weight, weight, parts, m, n, k, k_per, x2.stride(0), weight.stride(0), n, 0, probe, probe_value,
-        HAS_BIAS=False, ACT=0,
+        x2, weight, weight, parts, m, n, k, k_per, x2.stride(0), weight.stride(0), n, 0, HAS_BIAS=False, ACT=0,
         BLOCK_M=bucket(m), BLOCK_N=block_n, BLOCK_K=block_k, num_stages=stages, num_warps=warps,
-        PREC="tf32", SPLIT=splits, PUBLISH=publish, **_pdl(x, "split"))
+        PREC="tf32", SPLIT=splits, **_pdl(x, "split"))
     return SplitSum(parts, torch.Size((*shape[:-1], n)), x.dtype)
 
 

@@ -32,6 +32,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from . import switches
+
 # Bump when the output of the conversion changes, so stale cache folders are not reused.
 CONVERTER_VERSION = 2
 
@@ -329,7 +331,7 @@ def _write_tokenizer(reader, path: Path, out: Path) -> None:
 
 def cache_root() -> Path:
     """Where converted GGUF folders live: $DEJAVU_CACHE_DIR/gguf, default ~/.cache/dejavu/gguf."""
-    root = os.environ.get("DEJAVU_CACHE_DIR") or "~/.cache/dejavu"
+    root = switches.get("DEJAVU_CACHE_DIR")
     return Path(root).expanduser() / "gguf"
 
 

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from dejavu.model import switches
 
 TUNING_DIR = Path(__file__).with_name("tuning")
 
@@ -144,4 +145,4 @@ def _load(choice: str) -> Tuning:
 
 def tuning() -> Tuning:
     """The active tables (``DEJAVU_TUNING``, see the module doc)."""
-    return _load(os.environ.get("DEJAVU_TUNING", "auto"))
+    return _load(switches.get("DEJAVU_TUNING"))

@@ -22,6 +22,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from . import switches
 from .config import ModelConfig
 
 SOURCES = ("gguf_package", "gguf_file", "hf_folder", "shape_only")
@@ -30,7 +31,7 @@ SOURCES = ("gguf_package", "gguf_file", "hf_folder", "shape_only")
 def default_conf_dir() -> Path:
     # conf/ sits at the repository root, next to the dejavu package. DEJAVU_CONF_DIR points elsewhere
     # (an installed, non-editable package has no repository root).
-    return Path(os.environ.get("DEJAVU_CONF_DIR") or Path(__file__).resolve().parents[2] / "conf")
+    return Path(switches.get("DEJAVU_CONF_DIR") or Path(__file__).resolve().parents[2] / "conf")
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 

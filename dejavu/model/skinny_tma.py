@@ -2,8 +2,8 @@
 
 ``fused.skinny_mm`` streams each weight row-slab through Triton's pipeliner, which issues a loop's first
 loads only after the kernel's ``griddepcontrol.wait``: every projection's programs sit resident for
-~1.7 us while the add+norm before them runs, then spend ~2 us ramping up after it (bench/NOTES-perf.md,
-thirteenth session). Here a program (Gluon, Hopper) owns a ring of shared-memory stages filled by TMA
+~1.7 us while the add+norm before them runs, then spend ~2 us ramping up after it (docs/PERFORMANCE.md,
+where the gap is). Here a program (Gluon, Hopper) owns a ring of shared-memory stages filled by TMA
 bulk copies and counted by mbarriers, and fills the weight half of its first stages *before* the wait,
 since no kernel of a decode step writes the model's weights. The activations are copied only after it.
 
@@ -12,19 +12,19 @@ The product is computed transposed, ``acc[n, m] = w[n, :] . x[m, :]``, so that t
 
 ``fused.skinny_mm`` / ``fused.skinny_mm_split`` run it wherever it applies (``applies``) unless
 ``DEJAVU_MATMUL=triton``. On an H200 it took 4-10% off every fp16 decode step of OPT-1.3B and Llama-1B at
-batch 1, 8 and 32 against the Triton kernel (bench/NOTES-perf.md, fourteenth session).
+batch 1, 8 and 32 against the Triton kernel (docs/PERFORMANCE.md).
 
-Switches, read at each call (so one process can A/B them; a CUDA graph keeps what it captured):
-``DEJAVU_TMA_TILE`` sets the tiling (``tile``), ``DEJAVU_TMA_EARLY=0`` loads the weight only after the wait
-(the A/B of the early tiles alone). GPU only (sm_90+); where it does not apply the Triton kernel runs.
+Switches (``switches.py``), read at each call, so one process can A/B them (a CUDA graph keeps what it
+captured): ``DEJAVU_TMA_TILE`` sets the tiling (``tile``), ``DEJAVU_TMA_SPLITS`` the split-K slices,
+``DEJAVU_TMA_EARLY=0`` loads the weight only after the wait (the A/B of the early tiles alone). GPU only
+(sm_90+); where it does not apply the Triton kernel runs.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from dejavu.model import switches
 from dejavu.model.kernel_tuning import bucket
 
 try:
@@ -41,33 +41,25 @@ SMEM_BYTES = 220 * 1024  # of the H100/H200's 227 KB a block, leaving room for t
 
 
 # Rows bucket (as kernel_tuning.bucket) -> (BLOCK_N, BLOCK_K, stages): the fastest of six tilings in the
-# whole decode step on an H200 (bench/NOTES-perf.md, fourteenth session).
+# whole decode step on an H200 (docs/PERFORMANCE.md).
 TILES = {16: (64, 256, 4), 32: (64, 128, 8)}
 
 
 def wanted() -> bool:
-    return os.environ.get("DEJAVU_MATMUL", "tma") == "tma"
+    return switches.get("DEJAVU_MATMUL") == "tma"
 
 
 def tile(m: int) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, stages, warps) for ``m`` rows: ``TILES``, or ``DEJAVU_TMA_TILE`` "BLOCK_N,BLOCK_K,stages"
     for every row count (BLOCK_N 64 or 128, one warpgroup per 64 rows)."""
-    given = os.environ.get("DEJAVU_TMA_TILE", "")
-    block_n, block_k, stages = (int(v) for v in given.split(",")) if given else TILES[bucket(m)]
-    if block_n not in (64, 128) or block_k not in (64, 128, 256) or stages < 1:
-        raise ValueError(f"DEJAVU_TMA_TILE={given}: BLOCK_N must be 64 or 128, BLOCK_K 64, 128 or 256, stages >= 1")
+    block_n, block_k, stages = switches.get("DEJAVU_TMA_TILE") or TILES[bucket(m)]
     return block_n, block_k, stages, block_n // 16
 
 
 def splits(tuned: int) -> int:
     """K slices of a split-K projection: the split table's (tuned for the Triton kernel), or
     ``DEJAVU_TMA_SPLITS`` (a probe of other counts; bench/generate.py --variants)."""
-    given = os.environ.get("DEJAVU_TMA_SPLITS", "")
-    if not given:
-        return tuned
-    if not given.isdigit() or int(given) < 1:
-        raise ValueError(f"DEJAVU_TMA_SPLITS={given!r}: give a whole number of K slices, 1 or more (or leave it unset)")
-    return int(given)
+    return switches.get("DEJAVU_TMA_SPLITS") or tuned
 
 
 def _readable(t: torch.Tensor) -> bool:
@@ -241,6 +233,6 @@ def launch(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ou
     _skinny_tma_kernel[(-(-n_out // block_n), splits)](
         w_desc, x_desc, bias if bias is not None else weight, out, m, n_out, k // splits, out.stride(-2),
         n_out if act == 2 else 0, HAS_BIAS=bias is not None, ACT=act, SPLIT=splits, STAGES=stages,
-        EARLY=bool(early and pdl.get("PDL") and os.environ.get("DEJAVU_TMA_EARLY", "1") != "0"), num_warps=warps,
+        EARLY=bool(early and pdl.get("PDL") and switches.get("DEJAVU_TMA_EARLY")), num_warps=warps,
         **pdl)
 

@@ -8,11 +8,12 @@ from its receiving thread.
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 import time
 from typing import Callable, TextIO
+
+from ..model import switches
 
 
 class Progress:
@@ -21,7 +22,7 @@ class Progress:
         self.total, self.done, self.failed, self.tokens = total, 0, 0, 0
         self.stream = stream if stream is not None else sys.stdout
         if force is None:
-            force = os.environ.get("DEJAVU_PROGRESS", "") not in ("", "0")
+            force = switches.get("DEJAVU_PROGRESS")
         isatty = getattr(self.stream, "isatty", None)
         self.enabled = bool(force or (isatty is not None and isatty()))
         self._interval = 1.0 / max_hz

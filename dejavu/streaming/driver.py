@@ -15,9 +15,10 @@ the driver's (cudaStream_t is CUstream, cudaEvent_t is CUevent, cudaGraphExec_t 
 from __future__ import annotations
 
 import ctypes
-import os
 
 import torch
+
+from ..model import switches
 
 _c = ctypes.c_void_p
 
@@ -73,7 +74,7 @@ _DRIVER: Driver | None | bool = False  # False: not looked up yet
 def load() -> Driver | None:
     """The driver calls, or None where they cannot be used (see the module docstring)."""
     global _DRIVER
-    if os.environ.get("DEJAVU_DRIVER_ISSUE", "1") == "0":
+    if not switches.get("DEJAVU_DRIVER_ISSUE"):
         return None
     if _DRIVER is False:
         _DRIVER = None
