@@ -68,7 +68,13 @@ def generate_main(argv: list[str]) -> int:
 
     try:
         model = resolve_model(args.model)
-        tokenizer = load_tokenizer(model.tokenizer_dir)
+        if not model.has_weights:
+            raise ValueError(f"model {model.name!r} is a shape-only entry (conf/model/{model.name}.yaml: its shapes, "
+                             f"no weights, no tokenizer), so there is nothing to generate text with; pick a model "
+                             f"with weights (e.g. --model smollm2-135m, a checkpoint folder or a .gguf file). "
+                             f"Shape-only models serve with random weights for timings: dejavu-run "
+                             f"model={model.name} model.weights=random")
+        tokenizer = load_tokenizer(model.tokenizer_dir, model_name=model.name)
         prompt_ids = encode_prompts(tokenizer, args.prompts, chat=args.chat)
         stop = tuple(model.config.eos_token_ids) or ((tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
         params = SamplingParams(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,

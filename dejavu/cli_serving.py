@@ -37,6 +37,9 @@ def controller_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers_ip_file", default=None, help="one worker address per line (checked against --num_peers)")
     g.add_argument("--with_ft", action="store_true", help="fault tolerance (not yet supported)")
     g.add_argument("--model", default=None, help="registered name, checkpoint folder or .gguf (the workers' --ckpt_path)")
+    g.add_argument("--load_format", default="auto", choices=("auto", "dummy"),
+                   help="what the workers were given (recorded in summary.json): dummy = random weights")
+    g.add_argument("--weights_seed", type=int, default=0, help="seed of the workers' --load_format dummy")
     g.add_argument("--run_dir", default=None, help="results folder (default results/<time>)")
     w = p.add_argument_group("workload")
     w.add_argument("--workload_kind", default=None, choices=("fixed", "trace", "poisson", "timestamps"),
@@ -91,7 +94,8 @@ def controller_options(args: argparse.Namespace):
         num_peers=args.num_peers, num_prompt_peers=args.num_prompt_peers, num_token_peers=args.num_token_peers,
         tensor_parallelism=args.tensor_parallelism, controller_ip=args.controller_ip, port=args.port,
         workers_ip_file=args.workers_ip_file, ubatch_size=args.ubatch_size, model=args.model, run_dir=args.run_dir,
-        workload=spec, with_ft=args.with_ft, heartbeat_interval_s=args.heartbeat_interval,
+        workload=spec, load_format=args.load_format, weights_seed=args.weights_seed, with_ft=args.with_ft,
+        heartbeat_interval_s=args.heartbeat_interval,
         heartbeat_timeout_s=args.heartbeat_timeout, startup_timeout_s=args.startup_timeout,
         ready_timeout_s=args.ready_timeout, progress_timeout_s=args.progress_timeout,
         stats_timeout_s=args.stats_timeout)
@@ -110,6 +114,10 @@ def worker_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt_pipeline_para_size", type=int, default=0, help="prompt pipeline stages (0: baseline)")
     p.add_argument("--token_pipeline_para_size", type=int, default=1, help="token pipeline stages")
     p.add_argument("--ckpt_path", required=True, help="registered model name, checkpoint folder or .gguf")
+    p.add_argument("--load_format", default="auto", choices=("auto", "dummy"),
+                   help="auto: the checkpoint's weights; dummy: random weights built on this worker from "
+                        "--weights_seed (any model, shape-only entries too; real timings, meaningless tokens)")
+    p.add_argument("--weights_seed", type=int, default=0, help="seed of --load_format dummy")
     p.add_argument("--backend", default="gloo", help="gloo (CPU), nccl (GPU) or mpi (under mpirun)")
     p.add_argument("--weights_data_type", default="fp32")
     p.add_argument("--inference_data_type", default="auto", help="fp32, fp16, bf16 (auto: fp16 on GPU, fp32 on CPU)")

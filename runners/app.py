@@ -75,15 +75,36 @@ def print_report(cfg: Config, run_dir: Path) -> None:
     from dejavu.results.compare import load_runs, render_table
     from dejavu.results.writer import load_records
 
+    random = isinstance(cfg.model, dict) and cfg.model.get("weights") == "random"
     if cfg.print_answers:
         prompts = cfg.workload.prompts or []
-        for r in load_records(run_dir):
+        records = load_records(run_dir)
+        if any(r.text is None for r in records):
+            print(token_ids_note(cfg, random))
+        for r in records:
             q = prompts[r.id % len(prompts)] if prompts else f"<{len(r.prompt_ids)} prompt tokens>"
             a = r.text if r.text is not None else f"<{len(r.output_ids)} tokens: {r.output_ids[:8]}...>"
             print(f"[{r.id}] {q}\n    -> {a.strip() if isinstance(a, str) else a}")
         print()
     print(render_table(load_runs(run_dir)))
+    if random:
+        print(f"\nweights: RANDOM (model.weights=random, model.weights_seed={cfg.model.get('weights_seed', 0)}): "
+              f"{cfg.model.get('name')}'s shapes with made-up weights; the timings are real, the tokens are not "
+              f"answers (summary.json: run.weights)")
     print(f"\nresults: {run_dir}")
+
+
+def token_ids_note(cfg: Config, random: bool) -> str:
+    """Said once above the answers when they are token ids rather than text: why."""
+    if random:
+        why = "model.weights=random: the prompts are random token ids and a made-up model's answers are not text"
+    elif cfg.workload.prompts is None and not cfg.workload.prompts_file:
+        why = (f"workload={cfg.workload.kind.value} draws its prompts as random token ids "
+               f"(sized by workload.input_len or the trace), so there is no text to show; text prompts and "
+               f"decoded answers come with workload.prompts (the default workload=fixed)")
+    else:
+        why = "the model has no tokenizer to decode them"
+    return f"answers as token ids ({why}):"
 
 
 def wandb_group(cfg: Config) -> str | None:
@@ -144,14 +165,41 @@ def end_point(run_dir: Path, code: int, reason: str) -> None:
     print(f"dejavu-run: this sweep point failed (exit {code}); going on with the next one", file=sys.stderr)
 
 
+def refuse(run_dir: Path, error: ConfigError) -> None:
+    """A refused config: nothing ran, so the run folder keeps only the record of the refusal, in a single
+    run as in a sweep point: ``failed.json`` (exit code 2 and the problems) beside Hydra's ``.hydra/``
+    (the config and overrides asked for). Whatever else was written for it (inputs/, logs/, an empty
+    log file) is removed."""
+    import shutil
+
+    from dejavu.results.compare import FAILED_POINT
+    from dejavu.results.scrub import scrub_text
+
+    if run_dir.is_dir():
+        for p in run_dir.iterdir():
+            if p.name in ("inputs", "logs") and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            elif p.name == "launch.json" or (p.suffix == ".log" and p.is_file() and p.stat().st_size == 0):
+                p.unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record = {"exit_code": 2, "refused": True, "reason": scrub_text(f"configuration: {error}"),
+              "problems": [scrub_text(p) for p in error.problems]}
+    (run_dir / FAILED_POINT).write_text(json.dumps(record, indent=1) + "\n")
+    print(f"dejavu-run: {error}\n(the refusal is recorded in {run_dir / FAILED_POINT})", file=sys.stderr)
+    if HydraConfig.get().mode != RunMode.MULTIRUN:
+        sys.exit(2)
+    print("dejavu-run: this sweep point was refused (exit 2); going on with the next one", file=sys.stderr)
+
+
 def run(raw: DictConfig) -> dict[str, Any] | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        checked = check(raw)
+        checked = check(raw, overrides=list(HydraConfig.get().overrides.task))
     except ConfigError as e:
-        print(f"dejavu-run: {e}", file=sys.stderr)
-        return end_point(run_dir, 2, f"configuration: {e}")
+        return refuse(run_dir, e)
     cfg = checked.cfg
+    for note in checked.notes:
+        print(f"dejavu-run: note: {note}", flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.bench is not None:
         code = run_bench(cfg, raw, run_dir)
@@ -164,8 +212,7 @@ def run(raw: DictConfig) -> dict[str, Any] | None:
         try:
             outcome, procs, plan = launch(checked, run_dir)
         except ConfigError as e:  # found while preparing: still before launch
-            print(f"dejavu-run: {e}", file=sys.stderr)
-            return end_point(run_dir, 2, f"configuration: {e}")
+            return refuse(run_dir, e)
         except LaunchError as e:  # a host unreachable or unprepared, or a process that would not start
             print(f"dejavu-run: cannot launch (nothing was started, or what was started has been stopped):\n{e}",
                   file=sys.stderr)

@@ -107,6 +107,15 @@ def model_arg(cfg: Config) -> str:
     return str(m.get("name"))
 
 
+def weights_args(cfg: Config) -> list:
+    """model.weights=random: every worker builds random weights for its own layers and shard (and the
+    controller records it); nothing for the model's own checkpoint."""
+    m = cfg.model if isinstance(cfg.model, dict) else {}
+    if m.get("weights") != "random":
+        return []
+    return ["--load_format", "dummy", "--weights_seed", int(m.get("weights_seed") or 0)]
+
+
 def build(checked: Checked, inputs: dict[str, str], *, proc_dir: str, ports: Ports,
           controller_host: str, controller_ip: str, extra_env: dict[str, str] | None = None) -> Plan:
     cfg = checked.cfg
@@ -142,6 +151,8 @@ def build(checked: Checked, inputs: dict[str, str], *, proc_dir: str, ports: Por
         ctl += ["--stop_token_ids", *w.stop_token_ids]
     if cfg.failure.with_ft:
         ctl += ["--with_ft"]
+    weights = weights_args(cfg)
+    ctl += weights
 
     # Ranks: prompt pipeline first (stages x TP), then the token pipeline, as the seed orders them.
     first_token_rank = t.num_prompt_peers * tp
@@ -167,6 +178,7 @@ def build(checked: Checked, inputs: dict[str, str], *, proc_dir: str, ports: Por
         ]
         if w.num_requests is not None:
             args += ["--num_requests", w.num_requests]
+        args += weights
         if not b.cuda_graphs:
             args += ["--no_cuda_graphs"]
         if b.device != "cpu" and longest:

@@ -11,10 +11,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from .rules import MODEL_FREE_ENTRIES, noop_keys, overrides_keys, unknown_keys, weights_workload
 from .schema import BackendName, Config, RunnerKind
 
 
@@ -58,9 +59,15 @@ def read_hosts(path: str | os.PathLike, key: str = "cluster.hosts_file") -> list
     return hosts
 
 
-def check(raw: DictConfig | Config, *, resolve_model: bool = True) -> Checked:
+def check(raw: DictConfig | Config, *, resolve_model: bool = True, overrides: Sequence[str] = ()) -> Checked:
+    """``overrides``: the command line's ``key=value`` overrides (Hydra's task overrides); a key set there
+    that has no effect under the chosen options is refused, naming the option that would use it."""
     cfg = to_config(raw)
     problems: list[str] = []
+    notes: list[str] = []
+    problems.extend(unknown_keys(cfg))
+    cfg = weights_workload(cfg, overrides_keys(overrides), problems, notes)
+    problems.extend(noop_keys(cfg, overrides))
     t, b, r, c = cfg.topology, cfg.backend, cfg.runner, cfg.cluster
 
     # ---- topology ------------------------------------------------------------------------------------
@@ -158,7 +165,7 @@ def check(raw: DictConfig | Config, *, resolve_model: bool = True) -> Checked:
 
     if problems:
         raise ConfigError(problems)
-    return Checked(cfg=cfg, hosts=hosts, model_config=model_config)
+    return Checked(cfg=cfg, hosts=hosts, model_config=model_config, notes=notes)
 
 
 def _model_name(cfg: Config) -> str:
@@ -173,10 +180,17 @@ def _model_config(cfg: Config, problems: list[str]):
         problems.append("model: no model selected; pick one with model=NAME (conf/model/NAME.yaml)")
         return None
     try:
-        return resolve_entry(cfg.model, weights=False).config
+        resolved = resolve_entry(cfg.model, weights=False)
     except (ValueError, FileNotFoundError, OSError) as e:
         problems.append(f"model ({_model_name(cfg)}): {e}")
         return None
+    weights = cfg.model.get("weights", "checkpoint")
+    if resolved.source == "shape_only" and weights != "random" and cfg.entry not in MODEL_FREE_ENTRIES:
+        problems.append(f"model={_model_name(cfg)} is a shape-only entry (its conf/model file has the shapes, no "
+                        f"weights and no tokenizer): serve it with random weights, model.weights=random (real "
+                        f"timings, meaningless tokens), or pick a model with weights (e.g. model=smollm2-135m, "
+                        f"or model.source=hf_folder +model.path=CHECKPOINT_FOLDER)")
+    return resolved.config
 
 
 def _check_workload(cfg: Config, model_config, problems: list[str]) -> None:

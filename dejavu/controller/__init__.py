@@ -62,10 +62,9 @@ def run_controller(opts: ControllerOptions, *, plots: bool = True, log=None) -> 
         print(f"dejavu controller: error: {e}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
     run_dir = Path(opts.run_dir) if opts.run_dir else default_run_dir()
-    kind = (f"disaggregated: {topo.prompt_stages} prompt + {topo.token_stages} token stages"
-            if topo.disaggregated else f"baseline: {topo.token_stages} stages")
-    log(f"{kind}, tensor parallelism {topo.tp}, {topo.world_size} workers; {len(requests)} requests in "
-        f"microbatches of {opts.ubatch_size}; results in {run_dir}")
+    weights = "; random weights (seed %d)" % opts.weights_seed if opts.load_format == "dummy" else ""
+    log(f"{describe_topology(topo)}{weights}; {len(requests)} requests in microbatches of {opts.ubatch_size}; "
+        f"results in {run_dir}")
     try:
         server = Controller(opts, topo, requests, log=log)
     except RunFailed as e:
@@ -85,7 +84,9 @@ def run_controller(opts: ControllerOptions, *, plots: bool = True, log=None) -> 
 
     extra = {"run": {"status": "ok" if result.ok else "failed", "error": result.error,
                      "topology": {"prompt_stages": topo.prompt_stages, "token_stages": topo.token_stages,
-                                  "tensor_parallelism": topo.tp, "workers": topo.world_size},
+                                  "tensor_parallelism": topo.tp, "workers": topo.world_size,
+                                  "layout": describe_topology(topo)},
+                     "weights": weights_record(opts),
                      "wall_s": time.perf_counter() - t0}}
     summary = write_results(run_dir, result.records, result.events, result.worker_stats, opts.to_config(),
                             extra=extra, plots=plots)
@@ -98,3 +99,24 @@ def run_controller(opts: ControllerOptions, *, plots: bool = True, log=None) -> 
         f"{tp.get('output_tokens')} tokens, {tp.get('output_tokens_per_s') or 0:.1f} tok/s; "
         f"outputs_sha256 {summary['outputs_sha256'][:16]}...; results in {run_dir}")
     return EXIT_OK
+
+
+def describe_topology(topo) -> str:
+    """The layout in words: "single worker (the whole model)", "baseline: 2 stages, tensor parallelism 1,
+    2 workers", "disaggregated: 1 prompt + 1 token stage, tensor parallelism 1, 2 workers"."""
+    if topo.world_size == 1:
+        return "single worker (the whole model)"
+    workers = f"tensor parallelism {topo.tp}, {topo.world_size} workers"
+    if topo.disaggregated:
+        return (f"disaggregated: {topo.prompt_stages} prompt + {topo.token_stages} token "
+                f"stage{'s' if topo.token_stages > 1 else ''}, {workers}")
+    if topo.token_stages == 1:
+        return f"one stage, {workers}"
+    return f"baseline: {topo.token_stages} stages, {workers}"
+
+
+def weights_record(opts: ControllerOptions) -> dict:
+    """summary.json's run.weights: where the workers' weights came from (random: a benchmark of timings only)."""
+    if opts.load_format == "dummy":
+        return {"kind": "random", "seed": opts.weights_seed}
+    return {"kind": "checkpoint"}

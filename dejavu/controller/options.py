@@ -35,6 +35,8 @@ class ControllerOptions:
     model: Optional[str] = None  # checks TP/stages against the model, draws prompt ids, tokenizes text
     run_dir: Optional[str] = None
     workload: WorkloadSpec = field(default_factory=WorkloadSpec)
+    load_format: str = "auto"  # the workers' --load_format: "dummy" = random weights, recorded in summary.json
+    weights_seed: int = 0
     with_ft: bool = False
     # Failure detection: heartbeats every interval; a worker silent past the timeout is dead.
     heartbeat_interval_s: float = 0.5

@@ -49,6 +49,8 @@ class WorkerOptions:
     controller_ip: Optional[str] = None  # default: $DEJAVU_CONTROLLER_IP, else 127.0.0.1
     port: Optional[int] = None  # default: $DEJAVU_CONTROLLER_PORT, else 5600
     kv_window: int = 2
+    load_format: str = "auto"  # auto: the checkpoint; dummy: random weights from weights_seed (dejavu.model.random_weights)
+    weights_seed: int = 0
     no_cuda_graphs: bool = False  # run decode steps and short prefills eagerly on a GPU (graphs are the default there)
     max_seq_len: Optional[int] = None  # GPU: KV buffers captured at start-up hold this many positions
     connect_timeout_s: float = 120.0
@@ -166,7 +168,7 @@ def run_worker(opts: WorkerOptions) -> int:
         if fault is not None:
             fault.check("startup")
         t_load = time.perf_counter()
-        cfg, folder = resolve_checkpoint(opts.ckpt_path)
+        cfg, open_weights = resolve_checkpoint(opts.ckpt_path, opts.load_format, opts.weights_seed)
         topo = make_topology(tp=opts.tensor_para_size, prompt_stages=opts.prompt_pipeline_para_size,
                              token_stages=opts.token_pipeline_para_size, world_size=world, cfg=cfg,
                              backend=opts.backend)
@@ -183,10 +185,9 @@ def run_worker(opts: WorkerOptions) -> int:
         dp = make_dataplane(opts.backend, topo, rank, device)
         where = "loading weights"
         from ..model.stage import StageModel
-        from ..model.weights import HFCheckpoint
 
         model = StageModel(cfg, *role.layers, comm=dp.tp_comm(), dtype=dtype, device=device)
-        model.load_weights(HFCheckpoint(folder))
+        model.load_weights(open_weights(device, model.dtype))
         from .pipeline import StageWorker
 
         # A captured step cannot contain a host-side all-reduce (gloo, MPI): graphs only without TP.
@@ -228,11 +229,25 @@ def run_worker(opts: WorkerOptions) -> int:
         ctl.close()  # waits for the last message (Stats or Error) to reach the controller
 
 
-def resolve_checkpoint(name_or_path: str):
-    """(ModelConfig, checkpoint folder) of a registered model name, a HF folder or a .gguf file."""
+def resolve_checkpoint(name_or_path: str, load_format: str = "auto", weights_seed: int = 0):
+    """(ModelConfig, open_weights(device, dtype) -> weight source) of a registered model name, a HF folder
+    or a .gguf file. ``load_format="dummy"``: random weights of the model's shapes (no checkpoint read),
+    built on the device for this worker's layers and shard only (dejavu.model.random_weights)."""
     from ..model.registry import resolve_model
 
+    if load_format not in ("auto", "dummy"):
+        raise ValueError(f"--load_format {load_format!r} is unknown; expected auto (the checkpoint) or dummy "
+                         f"(random weights)")
+    if load_format == "dummy":
+        model = resolve_model(name_or_path, weights=False)
+        from ..model.random_weights import RandomWeights
+
+        return model.config, lambda device, dtype: RandomWeights(model.hf_config, weights_seed, device=device,
+                                                                 dtype=dtype)
     model = resolve_model(name_or_path)
     if not model.has_weights:
-        raise ValueError(f"--ckpt_path {name_or_path!r} is a shape-only model entry with no weights to serve")
-    return model.config, model.checkpoint_dir
+        raise ValueError(f"--ckpt_path {name_or_path!r} is a shape-only model entry with no weights to serve; "
+                         f"pass --load_format dummy to serve it with random weights")
+    from ..model.weights import HFCheckpoint
+
+    return model.config, lambda device, dtype: HFCheckpoint(model.checkpoint_dir)

@@ -199,7 +199,7 @@ def test_gpu_workers_get_the_longest_request_as_their_kv_buffer_length(tmp_path,
     monkeypatch.setattr(runners.validate, "_local_gpus", lambda: 1)  # this machine has none; the plan is the same
 
     def worker_args(*overrides):
-        checked = check(compose_cfg("model=opt-125m", "workload.prompts=null", *overrides))
+        checked = check(compose_cfg("model=opt-125m", "model.weights=random", *overrides))
         plan = build(checked, write_inputs(checked, tmp_path), proc_dir=str(tmp_path), ports=local_ports(checked.cfg),
                      controller_host="127.0.0.1", controller_ip="127.0.0.1")
         return plan.workers[0].args
