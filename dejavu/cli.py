@@ -4,6 +4,10 @@
     dejavu controller   the serving controller (seed flags)
     dejavu worker       one serving worker (seed flags)
     dejavu compare      side-by-side comparison of run or sweep folders
+    dejavu profile      prompt and token times of a model shape, measured with our engine (JSON profile)
+    dejavu plan         how many of D machines should do prompts and how many tokens (the planner)
+    dejavu simulate     discrete-event simulation of the baseline and disaggregated pipelines
+    dejavu make-trace   a synthetic request-size trace in the seed's format
 
 Subcommands import their modules lazily so that ``dejavu generate`` starts without the serving stack.
 """
@@ -21,6 +25,10 @@ SUBCOMMANDS = {
     "controller": ("dejavu.cli_serving", "controller_main", "start the serving controller"),
     "worker": ("dejavu.cli_serving", "worker_main", "start one serving worker"),
     "compare": ("dejavu.results.compare", "main", "compare run or sweep folders"),
+    "profile": ("dejavu.planner.cli", "profile_main", "measure prompt/token times of a model shape (JSON profile)"),
+    "plan": ("dejavu.planner.cli", "plan_main", "split D machines into prompt and token pipelines"),
+    "simulate": ("dejavu.simulator.cli", "main", "simulate the baseline and disaggregated pipelines"),
+    "make-trace": ("dejavu.planner.tracegen", "main", "write a synthetic [prompt, new tokens] trace"),
 }
 
 

@@ -340,3 +340,14 @@ def _check_positions(spec: WorkloadSpec, sizes: list[tuple[int, int]], max_posit
                 where = f"{_key('input_len')}={p} + {_key('output_len')}={g}"
             raise WorkloadError(f"{where}: {p + g} positions exceed the model's max positions "
                                 f"({max_positions}); prompt + generated tokens must be <= {max_positions}")
+
+
+def sizes_and_arrivals(spec: WorkloadSpec) -> tuple[list[tuple[int, int]], list[float]]:
+    """(prompt_size, new_tokens) and arrival seconds of every request, without building any prompt: what
+    the simulator needs (``dejavu simulate``). Text prompts have no size before tokenizing: refused."""
+    check_spec(spec)
+    if _text_prompts(spec) is not None:
+        raise WorkloadError(f"{_key('prompts')}: text prompts have no size until tokenized; give sizes with "
+                            f"{_key('input_len')} or {_key('input_sizes_file')}")
+    sizes = _sizes(spec, None)
+    return sizes, _arrivals(spec, len(sizes))

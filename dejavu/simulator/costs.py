@@ -103,3 +103,38 @@ class ProfileCosts:
 
 def _dtype_bytes(name: str) -> int:
     return 4 if name in ("fp32", "float32") else 8 if name in ("fp64", "float64") else 2
+
+
+@dataclass
+class WholeModelCosts:
+    """Whole-model times split evenly over a pipeline's stages: prefill ``Y`` and token step ``t`` of one
+    microbatch, KV hand-over ``c`` of one microbatch (over all token stages): what a user who knows only
+    Y and t (``dejavu simulate --times``) can give."""
+
+    Y: float
+    t: float
+    c: float = 0.0
+    prompt_stages: int = 0
+    token_stages: int = 1
+    hop_s: float = 0.0
+    feedback_s: float = 0.0
+    submit_s: float = 0.0
+    kv_bytes_per_microbatch: float = 0.0
+
+    def _n(self, pipeline: str) -> int:
+        return self.prompt_stages if pipeline == "prompt" else self.token_stages
+
+    def prefill(self, pipeline, stage, b, prompt_len):
+        return self.Y / self._n(pipeline)
+
+    def decode(self, pipeline, stage, b, ctx):
+        return self.t / self._n(pipeline)
+
+    def hop(self, pipeline, stage, b, tokens):
+        return self.hop_s
+
+    def kv(self, stage, b, prompt_len):
+        return self.c / self.token_stages
+
+    def kv_bytes(self, stage, b, tokens):
+        return self.kv_bytes_per_microbatch / self.token_stages
