@@ -13,7 +13,11 @@ dtype it measures, in one run:
   generated positions, and the mean agreeing prefix), and ours in fp32 against HF in fp32.
 
     python bench/generate.py --device cuda --out results/bench-generate.json
+    python bench/generate.py --device cuda --variants --rounds 3 --dtypes fp16   # the engine one change at a time
     python bench/generate.py --device cpu          # tiny shapes, CI smoke
+
+``--variants`` times the decode step of each optimisation stage instead (``VARIANTS``: each sets switches of
+``dejavu/model/switches.py``); ``--variant-names`` picks some by index, ``--rounds`` alternates their order.
 
 Writes JSON with every number (--out) and prints a table last.
 """
@@ -313,7 +317,8 @@ def run_shape(shape: str, args, device: torch.device, bw: float, results: list) 
 # What each change bought: (name, environment switches, fused pre-norm pass, CUDA graphs).
 # Every variant uses the launch tilings DEJAVU_TUNING names at start (default: this GPU's file, if shipped),
 # except "H100 tilings" (10), which takes the built-in tables: `DEJAVU_TUNING=sweep.json ... --variant-names
-# 10,11` is the A/B of a new sweep file against them.
+# 9,10` is the A/B of a new sweep file against them (the two differ in nothing else).
+# The switches are declared in dejavu/model/switches.py; docs/PERFORMANCE.md has what each variant measured.
 _OFF = {"DEJAVU_TRITON": "0", "DEJAVU_SKINNY": "0", "DEJAVU_PDL": "0",
         "DEJAVU_SKINNY_ALL": "0", "DEJAVU_SPLITK": "0", "DEJAVU_ATTN_WRITE": "0", "DEJAVU_PDL_EARLY": "",
         "DEJAVU_TUNING": switches.get("DEJAVU_TUNING"), "DEJAVU_MATMUL": "triton", "DEJAVU_TMA_EARLY": "1",
