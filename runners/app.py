@@ -200,6 +200,10 @@ def run(raw: DictConfig) -> dict[str, Any] | None:
     cfg = checked.cfg
     for note in checked.notes:
         print(f"dejavu-run: note: {note}", flush=True)
+    if checked.plan is not None:  # topology=auto: the planner's reasoning goes into the run folder
+        from .autoplan import write_plan_record
+
+        write_plan_record(checked.plan, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.bench is not None:
         code = run_bench(cfg, raw, run_dir)

@@ -176,6 +176,10 @@ def _random_weights(c: Config) -> str | None:
     return None if weights == "random" else f"model.weights={weights}; it needs model.weights=random"
 
 
+def _auto_topology(c: Config) -> str | None:
+    return None if c.topology.name == "auto" else f"topology={c.topology.name}; it needs topology=auto (the planner)"
+
+
 RULES: list[Rule] = [
     ("workload.rps", _poisson), ("workload.arrival_seed", _poisson),
     ("workload.input_len", _sizes("prompt sizes")), ("workload.output_len", _sizes("generated lengths")),
@@ -190,6 +194,7 @@ RULES: list[Rule] = [
                                                           "system_site_packages", "pip_args")),
     *((f"logger.{k}", _wandb) for k in ("mode", "project", "entity", "tags")),
     ("model.weights_seed", _random_weights),
+    ("planner", _auto_topology),
 ]
 
 

@@ -177,6 +177,18 @@ class BenchConf:
 
 
 @dataclass
+class PlannerConf:
+    """``topology=auto``: the planner (dejavu/planner/plan.py) splits topology.num_peers machines into prompt
+    and token pipelines; its reasoning goes to the run folder (planner.json, planner.txt)."""
+
+    profile: Optional[str] = None  # a `dejavu profile` JSON (path or shipped name); None: profile here (CPU) or give times
+    prompt_time_s: Optional[float] = None  # Y and t given directly (both), instead of a profile
+    token_time_s: Optional[float] = None
+    machine_memory_gb: Optional[float] = None  # per machine; None: this machine's memory / workers (local CPU), else no floors
+    stream_overhead: float = 1.0  # m >= 1: prompt time with KV streaming over prompt time without
+
+
+@dataclass
 class Config:
     model: Any = MISSING  # the model registry entry (conf/model/*.yaml)
     cluster: ClusterConf = field(default_factory=ClusterConf)
@@ -187,6 +199,7 @@ class Config:
     logger: LoggerConf = field(default_factory=LoggerConf)
     runner: RunnerConf = field(default_factory=RunnerConf)
     bench: Optional[BenchConf] = None
+    planner: PlannerConf = field(default_factory=PlannerConf)  # used by topology=auto
     # The program that provides `controller` and `worker`; runners.standin is a model-free stand-in
     # that checks a cluster's wiring (hosts, ranks, environment, logs) in seconds.
     entry: str = "dejavu"  # python -m dejavu {controller,worker} (the `dejavu` console script)

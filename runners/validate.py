@@ -34,6 +34,7 @@ class Checked:
     hosts: list[str]  # hosts[rank] = the address worker `rank` runs on
     model_config: Any = None  # dejavu.model.config.ModelConfig, when the model resolved
     notes: list[str] = field(default_factory=list)
+    plan: Any = None  # topology=auto: the planner's record (runners/autoplan.py), written to the run folder
 
 
 def to_config(cfg: DictConfig | Config) -> Config:
@@ -68,6 +69,11 @@ def check(raw: DictConfig | Config, *, resolve_model: bool = True, overrides: Se
     problems.extend(unknown_keys(cfg))
     cfg = weights_workload(cfg, overrides_keys(overrides), problems, notes)
     problems.extend(noop_keys(cfg, overrides))
+    auto_plan = None
+    if cfg.topology.name == "auto" and cfg.bench is None:  # the planner picks the split (runners/autoplan.py)
+        from .autoplan import plan_auto
+
+        cfg, auto_plan = plan_auto(cfg, problems)
     t, b, r, c = cfg.topology, cfg.backend, cfg.runner, cfg.cluster
 
     # ---- topology ------------------------------------------------------------------------------------
@@ -165,7 +171,7 @@ def check(raw: DictConfig | Config, *, resolve_model: bool = True, overrides: Se
 
     if problems:
         raise ConfigError(problems)
-    return Checked(cfg=cfg, hosts=hosts, model_config=model_config, notes=notes)
+    return Checked(cfg=cfg, hosts=hosts, model_config=model_config, notes=notes, plan=auto_plan)
 
 
 def _model_name(cfg: Config) -> str:
