@@ -46,6 +46,9 @@ class Hello:
     host: str
     sent_at: float  # worker's monotonic clock when sent
     version: int = PROTOCOL_VERSION
+    restart: bool = False  # a replacement for a rank that failed (--restart)
+    generation: int = 0  # the failure generation it expects to join (--failures)
+    spare: bool = False  # a hot spare: no rank yet, waits for an Assign
 
 
 @message
@@ -61,6 +64,7 @@ class Ready:
     load_s: float  # seconds to build and load the stage
     peak_memory_bytes: int
     clock_offset_s: float  # worker clock + offset = controller clock
+    store: str = ""  # its replica store's address ("" without --with_ft)
 
 
 @message
@@ -74,6 +78,7 @@ class Tokens:
     tokens: list[int]
     finished: list[bool]  # per entry: was this the request's last token
     time_s: float  # controller clock
+    generation: int = 0  # failure generation it was computed in (older ones are ignored after a reset)
 
 
 @message
@@ -98,6 +103,8 @@ class Stats:
     bytes_received: dict[str, int] = field(default_factory=dict)
     time_in: dict[str, float] = field(default_factory=dict)  # seconds per path, e.g. {"kv_send": s}
     items: int = 0
+    streams: dict = field(default_factory=dict)  # StreamStats.as_dict(): replication, recovery, ...
+    kv_pool: dict = field(default_factory=dict)  # CachePool.report(): peak KV memory, swaps (worker/swap.py)
 
 
 @message
@@ -108,6 +115,40 @@ class Error:
     message: str
     where: str = ""  # e.g. "startup", "prefill ubatch 3", "decode ubatch 1 step 7"
     traceback: str = ""
+
+
+@message
+class PeerLost:
+    """The data plane broke under this worker (a peer died): it stops serving and waits for a Reset."""
+
+    rank: int
+    generation: int
+    message: str
+
+
+@message
+class FaultPoint:
+    """This worker reached the failure scenario's phase and is parked there for the runner to kill it."""
+
+    rank: int
+    phase: str
+    step: int = 0
+
+
+@message
+class Rejoin:
+    """After a Reset (or, from a replacement, after restoring its replicas): what this worker holds.
+
+    ``state``: per microbatch it has a cache for, ``{"ubatch": u, "prompt": bool, "steps": n}`` — the
+    prompt's positions are in the cache, and so are the first ``n`` decode steps' positions.
+    """
+
+    rank: int
+    generation: int
+    store: str
+    state: list[dict] = field(default_factory=list)
+    restored_bytes: int = 0
+    restore_s: float = 0.0
 
 
 # ---- controller -> worker ------------------------------------------------------------------------------
@@ -121,6 +162,51 @@ class Welcome:
     echo_sent_at: float
     heartbeat_interval_s: float
     controller_timeout_s: float  # a worker that hears nothing from the controller this long exits
+    generation: int = 0  # the failure generation to join
+    stores: dict = field(default_factory=dict)  # rank -> replica store address (a replacement restores from it)
+
+
+@message
+class Assign:
+    """To a hot spare: become ``rank`` and join failure generation ``generation``."""
+
+    rank: int
+    generation: int
+
+
+@message
+class Arm:
+    """Failure scenario: park at ``phase`` (prefill, admit, decode step ``step``) and say so (FaultPoint),
+    so that the runner's kill lands exactly there."""
+
+    phase: str
+    step: int = 0
+
+
+@message
+class Reset:
+    """A worker failed: drop the data plane and in-flight work, keep caches and replicas, rejoin."""
+
+    generation: int
+    lost: list[int]
+    reason: str = ""
+
+
+@message
+class Resume:
+    """Every rank rejoined: the new replica-store addresses and what each leader resumes.
+
+    ``items``: microbatches resumed from a decode step (meta of a "resume" work item: ids, lens,
+    max_seq, params, step, outputs, live); ``drop``: microbatches every stage forgets (their prompts
+    are submitted again); ``resend``: ranks whose replicas were lost (their holder died): each sends its
+    whole cache again to its (new) holder.
+    """
+
+    generation: int
+    stores: dict
+    items: list[dict] = field(default_factory=list)
+    drop: list[int] = field(default_factory=list)
+    resend: list[int] = field(default_factory=list)
 
 
 @message

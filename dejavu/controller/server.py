@@ -25,8 +25,8 @@ from pathlib import Path
 
 import zmq
 
-from ..protocol import (Abort, Error, Heartbeat, HeartbeatAck, Hello, ProtocolError, Ready, Shutdown, Stats,
-                        Submit, Tokens, Welcome, from_msg, to_msg)
+from ..protocol import (Abort, Error, FaultPoint, Heartbeat, HeartbeatAck, Hello, PeerLost, ProtocolError, Ready,
+                        Rejoin, Shutdown, Stats, Submit, Tokens, Welcome, from_msg, to_msg)
 from ..records import Request, RequestRecord, StageEvent
 from ..worker.topology import Topology
 from .options import ControllerOptions
@@ -44,6 +44,7 @@ class WorkerInfo:
     stats: Stats | None = None
     last_heartbeat: float = 0.0  # controller clock
     errors: list[Error] = field(default_factory=list)
+    lost_host: str | None = None  # where its last process ran, once it failed
 
     def label(self, topo: Topology) -> str:
         r = topo.role(self.rank)
@@ -60,6 +61,7 @@ class RunResult:
     worker_stats: dict[int, dict]
     error: str | None = None
     summary: dict | None = None
+    failures: list[dict] | None = None  # one entry per failure generation (fault-tolerant runs)
 
 
 class Controller:
@@ -77,6 +79,14 @@ class Controller:
         self.progress = None  # the terminal progress line (dejavu.results.progress), while serving
         self.failure: tuple[float, str] | None = None  # (when, why) of the first sign of failure
         self.interrupted: str | None = None
+        self.tokens_total = 0
+        self._suspected_at = -1e9  # when a survivor last reported a broken data plane
+        self.ft = None  # recovery.FaultTolerance, when the run survives failures
+        if opts.recoverable:
+            from .recovery import FaultTolerance, Injection
+
+            self.ft = FaultTolerance(self, [Injection.from_dict(d) for d in opts.injections])
+        self.store = self._rendezvous_store() if self.ft is not None else None
         self.ctx = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 1000)
@@ -87,6 +97,24 @@ class Controller:
         except zmq.ZMQError as e:
             raise RunFailed(f"cannot listen on {address} (--controller_ip / --port): {e}") from None
         self.log(f"controller listening on {address}, waiting for {topo.world_size} workers")
+
+    def _rendezvous_store(self):
+        """A run that survives failures rebuilds the workers' data plane per failure generation; the
+        rendezvous store lives here, in the one process that is never replaced (MASTER_PORT)."""
+        import os
+        from datetime import timedelta
+
+        import torch.distributed as dist
+
+        port = int(os.environ.get("MASTER_PORT") or 0)
+        if not port:
+            raise RunFailed("a run that survives failures serves the workers' rendezvous store from the controller: "
+                            "set MASTER_PORT (and the workers' MASTER_ADDR to --controller_ip)")
+        try:
+            return dist.TCPStore(self.opts.controller_ip, port, None, True, timeout=timedelta(seconds=60),
+                                 wait_for_workers=False)
+        except Exception as e:  # noqa: BLE001 — the port is taken, most likely
+            raise RunFailed(f"cannot serve the rendezvous store on {self.opts.controller_ip}:{port} (MASTER_PORT): {e}")
 
     def now(self) -> float:
         return time.perf_counter() - self.t0
@@ -119,9 +147,19 @@ class Controller:
     def handle(self, identity: bytes, msg) -> None:
         rank = getattr(msg, "rank", None)
         if isinstance(msg, Heartbeat):
-            if rank in self.workers:
+            if rank in self.workers and self.workers[rank].hello is not None:
                 self.workers[rank].last_heartbeat = self.now()
                 self.send(identity, HeartbeatAck(msg.seq, self.now()))
+            return
+        if isinstance(msg, Hello) and msg.spare:
+            if self.ft is None:
+                self.send(identity, Abort("this run does not survive failures (no --with_ft / failure scenario), "
+                                          "so it takes no hot spares"))
+                return
+            self.ft.spares.append(identity)
+            self.send(identity, Welcome(-1, self.now(), msg.sent_at, self.opts.heartbeat_interval_s,
+                                        max(60.0, 4 * self.opts.heartbeat_timeout_s), self.ft.generation))
+            self.log(f"hot spare {identity.decode()} on {msg.host} pid {msg.pid} is waiting")
             return
         if rank not in self.workers:
             self.log(f"warning: a message from rank {rank!r}, outside the world of {self.topo.world_size}")
@@ -131,9 +169,18 @@ class Controller:
             return
         w = self.workers[rank]
         if isinstance(msg, Hello):
+            if w.hello is not None and msg.restart and self.ft is not None:
+                # A replacement came before the deadline noticed: its predecessor is gone.
+                self.ft.lose([rank], f"a replacement for rank {rank} said hello (its process was restarted)")
             if w.hello is not None:
                 self.fail(f"{w.label(self.topo)} said hello twice (a second worker with the same --rank?)")
                 return
+            if self.ft is not None and self.run_start is not None:
+                if not msg.restart:
+                    self.send(identity, Abort(f"rank {rank} is being replaced; start a replacement with --restart"))
+                    return
+                self.ft.replacement_hello(rank)
+                self.log(f"replacement for rank {rank} connected from {msg.host} pid {msg.pid}")
             w.hello, w.last_heartbeat = msg, self.now()
             if msg.world_size not in (-1, self.topo.world_size):
                 why = (f"{w.label(self.topo)} was started for a world of {msg.world_size} workers but the "
@@ -141,8 +188,10 @@ class Controller:
                 self.send(identity, Abort(why))
                 self.fail(why)
                 return
+            ft = self.ft
             self.send(identity, Welcome(rank, self.now(), msg.sent_at, self.opts.heartbeat_interval_s,
-                                        max(60.0, 4 * self.opts.heartbeat_timeout_s)))
+                                        max(60.0, 4 * self.opts.heartbeat_timeout_s),
+                                        ft.generation if ft else 0, dict(ft.stores) if ft else {}))
         elif isinstance(msg, Ready):
             w.ready = msg
             want = self.topo.role(rank)
@@ -152,11 +201,27 @@ class Controller:
                           f"{tuple(msg.layers)}, but the controller's flags make it {want.name} tp{want.tp_rank} with "
                           f"layers {want.layers}; start the controller and the workers with the same topology")
                 return
+            if self.ft is not None and msg.store:
+                self.ft.stores[rank] = msg.store
             self.log(f"{w.label(self.topo)} ready: layers [{msg.layers[0]}, {msg.layers[1]}) on {msg.device}, "
                      f"loaded in {msg.load_s:.1f} s [{sum(x.ready is not None for x in self.workers.values())}"
                      f"/{self.topo.world_size}]")
         elif isinstance(msg, Tokens):
+            if self.ft is not None:
+                if msg.generation < self.ft.generation or self.ft.recovering is not None:
+                    self.ft.stale_tokens += len(msg.tokens)  # computed before the failure: recomputed
+                    return
+                self.ft.tokens(msg.ubatch, msg.step)
             self.on_tokens(msg)
+        elif isinstance(msg, Rejoin):
+            if self.ft is not None:
+                self.ft.rejoined(msg)
+        elif isinstance(msg, PeerLost):
+            self.log(f"{w.label(self.topo)} lost its data plane (generation {msg.generation}): {msg.message[:160]}")
+            self.suspect()
+        elif isinstance(msg, FaultPoint):
+            if self.ft is not None:
+                self.ft.at_fault_point(rank)
         elif isinstance(msg, Stats):
             w.stats = msg
         elif isinstance(msg, Error):
@@ -171,6 +236,7 @@ class Controller:
             rec = self.records.get(rid)
             if rec is None or rid in self.done:
                 continue
+            self.tokens_total += 1
             self._steps[rid][msg.step] = tok
             if msg.step == 0:
                 rec.first_token_s = t
@@ -200,10 +266,26 @@ class Controller:
     # ---- watchdogs ------------------------------------------------------------------------------------
     def check_heartbeats(self) -> None:
         now = self.now()
+        if self.ft is not None and self.run_start is not None:  # at start-up a silent worker ends the run
+            # After a survivor said its data plane broke, two missed heartbeats are enough.
+            suspicious = now - self._suspected_at < self.opts.heartbeat_timeout_s
+            deadline = 2 * self.opts.heartbeat_interval_s + 0.5 if suspicious else self.opts.heartbeat_timeout_s
+            late = [w.rank for w in self.workers.values() if w.hello is not None and w.stats is None
+                    and now - w.last_heartbeat > deadline]
+            if late:
+                self.ft.lose(late, f"heartbeats stopped ({deadline:.1f} s without one"
+                                   + (", after a peer lost its connection to it" if suspicious else "") + "): "
+                                   f"it died or hangs")
+            return
         for w in self.workers.values():
             if w.hello is not None and w.stats is None and now - w.last_heartbeat > self.opts.heartbeat_timeout_s:
                 self.fail(f"{w.label(self.topo)} stopped sending heartbeats {now - w.last_heartbeat:.1f} s ago "
                           f"(deadline {self.opts.heartbeat_timeout_s:.1f} s): it died or hangs")
+
+    def suspect(self) -> None:
+        """A survivor's data plane broke: whoever has missed two heartbeats is dead now, not at the deadline."""
+        self._suspected_at = self.now()
+        self.check_heartbeats()
 
     def lost_workers(self) -> list[WorkerInfo]:
         """Workers whose heartbeat is overdue by more than two intervals: the likely dead ones."""
@@ -265,6 +347,8 @@ class Controller:
         self.run_start = self.now()
         self.last_progress = self.now()
         self.log(f"all {self.topo.world_size} workers ready; serving {len(self.requests)} requests")
+        if self.ft is not None:
+            self.ft.start()
 
     def serve(self) -> None:
         from ..workload import group_into_microbatches
@@ -282,13 +366,22 @@ class Controller:
             self.progress.close()
             self.progress = None
 
+    def submission(self, i: int, ub: list[Request]) -> Submit:
+        return Submit(i, [r.id for r in ub], [list(r.prompt_ids) for r in ub], [self._params(r) for r in ub],
+                      self.now() - (self.run_start or 0.0))
+
     def _serve(self, queue: list, entry: bytes) -> None:
         while len(self.done) < len(self.requests):
             rel = self.now() - self.run_start
-            while queue and queue[0][0] <= rel:
+            ft = self.ft
+            if ft is not None:
+                ft.step()
+                ft.inject(rel, self.tokens_total)
+            while queue and queue[0][0] <= rel and (ft is None or ft.recovering is None):
                 _, i, ub = queue.pop(0)
-                sub = Submit(i, [r.id for r in ub], [list(r.prompt_ids) for r in ub],
-                             [self._params(r) for r in ub], rel)
+                sub = self.submission(i, ub)
+                if ft is not None:
+                    ft.submitted(i, ub)
                 if not self.send(entry, sub):
                     self.fail(f"cannot reach the entry worker (rank {self.topo.entry_rank}) to submit microbatch {i}")
                 if not self.submitted - self.done:  # the pipeline was idle: the progress clock starts now
@@ -298,6 +391,8 @@ class Controller:
             self.receive(wait)
             self.check_heartbeats()
             outstanding = self.submitted - self.done
+            if ft is not None and ft.recovering is not None:
+                self.last_progress = self.now()
             if outstanding and self.now() - self.last_progress > self.opts.progress_timeout_s:
                 self.fail(f"no token for {self.opts.progress_timeout_s:.0f} s (--progress_timeout) while "
                           f"{len(outstanding)} requests were in flight: the pipeline is stuck")
@@ -340,7 +435,7 @@ class Controller:
         start = self.run_start if self.run_start is not None else self.now()
         events, stats = [], {}
         for w in self.workers.values():
-            if w.stats is None:
+            if not w.stats:
                 continue
             for e in w.stats.events:
                 ev = StageEvent.from_dict(e)
@@ -349,7 +444,10 @@ class Controller:
                 if ev.end_s > ev.start_s:
                     events.append(ev)
             stats[w.rank] = worker_stats(w, self.topo)
-        return RunResult(ok, [self.records[i] for i in sorted(self.records)], events, stats, error)
+        res = RunResult(ok, [self.records[i] for i in sorted(self.records)], events, stats, error)
+        if self.ft is not None:
+            res.failures = self.ft.summary()
+        return res
 
     def close(self) -> None:
         self.sock.close()
@@ -367,6 +465,11 @@ def worker_stats(w: WorkerInfo, topo: Topology) -> dict:
         # Counted on the receiving side only, so that summing over workers counts each byte once.
         out["kv_bytes"] = {"prompt->token": int(s.bytes_received.get("kv", 0))}
         out["kv_seconds"] = {"prompt->token": float(s.time_in.get("kv_recv", 0.0))}
+    if s.kv_pool:  # peak KV memory; with swapping, its copies (summary.json: swap, kv_streams.swap)
+        out["kv_pool"] = s.kv_pool
+        if s.kv_pool.get("swapping"):
+            out.setdefault("kv_bytes", {})["swap"] = s.kv_pool["swap_out_bytes"] + s.kv_pool["swap_in_bytes"]
+            out.setdefault("kv_seconds", {})["swap"] = s.kv_pool["swap_s"]
     return out
 
 

@@ -353,7 +353,7 @@ def swap_in(cache: torch.Tensor, transport: Transport, key: str, *, stats: Strea
 # ---- replication -----------------------------------------------------------------------------------
 def replicate_step(cache: torch.Tensor, part: Partition, slots: Sequence[int], positions: Sequence[int],
                    transport: Transport, *, key: str, peer: int = -1, stats: StreamStats | None = None,
-                   path: str = "replication") -> Handle:
+                   path: str = "replication", meta: dict | None = None) -> Handle:
     """Send one token step's slice (slot ``slots[i]`` wrote position ``positions[i]``, every layer).
 
     Gathered with one indexing kernel into ``[slots, layers, kv, heads, head_dim]`` and flushed under
@@ -364,17 +364,18 @@ def replicate_step(cache: torch.Tensor, part: Partition, slots: Sequence[int], p
     handle = Handle(transport, stats, path)
     with on_side_stream(cache.device):  # the gather too: the compute stream only pays a wait_stream
         buf = gather_step(cache, part, step)
-        handle.add(transport.flush(key, buf, peer=peer, meta={"step": step.to_meta()}), nbytes(buf))
+        handle.add(transport.flush(key, buf, peer=peer, meta={**(meta or {}), "step": step.to_meta()}), nbytes(buf))
     return handle
 
 
 def replicate_box(cache: torch.Tensor, part: Partition, box: Box, transport: Transport, *, key: str,
-                  peer: int = -1, stats: StreamStats | None = None, path: str = "replication") -> Handle:
+                  peer: int = -1, stats: StreamStats | None = None, path: str = "replication",
+                  meta: dict | None = None) -> Handle:
     """Send a box of the cache (e.g. a prompt's positions ``[0, P)`` after prefill) as one chunk."""
     handle = Handle(transport, stats, path)
     with on_side_stream(cache.device):
         buf = gather(cache, part, box)
-        handle.add(transport.flush(key, buf, peer=peer, meta={"box": box.to_meta()}), nbytes(buf))
+        handle.add(transport.flush(key, buf, peer=peer, meta={**(meta or {}), "box": box.to_meta()}), nbytes(buf))
     return handle
 
 

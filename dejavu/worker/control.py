@@ -17,7 +17,7 @@ import time
 
 import zmq
 
-from ..protocol import Abort, Error, Heartbeat, Hello, ProtocolError, Welcome, from_msg, to_msg
+from ..protocol import Abort, Arm, Error, Heartbeat, Hello, ProtocolError, Reset, Welcome, from_msg, to_msg
 
 EXIT_ABORTED = 3
 EXIT_CONTROLLER_LOST = 4
@@ -28,8 +28,16 @@ class ControllerUnreachable(RuntimeError):
 
 
 class ControlClient:
-    def __init__(self, address: str, rank: int, world_size: int, *, connect_timeout_s: float = 120.0) -> None:
+    def __init__(self, address: str, rank: int, world_size: int, *, connect_timeout_s: float = 120.0,
+                 restart: bool = False, generation: int = 0) -> None:
         self.address, self.rank = address, rank
+        self.restart, self.generation = restart, generation
+        # Fault tolerance: the newest Reset's generation (the heartbeat thread takes it in).
+        self.reset_generation = generation
+        self.reset_event = threading.Event()
+        self.welcome: Welcome | None = None
+        self.armed: tuple[str, int] | None = None  # failure scenario: (phase, decode step) to park at
+        self._send_lock = threading.Lock()  # the serving thread and the recovery both send on ``main``
         # A context of our own, so close() can wait for the last messages (Stats, Error) to leave.
         self.ctx = zmq.Context()
         self.main = self.ctx.socket(zmq.DEALER)
@@ -49,7 +57,8 @@ class ControlClient:
 
     def _hello(self, world_size: int, timeout_s: float) -> None:
         sent = time.perf_counter()
-        self.main.send(to_msg(Hello(self.rank, world_size, os.getpid(), socket.gethostname(), sent)))
+        self.main.send(to_msg(Hello(self.rank, world_size, os.getpid(), socket.gethostname(), sent,
+                                    restart=self.restart, generation=self.generation)))
         if not self.main.poll(int(timeout_s * 1000)):
             raise ControllerUnreachable(
                 f"no answer from the controller at {self.address} within {timeout_s:.0f} s; is it running, and "
@@ -60,6 +69,8 @@ class ControlClient:
         if not isinstance(msg, Welcome):
             raise ProtocolError(f"expected Welcome from the controller, got {type(msg).__name__}")
         got = time.perf_counter()
+        self.welcome = msg
+        self.reset_generation = max(self.reset_generation, msg.generation)
         # NTP-style: the controller read its clock halfway through the round trip.
         self.offset = msg.controller_time_s - (sent + got) / 2
         self.rtt_s = got - sent
@@ -70,7 +81,8 @@ class ControlClient:
 
     # ---- main socket ----------------------------------------------------------------------------------
     def send(self, msg) -> None:
-        self.main.send(to_msg(msg))
+        with self._send_lock:
+            self.main.send(to_msg(msg))
 
     def poll(self, timeout_ms: int) -> list:
         """Messages waiting on the main socket, waiting up to ``timeout_ms`` for the first."""
@@ -117,6 +129,16 @@ class ControlClient:
                 except ProtocolError:
                     continue
                 heard = time.perf_counter()
+                if isinstance(msg, Arm):
+                    self.armed = (msg.phase, msg.step)
+                    continue
+                if isinstance(msg, Reset):
+                    if msg.generation > self.reset_generation:
+                        self.reset_generation = msg.generation
+                        print(f"[worker {self.rank}] reset to failure generation {msg.generation}: "
+                              f"{msg.reason}", flush=True)
+                        self.reset_event.set()
+                    continue
                 if isinstance(msg, Abort):
                     print(f"[worker {self.rank}] aborted by the controller: {msg.reason}", file=sys.stderr, flush=True)
                     os._exit(EXIT_ABORTED)

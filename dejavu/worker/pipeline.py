@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -36,11 +37,11 @@ import zmq
 from ..model.cuda_graphs import input_buffer
 from ..model.kv_cache import KVCache
 from ..model.stage import StageModel
-from ..protocol import Shutdown, Submit, Tokens
+from ..protocol import FaultPoint, Shutdown, Submit, Tokens
 from ..records import StageEvent
 from ..sampling import SamplingParams, is_finished, sample
 from ..streaming import StreamStats
-from .cache_pool import CachePool, Lease
+from .cache_pool import CachePool, KVPoolOptions, Lease, make_pool
 from .control import ControlClient
 from .dataplane import ACT, CHANNEL_NAMES, FEEDBACK, HANDOVER, TP, DataPlane
 from .faults import Fault
@@ -50,6 +51,10 @@ from .topology import Role, Topology
 
 class WorkerError(RuntimeError):
     pass
+
+
+class Stale(RuntimeError):
+    """This generation of the data plane was abandoned (a peer failed): the serving thread leaves."""
 
 
 @dataclass
@@ -63,6 +68,8 @@ class Ubatch:
     lease: Lease | None = None  # its buffer in the stage's cache pool (stages that decode)
     outputs: list[list[int]] = field(default_factory=list)  # sampler only
     live: list[bool] = field(default_factory=list)  # sampler only
+    prompt: bool = False  # the prompt's positions are in the cache (prefill or hand-over completed)
+    written: int = 0  # decode steps whose positions are in the cache
 
     @classmethod
     def from_meta(cls, meta: dict) -> "Ubatch":
@@ -76,8 +83,8 @@ class Ubatch:
 class Mailbox:
     """What a leader waits on: controller messages (main socket) and side channels (listener threads)."""
 
-    def __init__(self, ctl: ControlClient, dp: DataPlane) -> None:
-        self.ctl, self.dp = ctl, dp
+    def __init__(self, ctl: ControlClient, dp: DataPlane, stale: threading.Event | None = None) -> None:
+        self.ctl, self.dp, self.stale = ctl, dp, stale
         self.address = f"inproc://mailbox-{os.getpid()}-{id(self)}"
         self.pull = ctl.ctx.socket(zmq.PULL)
         self.pull.bind(self.address)
@@ -112,8 +119,10 @@ class Mailbox:
     def get(self, block: bool) -> list[tuple]:
         out = list(self.local)
         self.local.clear()
-        timeout = 0 if out or not block else 1000
+        timeout = 0 if out or not block else (100 if self.stale is not None else 1000)
         while True:
+            if self.stale is not None and self.stale.is_set():
+                raise Stale("generation abandoned")
             ready = dict(self.poller.poll(timeout))
             if self.ctl.main in ready:
                 out += [("ctl", m) for m in self.ctl.poll(0)]
@@ -130,25 +139,44 @@ class Mailbox:
 
 class StageWorker:
     def __init__(self, role: Role, topo: Topology, model: StageModel, dp: DataPlane, ctl: ControlClient, *,
-                 ubatch_size: int, fault: Fault | None = None, kv_window: int = 2, cuda_graphs: bool = False
-                 ) -> None:
-        self.role, self.topo, self.model, self.dp, self.ctl = role, topo, model, dp, ctl
-        self.ubatch_size, self.fault = ubatch_size, fault
+                 ubatch_size: int, fault: Fault | None = None, kv_window: int = 2, cuda_graphs: bool = False,
+                 recoverable: bool = False, kv: KVPoolOptions | None = None) -> None:
+        self.role, self.topo, self.model, self.ctl = role, topo, model, ctl
+        self.ubatch_size, self.fault, self.kv_window = ubatch_size, fault, kv_window
         self.device = model.device
         self.states: dict[int, Ubatch] = {}
         self.events: list[StageEvent] = []
         self.where = "starting"
         self.is_sampler = role.is_last and role.tp_rank == 0
         self.kv_stats = StreamStats()
-        kv_heads = model.cfg.num_kv_heads
-        self.sender = (KVSender(dp, topo, role, self.kv_stats, num_kv_heads=kv_heads, window=kv_window)
-                       if role.pipeline == "prompt" else None)
-        self.receiver = (KVReceiver(dp, topo, role, self.kv_stats, num_kv_heads=kv_heads)
-                         if topo.disaggregated and role.pipeline == "token" else None)
         # Stages that decode keep their microbatches' caches in reused buffers (and, on a GPU, replay
         # each buffer's decode step as a CUDA graph); prompt stages hold a prompt-sized cache per
         # microbatch, whose layers are contiguous blocks for the hand-over.
-        self.pool = CachePool(model, ubatch_size, cuda_graphs=cuda_graphs) if role.pipeline != "prompt" else None
+        # With swapping (kv.swapping) only kv.resident of them stay on the device (dejavu/worker/swap.py).
+        self.pool = (make_pool(model, ubatch_size, cuda_graphs=cuda_graphs, options=kv, stats=self.kv_stats)
+                     if role.pipeline != "prompt" else None)
+        # Fault tolerance: a generation of the data plane ends when a peer fails; the serving thread of
+        # that generation then leaves at its next message (``stale``), the caches stay.
+        self.recoverable = recoverable
+        self.generation = 0
+        self.stale: threading.Event | None = None
+        self.in_comm = False  # blocked in the data plane (safe for the recovery to take over)
+        self.replicator = None  # replication.Replicator, with --with_ft
+        self.initial_items: list[tuple[dict, torch.Tensor | None]] = []
+        self.dp, self.sender, self.receiver, self.mailbox = None, None, None, None
+        if dp is not None:  # a recoverable worker attaches each generation's data plane when it comes
+            self.attach(dp, 0)
+
+    def attach(self, dp: DataPlane, generation: int) -> None:
+        """Serve on ``dp`` from now on (a new data plane after a failure); caches and states stay."""
+        role, topo = self.role, self.topo
+        self.dp, self.generation = dp, generation
+        self.stale = threading.Event() if self.recoverable else None
+        kv_heads = self.model.cfg.num_kv_heads
+        self.sender = (KVSender(dp, topo, role, self.kv_stats, num_kv_heads=kv_heads, window=self.kv_window)
+                       if role.pipeline == "prompt" else None)
+        self.receiver = (KVReceiver(dp, topo, role, self.kv_stats, num_kv_heads=kv_heads)
+                         if topo.disaggregated and role.pipeline == "token" else None)
         p, s, t = role.pipeline, role.stage, role.tp_rank
         self.downstream = None if role.is_last else topo.rank_of(p, s + 1, t)
         if role.is_leader:
@@ -158,7 +186,20 @@ class StageWorker:
         else:
             self.upstream, self.up_channel = topo.rank_of(p, s - 1, t), ACT
         self.tp_peers = [r for r in topo.stage_ranks(p, s) if r != role.rank] if role.is_leader else []
-        self.mailbox = Mailbox(ctl, dp) if role.is_leader else None
+        self.mailbox = Mailbox(self.ctl, dp, self.stale) if role.is_leader else None
+
+    def comm(self, fn, *args):
+        """A data-plane call; afterwards, a serving thread whose generation was abandoned leaves."""
+        self.in_comm = True
+        try:
+            return fn(*args)
+        finally:
+            self.in_comm = False
+            self.check_stale()
+
+    def check_stale(self) -> None:
+        if self.stale is not None and self.stale.is_set():
+            raise Stale(f"generation {self.generation} abandoned")
 
     @torch.no_grad()
     def warm_up(self, max_seq: int) -> None:
@@ -175,12 +216,13 @@ class StageWorker:
             index = torch.tensor([t - 1]) if self.role.is_last else None
             m(x, torch.arange(t).view(1, t), m.new_cache(1, t), index)
         if self.pool is not None and self.pool.cuda_graphs:
-            leases = [self.pool.acquire(-1 - i, self.ubatch_size, max_seq) for i in range(self.role.num_stages)]
+            n = self.pool.warm_buffers(self.role.num_stages)  # swapping: only the resident buffers
+            leases = [self.pool.acquire(-1 - i, self.ubatch_size, max_seq) for i in range(n)]
             b = self.ubatch_size
             x = input_buffer(m, b, 1)
             for lease in leases:
                 self.pool.decode(lease, x, torch.zeros(b, 1, dtype=torch.long), None)
-                if self.sender is None and self.receiver is None:  # this stage prefills into its buffers
+                if not self.topo.disaggregated:  # this stage prefills into its buffers (the baseline)
                     self.pool.warm_prefill(lease)
             for i in range(len(leases)):
                 self.pool.release(-1 - i)
@@ -188,8 +230,8 @@ class StageWorker:
 
     # ---- timeline -------------------------------------------------------------------------------------
     def event(self, kind: str, start: float, ubatch: int = -1) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        if self.device.type == "cuda":  # the compute only: swaps and replication copies run on their own streams
+            torch.cuda.current_stream(self.device).synchronize()
         self.events.append(StageEvent(self.role.rank, self.role.name, kind, start, self.ctl.now(), ubatch,
                                       self.role.tp_rank))
 
@@ -201,20 +243,20 @@ class StageWorker:
             while True:
                 self.where = "waiting for work"
                 t0 = self.ctl.now()
-                meta, tensors = self.dp.recv(self.upstream, self.up_channel)
+                meta, tensors = self.comm(self.dp.recv, self.upstream, self.up_channel)
                 self.event("idle", t0, meta.get("ubatch", -1))
                 if not self.process(meta, tensors[0] if tensors else None):
                     break
         if self.sender is not None:
             self.where = "finishing KV sends"
-            self.sender.flush()
+            self.comm(self.sender.flush)
         self.where = "done"
 
     def issue(self, meta: dict, x: torch.Tensor | None) -> bool:
         """Leader: give an item to this stage's TP peers, then run it here."""
         t0 = self.ctl.now()
         for peer in self.tp_peers:
-            self.dp.send(peer, meta, [x] if x is not None else [], TP)
+            self.comm(self.dp.send, peer, meta, [x] if x is not None else [], TP)
         if self.tp_peers:
             self.event("send", t0, meta.get("ubatch", -1))
         return self.process(meta, x)
@@ -222,9 +264,7 @@ class StageWorker:
     def process(self, meta: dict, x: torch.Tensor | None) -> bool:
         kind = meta["kind"]
         for u in meta.get("release", ()):
-            self.states.pop(u, None)
-            if self.pool is not None:
-                self.pool.release(u)
+            self.forget(u)
         if kind == "stop":
             self.where = "stopping"
             self.forward(meta, None)
@@ -236,6 +276,8 @@ class StageWorker:
         self.where = f"{kind} ubatch {u}" + (f" step {step}" if kind == "decode" else "")
         if self.fault is not None:
             self.fault.check(kind, step)
+        if self.ctl.armed is not None:
+            self.park_if_armed(kind, step)
         if kind == "prefill":
             self.prefill(meta, x)
         elif kind == "admit":
@@ -244,6 +286,8 @@ class StageWorker:
             if u not in self.states:
                 raise WorkerError(f"decode step {step} for ubatch {u}, which this stage does not hold")
             self.decode(meta, x, self.states[u])
+        elif kind == "resume":
+            self.resume(meta, x)
         else:
             raise WorkerError(f"unknown work item kind {kind!r}")
         self.ctl.progress += 1
@@ -253,7 +297,7 @@ class StageWorker:
         if self.downstream is None:
             return
         t0 = self.ctl.now()
-        self.dp.send(self.downstream, meta, [out] if out is not None else [], ACT)
+        self.comm(self.dp.send, self.downstream, meta, [out] if out is not None else [], ACT)
         self.event("send", t0, meta.get("ubatch", -1))
 
     def notify(self, channel: int, meta: dict) -> None:
@@ -263,7 +307,7 @@ class StageWorker:
             if meta.get("kind") != "stop":  # the leader itself is stopping: nobody to tell
                 self.mailbox.post(channel, meta)
         else:
-            self.dp.side_send(dst, meta, channel)
+            self.comm(self.dp.side_send, dst, meta, channel)
 
     # ---- work items -----------------------------------------------------------------------------------
     def prefill(self, meta: dict, x: torch.Tensor) -> None:
@@ -284,6 +328,9 @@ class StageWorker:
             out = self.model(x.to(self.device), positions, ub.cache, index, on_layer_done=hook)
         else:
             out = self.pool.prefill(ub.lease, x, index)
+            ub.prompt = True
+            if self.replicator is not None:
+                self.replicator.prompt(ub.id, ub.cache, ub.lens, ub.max_seq)
         self.event("prefill", t0, ub.id)
         self.forward(meta, out)
         if self.role.is_last and self.is_sampler:
@@ -295,7 +342,7 @@ class StageWorker:
             else:
                 self.notify(FEEDBACK, {"ubatch": ub.id, "step": 0, "tokens": inputs, "done": done})
         if self.sender is not None:
-            self.sender.ubatch_done()  # may wait for the oldest hand-over: back-pressure from the token side
+            self.comm(self.sender.ubatch_done)  # may wait for the oldest hand-over: back-pressure from the token side
         else:
             self.states[ub.id] = ub
 
@@ -304,13 +351,16 @@ class StageWorker:
         ub.lease = self.pool.acquire(ub.id, len(ub.lens), ub.max_seq)
         ub.cache = ub.lease.cache
         t0 = self.ctl.now()
-        self.receiver.receive(ub.cache, int(meta["plen"]))
+        self.states[ub.id] = ub  # a failure mid-receive leaves it without a prompt (prompt=False)
+        self.comm(self.receiver.receive, ub.cache, int(meta["plen"]))
         self.event("stream", t0, ub.id)
         if meta.get("drop"):  # every request ended with its first token: nothing to decode
-            self.pool.release(ub.id)
+            self.forget(ub.id)
             self.forward(meta, None)
             return
-        self.states[ub.id] = ub
+        ub.prompt = True
+        if self.replicator is not None:
+            self.replicator.prompt(ub.id, ub.cache, ub.lens, ub.max_seq)
         self.decode(meta, x, ub)
 
     def decode(self, meta: dict, x: torch.Tensor, ub: Ubatch) -> None:
@@ -320,6 +370,9 @@ class StageWorker:
         index = torch.zeros(b, dtype=torch.long) if self.role.is_last else None
         t0 = self.ctl.now()
         out = self.pool.decode(ub.lease, x, positions, index)
+        ub.written = k + 1
+        if self.replicator is not None:
+            self.replicator.step(ub.id, ub.cache, k, positions.view(-1).tolist())
         self.event("decode", t0, ub.id)
         self.forward(meta, out)
         if self.is_sampler:
@@ -338,8 +391,56 @@ class StageWorker:
             ids.append(ub.request_ids[i])
             toks.append(tok)
             fin.append(end)
-        self.ctl.send(Tokens(self.role.rank, ub.id, step, ids, toks, fin, self.ctl.now()))
+        self.check_stale()  # a stale generation's tokens are not sent (the controller would ignore them)
+        self.ctl.send(Tokens(self.role.rank, ub.id, step, ids, toks, fin, self.ctl.now(), self.generation))
         return [o[-1] for o in ub.outputs], not any(ub.live)
+
+    # ---- fault tolerance ------------------------------------------------------------------------------
+    def park_if_armed(self, kind: str, step: int) -> None:
+        """Failure scenario: at the armed phase, tell the controller and wait here to be killed from
+        outside (the runner's SIGKILL or SIGSTOP then lands exactly at this phase)."""
+        phase, at = self.ctl.armed
+        if phase != {"resume": "decode"}.get(kind, kind) or (phase == "decode" and step < at):
+            return
+        self.ctl.armed = None
+        self.ctl.send(FaultPoint(self.role.rank, phase, step))
+        self.where = f"parked at {phase}" + (f" step {step}" if phase == "decode" else "") + " for the failure scenario"
+        self.in_comm = True  # nothing here to protect: the recovery may abandon this thread
+        while not (self.stale is not None and self.stale.is_set()):
+            time.sleep(0.05)
+        self.in_comm = False
+        self.check_stale()
+    def forget(self, u: int) -> None:
+        """Drop a microbatch: its state, its buffer and its replicas."""
+        self.states.pop(u, None)
+        if self.pool is not None:
+            self.pool.release(u)
+        if self.replicator is not None:
+            self.replicator.drop(u)
+
+    def resume(self, meta: dict, x: torch.Tensor) -> None:
+        """Continue a microbatch after a failure from decode step ``meta["step"]``: survivors still hold
+        its cache (and positions past the step, overwritten now with the same values); a replacement
+        holds the buffer it restored from its replicas."""
+        u = meta["ubatch"]
+        ub = self.states.get(u)
+        fresh = Ubatch.from_meta(meta)
+        if ub is None:
+            lease = self.pool.leases.get(u)
+            if lease is None:
+                raise WorkerError(f"resume of ubatch {u} at step {meta['step']}, whose cache this stage does not hold")
+            ub = fresh
+            ub.lease, ub.cache, ub.prompt = lease, lease.cache, True
+            self.states[u] = ub
+        else:  # keep the cache and what it holds; the rest (the sampler's tokens too) as the controller says
+            ub.request_ids, ub.lens, ub.max_seq, ub.params = fresh.request_ids, fresh.lens, fresh.max_seq, fresh.params
+            ub.outputs, ub.live = fresh.outputs, fresh.live
+        self.decode(meta, x, ub)
+
+    def holdings(self) -> list[dict]:
+        """What this stage holds, per microbatch (the Rejoin report)."""
+        return [{"ubatch": u, "prompt": ub.prompt, "steps": ub.written} for u, ub in sorted(self.states.items())
+                if self.pool is not None]
 
 
 class Leader:
@@ -353,7 +454,7 @@ class Leader:
     def __init__(self, w: StageWorker) -> None:
         self.w, self.role, self.topo = w, w.role, w.topo
         self.decodes = self.role.pipeline == "token"
-        self.capacity = self.role.num_stages if self.decodes else None
+        self.capacity = (w.pool.inflight or self.role.num_stages) if self.decodes else None
         mb = w.mailbox
         if self.decodes and self.topo.sampler_rank != self.role.rank:
             mb.listen(self.topo.sampler_rank, FEEDBACK)
@@ -362,6 +463,9 @@ class Leader:
         self.pending: deque[tuple[dict, torch.Tensor | None]] = deque()
         self.ready: deque[dict] = deque()
         self.active: set[int] = set()
+        # After a failure: microbatches that continue from a decode step (already counted as active).
+        self.resumed: deque[tuple[dict, torch.Tensor | None]] = deque(w.initial_items)
+        self.active.update(meta["ubatch"] for meta, _ in self.resumed)
         self.release: list[int] = []
         self.closing = False
 
@@ -431,6 +535,8 @@ class Leader:
         return meta, tokens
 
     def next_item(self) -> tuple[dict, torch.Tensor | None] | None:
+        if self.resumed:
+            return self.resumed.popleft()
         if self.pending:
             meta, x = self.pending[0]
             if meta.get("drop") or self.capacity is None or len(self.active) < self.capacity:

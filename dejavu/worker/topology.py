@@ -108,6 +108,25 @@ class Topology:
     def prompt_sampler_rank(self) -> int:
         return self.rank_of("prompt", self.prompt_stages - 1, 0)
 
+    def decoding_ranks(self) -> list[int]:
+        """Ranks that keep microbatches' caches between steps: the token pipeline (all of the baseline)."""
+        return [self.rank_of("token", s, t) for s in range(self.token_stages) for t in range(self.tp)]
+
+    def replica_holder(self, rank: int) -> int | None:
+        """Whose host memory holds ``rank``'s cache replica (fault tolerance): the same TP shard of the
+        next decoding stage, the last stage's going to the first (a ring). With a single token stage,
+        the first prompt stage holds it; prompt stages keep no cache between microbatches (None)."""
+        r = self.role(rank)
+        if r.pipeline == "prompt":
+            return None
+        if self.token_stages > 1:
+            return self.rank_of("token", (r.stage + 1) % self.token_stages, r.tp_rank)
+        return self.rank_of("prompt", 0, r.tp_rank) if self.disaggregated else None
+
+    def replica_sources(self, rank: int) -> list[int]:
+        """The ranks whose replicas ``rank`` holds."""
+        return [r for r in self.decoding_ranks() if self.replica_holder(r) == rank]
+
 
 def make_topology(*, tp: int, prompt_stages: int, token_stages: int, world_size: int | None,
                   cfg: ModelConfig | None, backend: str | None = None) -> Topology:

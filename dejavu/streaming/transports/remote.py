@@ -111,13 +111,17 @@ class ReplicaStore:
             with self._lock:
                 hits = [(k, m, d) for k, (m, d, _) in self._chunks.items() if k.startswith(req["prefix"])]
             return {"ok": True, "keys": [h[0] for h in hits], "metas": [h[1] for h in hits]}, [h[2] for h in hits]
+        if op == "keys":  # the listing without the data
+            with self._lock:
+                hits = [(k, m) for k, (m, _, _) in self._chunks.items() if k.startswith(req["prefix"])]
+            return {"ok": True, "keys": [h[0] for h in hits], "metas": [h[1] for h in hits]}, []
         if op == "drop":
             with self._lock:
                 keys = [k for k in self._chunks if k.startswith(req["prefix"])]
                 for k in keys:
                     del self._chunks[k]
             return {"ok": True, "count": len(keys)}, []
-        return {"error": f"unknown replica-store operation {op!r}; expected put, get, list or drop"}, []
+        return {"error": f"unknown replica-store operation {op!r}; expected put, get, list, keys or drop"}, []
 
     def close(self) -> None:
         self._stop.set()
@@ -214,6 +218,15 @@ class RemoteHostTransport(Transport):
     def drop(self, prefix: str, *, peer: int = -1) -> int:
         reply, _ = self._submit(self._address(prefix, peer), {"op": "drop", "prefix": prefix}).result()
         return int(reply["count"])
+
+    def drop_later(self, prefix: str, *, peer: int = -1) -> Future:
+        """Drop without waiting for the answer (in order with this transport's other requests)."""
+        return self._submit(self._address(prefix, peer), {"op": "drop", "prefix": prefix})
+
+    def keys(self, prefix: str, *, peer: int = -1) -> tuple[list[str], list[dict]]:
+        """The keys under ``prefix`` in the peer's store, with each chunk's meta (no data moves)."""
+        reply, _ = self._submit(self._address(prefix, peer), {"op": "keys", "prefix": prefix}).result()
+        return list(reply["keys"]), list(reply["metas"])
 
     def close(self) -> None:
         if self._thread.is_alive():

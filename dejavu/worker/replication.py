@@ -1,0 +1,132 @@
+"""State replication for fault tolerance: a stage's KV cache, kept in the host memory of its ring successor.
+
+Every decoding stage streams its cache into the replica store (``streaming/transports/remote.py``) of
+the rank ``Topology.replica_holder`` names — the same TP shard of the next stage, the last stage's to the
+first's: a microbatch's prompt once (after its prefill or hand-over), then each token step's new slice.
+Transfers run on the streaming library's side stream and the transport's I/O thread, so compute never
+waits for them; a chunk is replicated once the holder's store has acknowledged it.
+
+Keys: ``rep/r{rank}/u{ubatch}/p`` (the prompt box, or, after a re-send, everything written so far) and
+``rep/r{rank}/u{ubatch}/t{k}`` (decode step k). The prompt chunk's meta carries the microbatch's shape
+(``slots``, ``max_seq``, ``lens``) and how many decode steps its box already covers, so a replacement
+rebuilds its buffers from the replicas alone (:func:`restore_from_holder`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+
+import torch
+
+from ..model.kv_cache import KVCache
+from ..streaming import Partition, StreamStats, replicate_box, replicate_step, restore
+from ..streaming.transports.remote import RemoteHostTransport
+from .cache_pool import CachePool
+
+PATH = "replication"
+
+
+def prefix(rank: int, ubatch: int | None = None) -> str:
+    return f"rep/r{rank}/" + (f"u{ubatch}/" if ubatch is not None else "")
+
+
+def partition(model, tp_rank: int, tp: int, slots: int) -> Partition:
+    return Partition.shard(model_layers(model), num_kv_heads=model.cfg.num_kv_heads, tp_rank=tp_rank, tp_size=tp,
+                           slots=(0, slots))
+
+
+def model_layers(model) -> tuple[int, int]:
+    return (model.first, model.last)
+
+
+class Replicator:
+    """One stage's replication into its holder's store."""
+
+    def __init__(self, rank: int, holder: int, address: str, model, tp_rank: int, tp: int, stats: StreamStats) -> None:
+        self.rank, self.holder, self.model, self.tp_rank, self.tp = rank, holder, model, tp_rank, tp
+        self.stats = stats
+        self.transport = RemoteHostTransport({holder: address})
+        self.in_flight: deque = deque()  # (ubatch, step, Handle); step -1 is the prompt
+        self.acked: dict[int, int] = {}  # ubatch -> last step (or -1: the prompt) its holder acknowledged
+
+    def _part(self, cache: KVCache) -> Partition:
+        return partition(self.model, self.tp_rank, self.tp, cache.shape.batch)
+
+    def prompt(self, ubatch: int, cache: KVCache, lens: list[int], max_seq: int, steps: int = 0) -> None:
+        """The microbatch's cache up to its prompt (plus ``steps`` decode steps, on a re-send) as one chunk."""
+        part = self._part(cache)
+        end = min(max(lens) + steps, cache.shape.max_seq)
+        meta = {"ubatch": {"id": ubatch, "slots": cache.shape.batch, "max_seq": max_seq, "lens": list(lens),
+                           "steps": steps}}
+        h = replicate_box(cache.data, part, part.box((0, end)), self.transport, key=prefix(self.rank, ubatch) + "p",
+                          peer=self.holder, stats=None, path=PATH, meta=meta)
+        self._track(ubatch, steps - 1, h)
+
+    def step(self, ubatch: int, cache: KVCache, k: int, positions: list[int]) -> None:
+        """Decode step ``k``'s slice: slot i wrote position ``positions[i]``."""
+        part = self._part(cache)
+        h = replicate_step(cache.data, part, list(range(cache.shape.batch)), positions, self.transport,
+                           key=prefix(self.rank, ubatch) + f"t{k}", peer=self.holder, stats=None, path=PATH)
+        self._track(ubatch, k, h)
+
+    def drop(self, ubatch: int) -> None:
+        self.acked.pop(ubatch, None)
+        self.transport.drop_later(prefix(self.rank, ubatch), peer=self.holder)
+
+    def _track(self, ubatch: int, step: int, handle) -> None:
+        self.in_flight.append((ubatch, step, handle))
+        self.poll()
+
+    def poll(self) -> None:
+        """Count what the holder has acknowledged (never waits)."""
+        while self.in_flight and self.in_flight[0][2].done:
+            u, k, h = self.in_flight.popleft()
+            try:
+                h.wait()
+            except Exception:  # noqa: BLE001 — a holder that died: recovery re-sends everything
+                continue
+            self.stats.add(PATH, self.transport.name, h.nbytes, h.seconds or 0.0)
+            self.acked[u] = max(self.acked.get(u, -2), k)
+
+    def close(self) -> None:
+        self.transport.close()
+
+
+def restore_from_holder(pool: CachePool, model, rank: int, tp_rank: int, tp: int, holder: int, address: str,
+                        stats: StreamStats, timeout_s: float = 60.0) -> tuple[dict[int, dict], int]:
+    """A replacement's own caches, back from its holder's store into fresh buffers of ``pool``.
+
+    Returns ({ubatch: {"prompt": True, "steps": n, "lens": [...], "max_seq": m}}, bytes restored): the
+    prompt and the first ``n`` decode steps are back (steps replicated past a gap are written too, and
+    harmless: recovery recomputes from step n and overwrites them)."""
+    transport = RemoteHostTransport({holder: address}, timeout_s=timeout_s)
+    try:
+        keys, metas = transport.keys(prefix(rank), peer=holder)
+        out, total = {}, 0
+        by_ubatch: dict[int, dict] = {}
+        for key, meta in zip(keys, metas):
+            m = re.fullmatch(rf"rep/r{rank}/u(-?\d+)/(p|t(\d+))", key)
+            if not m:
+                continue
+            u = int(m.group(1))
+            entry = by_ubatch.setdefault(u, {"meta": None, "steps": set()})
+            if m.group(2) == "p":
+                entry["meta"] = meta.get("ubatch")
+            else:
+                entry["steps"].add(int(m.group(3)))
+        for u, entry in sorted(by_ubatch.items()):
+            info = entry["meta"]
+            if info is None:
+                continue  # steps without their prompt cannot be used
+            lease = pool.acquire(u, int(info["slots"]), int(info["max_seq"]))
+            part = partition(model, tp_rank, tp, lease.cache.shape.batch)
+            restore(lease.cache.data, part, transport, prefix=prefix(rank, u), peer=holder, stats=stats, path="recovery")
+            n = int(info["steps"])
+            while n in entry["steps"]:
+                n += 1
+            out[u] = {"prompt": True, "steps": n, "lens": list(info["lens"]), "max_seq": int(info["max_seq"])}
+        total = sum(t["bytes"] for t in stats.as_dict().get("recovery", {}).values())
+        return out, int(total)
+    finally:
+        transport.close()
