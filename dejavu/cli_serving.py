@@ -35,7 +35,9 @@ def controller_parser() -> argparse.ArgumentParser:
                    help="interface to listen on (default $DEJAVU_CONTROLLER_IP or 127.0.0.1)")
     g.add_argument("--port", type=int, default=int(_env_default("DEJAVU_CONTROLLER_PORT", DEFAULT_PORT)))
     g.add_argument("--workers_ip_file", default=None, help="one worker address per line (checked against --num_peers)")
-    g.add_argument("--with_ft", action="store_true", help="fault tolerance (not yet supported)")
+    g.add_argument("--with_ft", action="store_true",
+                   help="fault tolerance: workers replicate their KV caches; a failure resumes from the last "
+                        "replicated step (implies --recoverable)")
     g.add_argument("--model", default=None, help="registered name, checkpoint folder or .gguf (the workers' --ckpt_path)")
     g.add_argument("--load_format", default="auto", choices=("auto", "dummy"),
                    help="what the workers were given (recorded in summary.json): dummy = random weights")
@@ -69,6 +71,18 @@ def controller_parser() -> argparse.ArgumentParser:
     f.add_argument("--ready_timeout", type=float, default=1800.0)
     f.add_argument("--progress_timeout", type=float, default=600.0)
     f.add_argument("--stats_timeout", type=float, default=30.0)
+    f.add_argument("--recoverable", action="store_true",
+                   help="survive a worker's failure (restart it, rebuild the data plane, go on); without "
+                        "--with_ft its unfinished requests start again from their prompts")
+    f.add_argument("--max_restarts", type=int, default=3, help="failures the run survives")
+    f.add_argument("--recovery_timeout", type=float, default=120.0,
+                   help="seconds for a lost worker to come back and every worker to rejoin")
+    f.add_argument("--restart_mode", default="auto", choices=("auto", "manual"),
+                   help="auto: the runner (or a hot spare) replaces a lost worker; manual: start "
+                        "`dejavu worker ... --rank R --restart --failures F` yourself")
+    f.add_argument("--failure_scenario", default=None,
+                   help="JSON list of failures to inject, e.g. "
+                        "'[{\"ranks\": [1], \"phase\": \"decode\", \"step\": 3, \"signal\": \"kill\"}]'")
     p.add_argument("--no_plots", action="store_true", help="skip plots/*.png in the results folder")
     return p
 
@@ -98,7 +112,23 @@ def controller_options(args: argparse.Namespace):
         heartbeat_interval_s=args.heartbeat_interval,
         heartbeat_timeout_s=args.heartbeat_timeout, startup_timeout_s=args.startup_timeout,
         ready_timeout_s=args.ready_timeout, progress_timeout_s=args.progress_timeout,
-        stats_timeout_s=args.stats_timeout)
+        stats_timeout_s=args.stats_timeout, recoverable=args.recoverable, max_restarts=args.max_restarts,
+        recovery_timeout_s=args.recovery_timeout, restart=args.restart_mode,
+        injections=_failure_scenario(args.failure_scenario))
+
+
+def _failure_scenario(text: str | None) -> list:
+    if not text:
+        return []
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"dejavu controller: error: --failure_scenario is not JSON: {e}") from None
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise SystemExit("dejavu controller: error: --failure_scenario must be a JSON list of objects")
+    return value
 
 
 def controller_main(argv: list[str] | None = None) -> int:
@@ -136,9 +166,32 @@ def worker_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_seq_len", type=int, default=None,
                    help="GPU: positions of the KV buffers allocated and captured at start-up "
                         "(default: the model's, at most 2048; longer requests get longer buffers when they come)")
-    p.add_argument("--swapping", action="store_true", help="not yet supported")
-    p.add_argument("--restart", action="store_true", help="not yet supported")
-    p.add_argument("--failures", type=int, default=None, help="not yet supported")
+    p.add_argument("--swapping", action="store_true",
+                   help="microbatch swapping: keep only --resident_buffers KV buffers on the device, the caches of "
+                        "the other microbatches in flight in pinned host memory, prefetched before their turn")
+    p.add_argument("--resident_buffers", type=int, default=2,
+                   help="with --swapping: KV buffers kept on the device (>= 2: the microbatch running and the next)")
+    p.add_argument("--inflight_ubatches", type=int, default=None,
+                   help="microbatches the pipeline keeps in flight (default: one per stage of its pipeline)")
+    p.add_argument("--kv_memory_gb", type=float, default=None,
+                   help="device memory (GB) for KV buffers; a configuration whose caches do not fit is refused "
+                        "before serving (default: 90%% of the free memory on a GPU, unchecked on the CPU)")
+    f = p.add_argument_group("fault tolerance (the seed's --restart --failures F)")
+    f.add_argument("--with_ft", action="store_true",
+                   help="replicate this stage's KV cache into the host memory of the next stage's worker (a ring)")
+    f.add_argument("--recoverable", action="store_true",
+                   help="survive a peer's failure: keep the caches, rejoin a rebuilt data plane (implied by "
+                        "--with_ft; without it, unfinished requests restart from their prompts)")
+    f.add_argument("--restart", action="store_true",
+                   help="replace the failed worker --rank: restore its cache from its successor's replicas and rejoin")
+    f.add_argument("--failures", type=int, default=None,
+                   help="with --restart: the failure generation to join (how many failures the run has had)")
+    f.add_argument("--spare", action="store_true",
+                   help="a hot spare: start and warm up now, take over a failed rank when the controller says")
+    f.add_argument("--listen_ip", default=None,
+                   help="interface of this worker's replica store (default: the one facing the controller)")
+    f.add_argument("--recovery_timeout", dest="recovery_timeout_s", type=float, default=300.0,
+                   help="seconds a rebuilt data plane waits for every rank")
     return p
 
 

@@ -88,6 +88,9 @@ def run_controller(opts: ControllerOptions, *, plots: bool = True, log=None) -> 
                                   "layout": describe_topology(topo)},
                      "weights": weights_record(opts),
                      "wall_s": time.perf_counter() - t0}}
+    if result.failures is not None:
+        extra["failures"] = result.failures
+        extra["run"]["fault_tolerance"] = {"with_ft": opts.with_ft, "max_restarts": opts.max_restarts}
     summary = write_results(run_dir, result.records, result.events, result.worker_stats, opts.to_config(),
                             extra=extra, plots=plots)
     if not result.ok:

@@ -37,7 +37,14 @@ class ControllerOptions:
     workload: WorkloadSpec = field(default_factory=WorkloadSpec)
     load_format: str = "auto"  # the workers' --load_format: "dummy" = random weights, recorded in summary.json
     weights_seed: int = 0
-    with_ft: bool = False
+    with_ft: bool = False  # workers replicate their caches (the seed's flag); implies recoverable
+    # Survive failures: a lost worker starts a failure generation (reset, restart, resume) instead of
+    # ending the run. Without replication, unfinished requests start again from their prompts.
+    recoverable: bool = False
+    max_restarts: int = 3  # failures the run survives, in all
+    recovery_timeout_s: float = 120.0  # for a lost rank to come back and every rank to rejoin
+    restart: str = "auto"  # auto: the runner restarts a lost rank (or a hot spare takes it); manual: by hand
+    injections: list = field(default_factory=list)  # the failure scenario (recovery.Injection dicts)
     # Failure detection: heartbeats every interval; a worker silent past the timeout is dead.
     heartbeat_interval_s: float = 0.5
     heartbeat_timeout_s: float = 5.0
@@ -93,8 +100,15 @@ def read_hosts_file(path: str, num_peers: int) -> list[str]:
 def check_options(opts: ControllerOptions, cfg=None) -> Topology:
     """Every check that needs no running process; returns the topology. ``cfg``: the model's ModelConfig."""
     if opts.with_ft:
-        raise OptionsError("--with_ft (fault tolerance) is not yet supported; it comes with the fault-tolerance "
-                           "issue")
+        opts.recoverable = True
+    if opts.restart not in ("auto", "manual"):
+        raise OptionsError(f"--restart_mode must be auto or manual, got {opts.restart!r}")
+    if opts.max_restarts < 0:
+        raise OptionsError(f"--max_restarts must be >= 0, got {opts.max_restarts}")
+    if opts.recovery_timeout_s <= 0:
+        raise OptionsError(f"--recovery_timeout must be > 0 seconds, got {opts.recovery_timeout_s}")
+    if opts.injections and not opts.recoverable:
+        opts.recoverable = True
     if opts.ubatch_size < 1:
         raise OptionsError(f"--ubatch_size must be >= 1, got {opts.ubatch_size}")
     if not 0 < opts.port < 65536:
@@ -109,6 +123,14 @@ def check_options(opts: ControllerOptions, cfg=None) -> Topology:
             raise OptionsError(str(e)) from None
     if opts.workers_ip_file:
         read_hosts_file(opts.workers_ip_file, opts.num_peers)
+    for i, inj in enumerate(opts.injections):
+        bad = [r for r in inj.get("ranks", []) if not 0 <= r < topo.world_size]
+        if bad:
+            raise OptionsError(f"--failure_scenario failure {i}: rank(s) {bad} outside the world of "
+                               f"{topo.world_size} workers")
+    if opts.with_ft and any(topo.replica_holder(r) is None for r in topo.decoding_ranks()):
+        raise OptionsError("--with_ft needs a replica holder for every decoding stage: at least 2 token stages, "
+                           "or a disaggregated run (a single stage has no successor to hold its cache)")
     for name in ("heartbeat_interval_s", "heartbeat_timeout_s", "startup_timeout_s", "ready_timeout_s",
                  "progress_timeout_s", "stats_timeout_s"):
         if getattr(opts, name) <= 0:

@@ -20,14 +20,12 @@ import torch
 
 from ..protocol import Ready, Stats
 from .control import ControlClient, report_early_error
+from .swap import kv_options
 from .topology import BACKENDS, TopologyError, make_topology
 
 DEFAULT_PORT = 5600
 STARTUP = ("startup", "joining the data plane", "loading weights", "warming up")  # phases where errors mean bad input
 REFUSED = {
-    "swapping": "--swapping (microbatch swapping) is not yet supported; it comes with the swapping issue",
-    "restart": "--restart is not yet supported; it comes with the fault-tolerance issue",
-    "failures": "--failures is not yet supported; it comes with the fault-tolerance issue",
 }
 
 
@@ -54,9 +52,19 @@ class WorkerOptions:
     no_cuda_graphs: bool = False  # run decode steps and short prefills eagerly on a GPU (graphs are the default there)
     max_seq_len: Optional[int] = None  # GPU: KV buffers captured at start-up hold this many positions
     connect_timeout_s: float = 120.0
-    swapping: bool = False
-    restart: bool = False
-    failures: Optional[int] = None
+    swapping: bool = False  # microbatch swapping: only resident_buffers KV buffers on the device (worker/swap.py)
+    resident_buffers: int = 2
+    inflight_ubatches: Optional[int] = None  # microbatches in flight (the leader's limit); None: one per stage
+    kv_memory_gb: Optional[float] = None  # device memory for KV buffers; None: 90% of the free (GPU), unchecked (CPU)
+    # Fault tolerance (DESIGN.md §5). recoverable: survive a peer's failure (reset, rejoin) instead of
+    # exiting; with_ft: also replicate this stage's cache into its ring successor's host memory.
+    with_ft: bool = False
+    recoverable: bool = False
+    restart: bool = False  # this process replaces a failed --rank (the seed's flag)
+    failures: Optional[int] = None  # the failure generation to join (the seed's --failures F)
+    spare: bool = False  # a hot spare: start, warm up, wait for the controller to hand it a rank
+    listen_ip: Optional[str] = None  # the replica store's interface (default: the one facing the controller)
+    recovery_timeout_s: float = 300.0  # how long a generation's rendezvous may wait for a replacement
 
 
 def _env_int(name: str) -> int | None:
@@ -124,12 +132,23 @@ def check_options(opts: WorkerOptions) -> None:
     for key, why in REFUSED.items():
         if getattr(opts, key):
             raise ValueError(why)
+    if (opts.with_ft or opts.recoverable or opts.restart) and opts.backend == "mpi":
+        raise ValueError("--with_ft / --restart need --backend gloo or nccl: an MPI job cannot survive a dead rank")
+    if opts.failures is not None and opts.failures < 1:
+        raise ValueError(f"--failures is the failure generation to join (>= 1), got {opts.failures}")
+    if opts.failures is not None and not opts.restart:
+        raise ValueError("--failures F goes with --restart (a replacement joins failure generation F)")
+    if opts.recovery_timeout_s <= 0:
+        raise ValueError(f"--recovery_timeout must be > 0 seconds, got {opts.recovery_timeout_s}")
     if opts.backend not in BACKENDS:
         raise ValueError(f"--backend {opts.backend!r} is unknown; expected one of {', '.join(BACKENDS)}")
     if opts.ubatch_size < 1:
         raise ValueError(f"--ubatch_size must be >= 1, got {opts.ubatch_size}")
     if opts.max_seq_len is not None and opts.max_seq_len < 1:
         raise ValueError(f"--max_seq_len must be >= 1 (positions of a KV buffer), got {opts.max_seq_len}")
+    from .swap import check_flags
+
+    check_flags(opts)
     from ..model.config import parse_dtype
 
     for flag in ("weights_data_type", "inference_data_type"):
@@ -157,8 +176,10 @@ def run_worker(opts: WorkerOptions) -> int:
         print(f"[worker {rank}] error: {e}", file=sys.stderr, flush=True)
         report_early_error(controller_address(opts), rank, world or -1, str(e))
         return 2
+    recoverable = opts.recoverable or opts.with_ft or opts.restart
     try:
-        ctl = ControlClient(controller_address(opts), rank, world or -1, connect_timeout_s=opts.connect_timeout_s)
+        ctl = ControlClient(controller_address(opts), rank, world or -1, connect_timeout_s=opts.connect_timeout_s,
+                            restart=opts.restart, generation=opts.failures or 0)
     except Exception as e:
         print(f"[worker {rank}] error: {e}", file=sys.stderr, flush=True)
         return 2
@@ -180,28 +201,55 @@ def run_worker(opts: WorkerOptions) -> int:
         log(f"{role.name} tp {role.tp_rank}/{topo.tp}, layers [{role.layers[0]}, {role.layers[1]}) of {cfg.num_layers}, "
             f"{opts.backend} on {device}, {dtype}")
         where = "joining the data plane"
-        from .dataplane import make_dataplane
+        if recoverable:  # one data plane per failure generation, built when serving starts (recovery.py)
+            from .recoverable_dataplane import Rebindable, unbound
 
-        dp = make_dataplane(opts.backend, topo, rank, device)
+            dp, comm = None, Rebindable(unbound(topo.tp, role.tp_rank))
+        else:
+            from .dataplane import make_dataplane
+
+            dp = make_dataplane(opts.backend, topo, rank, device)
+            comm = dp.tp_comm()
         where = "loading weights"
         from ..model.stage import StageModel
 
-        model = StageModel(cfg, *role.layers, comm=dp.tp_comm(), dtype=dtype, device=device)
+        model = StageModel(cfg, *role.layers, comm=comm, dtype=dtype, device=device)
         model.load_weights(open_weights(device, model.dtype))
         from .pipeline import StageWorker
 
         # A captured step cannot contain a host-side all-reduce (gloo, MPI): graphs only without TP.
         graphs = device.type == "cuda" and not opts.no_cuda_graphs and topo.tp == 1
         worker = StageWorker(role, topo, model, dp, ctl, ubatch_size=opts.ubatch_size, fault=fault,
-                             kv_window=opts.kv_window, cuda_graphs=graphs)
+                             kv_window=opts.kv_window, cuda_graphs=graphs, recoverable=recoverable,
+                             kv=kv_options(opts, role))
         where = "warming up"
-        worker.warm_up(opts.max_seq_len or min(cfg.max_positions, 2048))
+        max_seq = opts.max_seq_len or min(cfg.max_positions, 2048)
+        if worker.pool is not None:  # the KV caches in flight fit (swapping: the resident ones, and the host's)
+            worker.pool.plan(max_seq, who=f"worker {rank} ({role.name})")
+        worker.warm_up(max_seq)
+        store = None
+        if opts.with_ft:
+            from ..streaming.transports.remote import ReplicaStore
+
+            store = ReplicaStore(listen_address(opts))
+        restored = restore_own_cache(worker, ctl, opts, log) if opts.restart and opts.with_ft else (0, 0.0)
         load_s = time.perf_counter() - t_load
         ctl.send(Ready(rank, role.kind, role.stage, role.tp_rank, list(role.layers), str(device), load_s,
-                       peak_memory(device), ctl.offset))
+                       peak_memory(device), ctl.offset, store.address if store else ""))
         where = "serving"
         try:
-            worker.run()
+            if recoverable:
+                from .recovery import Recovery
+                from .recoverable_dataplane import RecoverableDataPlane
+
+                rec = Recovery(worker, ctl, lambda g: RecoverableDataPlane(
+                    topo, rank, opts.backend, device, generation=g, rendezvous_timeout_s=opts.recovery_timeout_s),
+                    comm=comm, store=store, log=log)
+                rec.restored_bytes, rec.restore_s = restored
+                rec.serve(ctl.reset_generation, rejoin=opts.restart)
+                dp = rec.dp
+            else:
+                worker.run()
         finally:
             where = worker.where
         sent, received, seconds = dict(dp.bytes_sent), dict(dp.bytes_received), dict(dp.seconds)
@@ -210,8 +258,12 @@ def run_worker(opts: WorkerOptions) -> int:
         for tally in worker.kv_stats.as_dict().get("prompt->token", {}).values():
             counter["kv"] = counter.get("kv", 0) + tally["bytes"]
             seconds[key] = seconds.get(key, 0.0) + tally["seconds"]
+        if worker.replicator is not None:
+            worker.replicator.poll()
         ctl.send(Stats(rank, role.kind, role.stage, role.tp_rank, [e.to_dict() for e in worker.events],
-                       peak_memory(device), sent, received, seconds, items=ctl.progress))
+                       peak_memory(device), sent, received, seconds, items=ctl.progress,
+                       streams=worker.kv_stats.as_dict(),
+                       kv_pool=worker.pool.report() if worker.pool is not None else {}))
         log(f"done: {ctl.progress} work items")
         dp.close()
         return 0
@@ -227,6 +279,49 @@ def run_worker(opts: WorkerOptions) -> int:
         return 1
     finally:
         ctl.close()  # waits for the last message (Stats or Error) to reach the controller
+
+
+def listen_address(opts: WorkerOptions) -> str:
+    """The interface peers reach this worker's replica store on: --listen_ip, else the one this host
+    uses towards the controller (never all interfaces)."""
+    if opts.listen_ip:
+        return opts.listen_ip
+    import socket
+
+    host = (opts.controller_ip or os.environ.get("DEJAVU_CONTROLLER_IP") or "127.0.0.1")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((host, 9))
+            return s.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"
+
+
+def restore_own_cache(worker, ctl, opts: WorkerOptions, log) -> tuple[int, float]:
+    """A replacement's caches, from the replicas its holder keeps (address from the controller's Welcome)."""
+    from .pipeline import Ubatch
+    from .replication import restore_from_holder
+
+    role, topo = worker.role, worker.topo
+    holder = topo.replica_holder(role.rank)
+    address = (ctl.welcome.stores or {}).get(holder) if holder is not None and ctl.welcome else None
+    if not address or worker.pool is None:
+        log("nothing to restore: no replica holder known")
+        return 0, 0.0
+    t0 = time.perf_counter()
+    try:
+        held, nbytes = restore_from_holder(worker.pool, worker.model, role.rank, role.tp_rank, topo.tp, holder,
+                                           address, worker.kv_stats, timeout_s=min(60.0, opts.recovery_timeout_s))
+    except Exception as e:  # noqa: BLE001 — the holder died too: the controller restarts these prompts
+        log(f"could not restore from rank {holder}'s replicas ({e}); rejoining with an empty cache")
+        return 0, time.perf_counter() - t0
+    for u, info in held.items():
+        lease = worker.pool.leases[u]
+        worker.states[u] = Ubatch(u, [], info["lens"], info["max_seq"], [], cache=lease.cache, lease=lease,
+                                  prompt=True, written=info["steps"])
+    seconds = time.perf_counter() - t0
+    log(f"restored {len(held)} microbatches ({nbytes} bytes) from rank {holder}'s replicas in {seconds:.2f} s")
+    return nbytes, seconds
 
 
 def resolve_checkpoint(name_or_path: str, load_format: str = "auto", weights_seed: int = 0):
