@@ -39,7 +39,7 @@ def launch(checked: Checked, run_dir: Path) -> tuple[Outcome, Any, Plan]:
         from .local import prepare_local, run_local
 
         plan = prepare_local(checked, run_dir)
-        outcome, procs = run_local(plan, run_dir, checked.cfg.runner)
+        outcome, procs = run_local(plan, run_dir, checked.cfg.runner, checked.cfg)
     elif kind == RunnerKind.mpirun:
         from .mpirun import prepare_mpirun, run_mpirun
 

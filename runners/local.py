@@ -71,6 +71,22 @@ class LocalProcs:
             except subprocess.TimeoutExpired:
                 pass
 
+    def signal(self, name: str, sig: int, pid: int | None = None) -> None:
+        p = self.popen.get(name)
+        if p is not None and p.poll() is None:
+            _killpg(p.pid, sig)
+
+    def restart(self, proc: Proc) -> None:
+        """Start a process again under its name (its log goes on in the same file)."""
+        old = self.popen.get(proc.name)
+        if old is not None:
+            _killpg(old.pid, signal.SIGKILL)
+            try:
+                old.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        self.start(proc.name, python_argv(self.plan, proc), proc.env, proc.log)
+
     def log_tail(self, name: str, lines: int = 20) -> str:
         path = self.logs.get(name)
         if path is None or not path.exists():
@@ -89,17 +105,23 @@ def python_argv(plan: Plan, proc: Proc, python: str = sys.executable) -> list[st
     return [python, "-u", "-m", plan.entry, proc.role, *proc.args]
 
 
-def run_local(plan: Plan, run_dir: Path, rc: RunnerConf) -> tuple[Outcome, LocalProcs]:
+def run_local(plan: Plan, run_dir: Path, rc: RunnerConf, cfg=None) -> tuple[Outcome, LocalProcs]:
     procs = LocalProcs(run_dir)
+    procs.plan = plan
     try:
         # The controller first: workers connect to it (and retry while it comes up).
         procs.start("controller", python_argv(plan, plan.controller), plan.controller.env, plan.controller.log)
-        for w in plan.workers:
+        for w in [*plan.workers, *plan.spares]:
             procs.start(w.name, python_argv(plan, w), w.env, w.log)
     except BaseException:
         procs.stop()
         raise
-    return supervise(procs, rc), procs
+    driver = None
+    if cfg is not None and cfg.failure.recoverable:
+        from .failures import FailureDriver
+
+        driver = FailureDriver(procs, plan, cfg, lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+    return supervise(procs, rc, driver=driver), procs
 
 
 def repo_root() -> Path:

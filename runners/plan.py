@@ -46,10 +46,11 @@ class Plan:
     controller: Proc
     workers: list[Proc]
     ports: Ports
+    spares: list[Proc] = field(default_factory=list)  # hot spares (failure.spares)
 
     @property
     def procs(self) -> list[Proc]:
-        return [self.controller, *self.workers]
+        return [self.controller, *self.workers, *self.spares]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -116,6 +117,16 @@ def weights_args(cfg: Config) -> list:
     return ["--load_format", "dummy", "--weights_seed", int(m.get("weights_seed") or 0)]
 
 
+def kv_args(t) -> list:
+    """The worker flags of topology.swapping / resident_buffers / inflight_ubatches / kv_memory_gb."""
+    args: list = ["--swapping", "--resident_buffers", t.resident_buffers] if t.swapping else []
+    if t.inflight_ubatches is not None:
+        args += ["--inflight_ubatches", t.inflight_ubatches]
+    if t.kv_memory_gb is not None:
+        args += ["--kv_memory_gb", t.kv_memory_gb]
+    return args
+
+
 def build(checked: Checked, inputs: dict[str, str], *, proc_dir: str, ports: Ports,
           controller_host: str, controller_ip: str, extra_env: dict[str, str] | None = None) -> Plan:
     cfg = checked.cfg
@@ -149,8 +160,7 @@ def build(checked: Checked, inputs: dict[str, str], *, proc_dir: str, ports: Por
             "--top_p", w.top_p, "--seed", w.seed, "--min_new_tokens", w.min_new_tokens]
     if w.stop_token_ids:
         ctl += ["--stop_token_ids", *w.stop_token_ids]
-    if cfg.failure.with_ft:
-        ctl += ["--with_ft"]
+    ctl += ft_controller_args(cfg, hosts)
     weights = weights_args(cfg)
     ctl += weights
 
@@ -159,7 +169,8 @@ def build(checked: Checked, inputs: dict[str, str], *, proc_dir: str, ports: Por
     env = {
         "DEJAVU_CONTROLLER_IP": controller_ip,
         "DEJAVU_CONTROLLER_PORT": str(ports.controller),
-        "MASTER_ADDR": hosts[0],
+        # A run that survives failures meets at the controller's store (rank 0 may die); else at rank 0's.
+        "MASTER_ADDR": controller_ip if cfg.failure.recoverable else hosts[0],
         "MASTER_PORT": str(ports.master),
         "PROMPT_MASTER_ADDR": hosts[0],
         "TOKEN_MASTER_ADDR": hosts[first_token_rank] if first_token_rank < n else hosts[0],
@@ -167,7 +178,8 @@ def build(checked: Checked, inputs: dict[str, str], *, proc_dir: str, ports: Por
         **(extra_env or {}),
         **{k: str(v) for k, v in cfg.cluster.env.items()},
     }
-    longest = longest_request(cfg) if b.device != "cpu" else None
+    kv_flags = t.swapping or t.kv_memory_gb is not None  # the workers check and size their KV memory at start-up
+    longest = longest_request(cfg) if b.device != "cpu" or kv_flags else None
     workers = []
     for rank in range(n):
         args = [
@@ -181,15 +193,54 @@ def build(checked: Checked, inputs: dict[str, str], *, proc_dir: str, ports: Por
         args += weights
         if not b.cuda_graphs:
             args += ["--no_cuda_graphs"]
-        if b.device != "cpu" and longest:
+        if (b.device != "cpu" or kv_flags) and longest:
             args += ["--max_seq_len", longest]  # GPU workers size the KV buffers they capture at start-up
+        args += kv_args(t)
+        if cfg.failure.recoverable:
+            args += ["--with_ft" if cfg.failure.with_ft else "--recoverable", "--listen_ip", hosts[rank],
+                     "--recovery_timeout", cfg.failure.recovery_timeout_s]
         if b.name != BackendName.mpi:  # under mpirun, rank and size come from MPI
             args += ["--rank", rank, "--world_size", n]
         # LOCAL_RANK: its index among the workers of its host, so each picks its own GPU there.
         local = {"LOCAL_RANK": str(hosts[:rank].count(hosts[rank])), "LOCAL_WORLD_SIZE": str(hosts.count(hosts[rank]))}
         workers.append(Proc(f"worker{rank}", "worker", hosts[rank], [str(a) for a in args], {**env, **local}, rank))
     controller = Proc("controller", "controller", controller_host, [str(a) for a in ctl], dict(env))
-    return Plan(cfg.entry, proc_dir, controller, workers, ports)
+    # Hot spares wait on the controller's host (the one host a failure scenario may not take down).
+    spares = [Proc(f"spare{i}", "worker", controller_host, _spare_args(workers[0].args, controller_host), dict(env))
+              for i in range(cfg.failure.spares)]
+    return Plan(cfg.entry, proc_dir, controller, workers, ports, spares)
+
+
+def _spare_args(worker_args: list[str], host: str) -> list[str]:
+    """A worker's flags without its rank (a spare learns it when it takes over), plus --spare."""
+    out, skip = [], False
+    for a in worker_args:
+        if skip:
+            skip = False
+            continue
+        if a in ("--rank", "--listen_ip"):
+            skip = True
+            continue
+        out.append(a)
+    return [*out, "--listen_ip", host, "--spare"]
+
+
+def ft_controller_args(cfg: Config, hosts: list[str]) -> list:
+    """The controller's fault-tolerance flags (failure.*), with the scenario's ranks resolved."""
+    f = cfg.failure
+    args: list = ["--heartbeat_interval", f.heartbeat_interval_s, "--heartbeat_timeout", f.heartbeat_timeout_s]
+    if not f.recoverable:
+        return args
+    import json
+
+    from .failures import scenario
+
+    args += ["--with_ft"] if f.with_ft else ["--recoverable"]
+    args += ["--max_restarts", f.max_restarts, "--recovery_timeout", f.recovery_timeout_s,
+             "--restart_mode", f.restart.value]
+    if f.failures:
+        args += ["--failure_scenario", json.dumps(scenario(cfg, hosts))]
+    return args
 
 
 def cpu_threads_env(hosts: list[str], cfg: Config) -> dict[str, str]:

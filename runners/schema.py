@@ -95,6 +95,12 @@ class TopologyConf:
     num_token_peers: int = 1  # token pipeline stages (the whole pipeline in the baseline)
     tensor_parallelism: int = 1
     ubatch_size: int = 4  # requests per microbatch
+    # Microbatch swapping (dejavu/worker/swap.py): a stage that decodes keeps resident_buffers KV buffers on
+    # the device and the caches of the other microbatches in flight in pinned host memory.
+    swapping: bool = False
+    resident_buffers: int = 2  # >= 2: the microbatch a stage runs and the one it runs next
+    inflight_ubatches: Optional[int] = None  # microbatches in flight; None: one per token-pipeline stage
+    kv_memory_gb: Optional[float] = None  # device memory (GB) for KV buffers per worker; None: 90% of free (GPU)
 
 
 @dataclass
@@ -137,10 +143,43 @@ class BackendConf:
     mca: dict[str, str] = field(default_factory=dict)  # any further --mca key value
 
 
+class RestartMode(str, Enum):
+    auto = "auto"  # the runner starts the lost rank again on its host (or a hot spare takes it)
+    manual = "manual"  # someone runs `dejavu worker ... --rank R --restart --failures F`
+
+
+@dataclass
+class FailureSpec:
+    """One failure of a scenario: whom (a rank, or every worker on a host), when, how."""
+
+    rank: Optional[int] = None  # a worker rank; negative counts from the last (-1: the last worker)
+    host: Optional[str] = None  # or every worker process on this host of the host list (runner=ssh)
+    after_tokens: Optional[int] = None  # when: once this many tokens were generated in all,
+    after_s: Optional[float] = None  # or this many seconds into serving,
+    phase: Optional[str] = None  # or when the target reaches prefill | handover | decode (step >= `step`)
+    step: int = 0
+    signal: str = "kill"  # kill: SIGKILL (a lost machine); stop: SIGSTOP (a hang, found by the heartbeat deadline)
+
+
 @dataclass
 class FailureConf:
-    kind: str = "none"  # the fault-tolerance issue adds kill-at-step presets here
-    with_ft: bool = False
+    """Fault tolerance (DESIGN.md §5) and the failures to inject (conf/failure/: none, kill_one, kill_three, hang)."""
+
+    kind: str = "none"  # the preset's name, for the results (none: no failure injected)
+    with_ft: bool = False  # replicate every stage's KV cache into its successor's host memory
+    failures: list[FailureSpec] = field(default_factory=list)
+    heartbeat_interval_s: float = 0.5
+    heartbeat_timeout_s: float = 5.0  # a worker silent this long is dead (also a hung one)
+    recovery_timeout_s: float = 120.0  # for a lost rank to be back and every rank to rejoin
+    max_restarts: int = 3  # failures the run survives in all
+    restart: RestartMode = RestartMode.auto
+    restart_delay_s: float = 0.0  # the runner waits this long before restarting a lost rank
+    spares: int = 0  # hot spares: worker processes started ahead, each takes over one lost rank
+
+    @property
+    def recoverable(self) -> bool:
+        """The run survives a worker's failure (with replication or, the baseline, from the prompts)."""
+        return self.with_ft or bool(self.failures) or self.spares > 0
 
 
 @dataclass

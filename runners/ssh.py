@@ -363,7 +363,7 @@ class SSHRunner:
             self.conn(addr).put(str(f), f"{d}/inputs/{f.name}")
 
     # ---- running -----------------------------------------------------------------------------------
-    def _start(self, proc) -> None:
+    def _start(self, proc, again: bool = False) -> None:
         d, h = self.proc_dirs[proc.host], self.hosts[proc.host]
         # DEJAVU_HOST: which host of the list it belongs to, so that kill_host(host) finds exactly these even
         # when several addresses of the list are one machine.
@@ -371,10 +371,12 @@ class SSHRunner:
         cmd = " ".join(q(a) for a in [h.python, "-u", "-m", self.plan.entry, proc.role, *proc.args])
         n = proc.name
         # setsid: the process group of its own whose id we record; the sh wrapper keeps the exit code.
-        wrapper = f'echo $$ > logs/{n}.pid; "$@" > logs/{n}.log 2>&1 < /dev/null; echo $? > logs/{n}.rc'
+        # A restarted rank (fault tolerance) keeps its name: its log goes on, its old exit code goes.
+        wrapper = f'echo $$ > logs/{n}.pid; "$@" >> logs/{n}.log 2>&1 < /dev/null; echo $? > logs/{n}.rc'
         # The background command must be a simple command, not a list (`cd x && cmd &`): bash runs a list in
         # a subshell that keeps the SSH channel's output open until the process ends.
-        script = (f"cd {q(d)} || exit 1; env {env} nohup setsid sh -c {q(wrapper)} sh {cmd} > /dev/null 2>&1 < /dev/null & "
+        clear = f"rm -f logs/{n}.rc logs/{n}.pid; " if again else ""
+        script = (f"cd {q(d)} || exit 1; {clear}env {env} nohup setsid sh -c {q(wrapper)} sh {cmd} > /dev/null 2>&1 < /dev/null & "
                   f"for i in $(seq 100); do [ -s logs/{n}.pid ] && break; sleep 0.05; done; "
                   f"echo \"{n} $(cat logs/{n}.pid)\" >> pids/{q(proc.host)}.pids; cat logs/{n}.pid")
         res = self.sh(proc.host, script)
@@ -384,13 +386,18 @@ class SSHRunner:
     def start(self, plan: Plan) -> None:
         """Start the controller, then every worker (they retry until the controller listens)."""
         self._start(plan.controller)
-        for w in plan.workers:
+        for w in [*plan.workers, *plan.spares]:
             self._start(w)
 
     def run(self, plan: Plan) -> Outcome:
         try:
             self.start(plan)
-            outcome = supervise(self, self.cfg.runner)
+            driver = None
+            if self.cfg.failure.recoverable:
+                from .failures import FailureDriver
+
+                driver = FailureDriver(self, plan, self.cfg, lambda text: print(text, end="", flush=True))
+            outcome = supervise(self, self.cfg.runner, driver=driver)
         except BaseException:
             self.stop()
             self.fetch()
@@ -472,6 +479,17 @@ class SSHRunner:
                 self._exit[name] = 143  # stopped by us
         if errors:
             print("dejavu-run: " + "; ".join(errors))
+
+    def signal(self, name: str, sig: int, pid: int | None = None) -> None:
+        """Signal one process's group on its host (failure injection, or a hung rank before its restart)."""
+        proc = next(p for p in self.plan.procs if p.name == name)
+        d = q(self.proc_dirs[proc.host])
+        self.sh(proc.host, f"g=$(cat {d}/logs/{q(name)}.pid 2>/dev/null) && kill -{int(sig)} -- -$g 2>/dev/null; true",
+                check=False)
+
+    def restart(self, proc) -> None:
+        """Start one process again on its host, over the same connection."""
+        self._start(proc, again=True)
 
     def kill_host(self, addr: str, sig: str = "KILL") -> None:
         """Kill every process of this run on one host of the list at once (failure injection): their

@@ -27,6 +27,9 @@ class ProcessSet(Protocol):
     def new_output(self) -> str: ...  # the controller's output since the last call
     def stop(self) -> None: ...  # TERM, then KILL, every process group; returns when all are gone
     def log_tail(self, name: str, lines: int = 20) -> str: ...
+    # Fault tolerance (runners/failures.py): signal one process's group, start one again.
+    def signal(self, name: str, sig: int, pid: int | None = None) -> None: ...
+    def restart(self, proc) -> None: ...
 
 
 class LaunchError(RuntimeError):
@@ -84,7 +87,10 @@ def no_interrupts() -> Iterator[None]:
         signal.signal(signal.SIGTERM, old_term)
 
 
-def supervise(procs: ProcessSet, rc: RunnerConf, *, controller: str = "controller", echo=None) -> Outcome:
+def supervise(procs: ProcessSet, rc: RunnerConf, *, controller: str = "controller", echo=None,
+              driver=None) -> Outcome:
+    """``driver``: a ``runners.failures.FailureDriver`` when the run survives failures; then a worker's
+    exit is the controller's to handle (it restarts the rank through the driver), not the run's end."""
     echo = echo or (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
     out = Outcome()
     start = time.monotonic()
@@ -94,8 +100,12 @@ def supervise(procs: ProcessSet, rc: RunnerConf, *, controller: str = "controlle
             states = procs.poll()
             out.exit_codes = dict(states)
             text = procs.new_output()
+            if text and driver is not None:
+                text = driver.filter(text)
             if text and rc.echo:
                 echo(text)
+            if driver is not None:
+                driver.tick()
             now = time.monotonic()
             ctl = states.get(controller)
             workers = {n: c for n, c in states.items() if n != controller}
@@ -105,14 +115,14 @@ def supervise(procs: ProcessSet, rc: RunnerConf, *, controller: str = "controlle
                 if ctl != 0:
                     out.problems.append(f"the controller exited with code {ctl}")
                     out.failed.append(controller)
-            failed = {n: c for n, c in workers.items() if c not in (None, 0)}
+            failed = {n: c for n, c in workers.items() if c not in (None, 0)} if driver is None else {}
             for n, c in failed.items():
                 msg = f"{n} exited with code {c}" + (" before the controller finished" if ctl is None else "")
                 if n not in out.failed:
                     out.problems.append(msg)
                     out.failed.append(n)
                     ended_at = ended_at or now
-            if ctl is None and workers and all(c is not None for c in workers.values()):
+            if ctl is None and workers and all(c is not None for c in workers.values()) and driver is None:
                 ended_at = ended_at or now  # every worker is gone: the controller cannot finish
             if ended_at is not None:
                 if all(c is not None for c in states.values()):

@@ -162,12 +162,18 @@ def check(raw: DictConfig | Config, *, resolve_model: bool = True, overrides: Se
         if not script.is_file():
             problems.append(f"bench.script={cfg.bench.script}: no such file under {_repo_root()}")
 
+    # ---- KV memory: topology.swapping / resident_buffers / inflight_ubatches / kv_memory_gb --------------
+    from .kv_memory import kv_memory_problems
+
+    problems.extend(kv_memory_problems(cfg, model_config, hosts))
+
     # ---- runner --------------------------------------------------------------------------------------
     for key in ("timeout_s", "grace_s", "poll_s"):
         if getattr(r, key) <= 0:
             problems.append(f"runner.{key}={getattr(r, key)} must be > 0")
-    if cfg.failure.kind != "none":
-        problems.append(f"failure.kind={cfg.failure.kind!r}: failure injection is not implemented yet; use failure=none")
+    from .failures import failure_problems
+
+    problems.extend(failure_problems(cfg, hosts))
 
     if problems:
         raise ConfigError(problems)

@@ -164,6 +164,10 @@ def run_worker(opts: WorkerOptions) -> int:
     """Run one worker to the end; returns the process exit code."""
     from . import faults
 
+    if opts.spare:
+        code = wait_as_spare(opts)
+        if code is not None:
+            return code
     try:
         rank, world = resolve_rank(opts)
     except Exception as e:
@@ -279,6 +283,56 @@ def run_worker(opts: WorkerOptions) -> int:
         return 1
     finally:
         ctl.close()  # waits for the last message (Stats or Error) to reach the controller
+
+
+def wait_as_spare(opts: WorkerOptions) -> int | None:
+    """A hot spare: do the slow one-time work now (imports, the model's files, the device), then wait
+    for the controller to hand over a lost rank; ``opts`` becomes that rank's replacement. Returns an
+    exit code if the spare is never used."""
+    import socket as pysocket
+
+    import zmq
+
+    from ..protocol import Abort, Assign, Hello, Welcome, from_msg, to_msg
+
+    who = f"spare {pysocket.gethostname()}:{os.getpid()}"
+    t0 = time.perf_counter()
+    from ..model.stage import StageModel  # noqa: F401 — imports (torch, kernels) paid now
+    from .pipeline import StageWorker  # noqa: F401
+
+    try:
+        resolve_checkpoint(opts.ckpt_path, opts.load_format, opts.weights_seed)  # converts a GGUF once
+        pick_device(opts, 0)
+    except Exception as e:  # noqa: BLE001
+        print(f"[{who}] error: {e}", file=sys.stderr, flush=True)
+        return 2
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.IDENTITY, f"spare-{pysocket.gethostname()}-{os.getpid()}".encode())
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(controller_address(opts))
+    try:
+        sock.send(to_msg(Hello(-1, opts.world_size or -1, os.getpid(), pysocket.gethostname(), time.perf_counter(),
+                               spare=True)))
+        if not sock.poll(int(opts.connect_timeout_s * 1000)):
+            print(f"[{who}] no answer from the controller at {controller_address(opts)}", file=sys.stderr, flush=True)
+            return 2
+        msg = from_msg(sock.recv())
+        if isinstance(msg, Abort) or not isinstance(msg, Welcome):
+            print(f"[{who}] the controller refused this spare: {getattr(msg, 'reason', msg)}", file=sys.stderr, flush=True)
+            return 2
+        print(f"[{who}] ready in {time.perf_counter() - t0:.1f} s; waiting to take over a failed rank", flush=True)
+        while True:
+            msg = from_msg(sock.recv())
+            if isinstance(msg, Assign):
+                opts.rank, opts.restart, opts.failures, opts.spare = msg.rank, True, msg.generation, False
+                print(f"[{who}] taking over rank {msg.rank} (failure generation {msg.generation})", flush=True)
+                return None
+            if isinstance(msg, Abort):
+                return 0
+    finally:
+        sock.close(0)
+        ctx.term()
 
 
 def listen_address(opts: WorkerOptions) -> str:
