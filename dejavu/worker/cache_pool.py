@@ -14,6 +14,12 @@ A microbatch with fewer requests than the buffer has slots uses the first ``b`` 
 
 Decode attention reads each slot only up to its own position, so a buffer longer than a microbatch
 needs costs memory, not time.
+
+:func:`make_pool` picks the pool a stage's :class:`KVPoolOptions` ask for: this one (one buffer per
+microbatch in flight), or, with swapping, :class:`~dejavu.worker.swap.SwappingPool` (``resident``
+buffers on the device, every other microbatch's cache in host memory). Both check at start-up
+(:meth:`CachePool.plan`) that the caches of the microbatches in flight fit the KV memory the stage has,
+and report what they used (:meth:`CachePool.report`).
 """
 
 from __future__ import annotations
@@ -36,28 +42,79 @@ class Buffer:
 
 @dataclass
 class Lease:
-    """One microbatch's hold on a buffer."""
+    """One microbatch's hold on a buffer.
+
+    With swapping the buffer changes from turn to turn (:meth:`rebind`); ``cache`` stays the same
+    object and follows it, so a caller may keep ``lease.cache`` (or a ``Ubatch.cache`` taken from it), but
+    must read it only while the pool has the microbatch resident (during its turn, or after
+    :meth:`CachePool.make_resident`).
+    """
 
     buffer: Buffer
     slots: int
+    ubatch: int = -1
+    own_cache: bool = False  # cache is a view object of its own, even over all the slots (swapping)
     cache: KVCache = field(init=False)  # the microbatch's slots only
 
     def __post_init__(self) -> None:
         full = self.buffer.cache
-        if self.slots == full.shape.batch:
+        if self.slots == full.shape.batch and not self.own_cache:
             self.cache = full
         else:
             self.cache = KVCache.from_tensor(full.data[:, :, : self.slots])
 
+    def rebind(self, buffer: Buffer) -> None:
+        """Hold ``buffer`` from now on (swapping: the resident buffer this microbatch got for its turn)."""
+        if buffer is self.buffer:
+            return
+        self.buffer = buffer
+        self.cache.data = buffer.cache.data[:, :, : self.slots]
+        self.cache.step = None
+
+
+@dataclass
+class KVPoolOptions:
+    """How a stage that decodes keeps its microbatches' KV caches (worker flags ``--swapping``,
+    ``--resident_buffers``, ``--inflight_ubatches``, ``--kv_memory_gb``; ``topology.*`` in dejavu-run)."""
+
+    swapping: bool = False
+    resident: int = 2  # with swapping: device buffers (the microbatch running and the one after it)
+    inflight: int | None = None  # microbatches the pipeline keeps in flight; None: one per stage
+    budget_bytes: int | None = None  # device memory for KV buffers; None: free device memory (GPU), unchecked (CPU)
+    max_seq: int | None = None  # positions every buffer is planned for (the workload's longest request)
+
+
+def buffer_positions(max_seq: int, max_positions: int, round_to: int = 256) -> int:
+    """Positions of the buffer the pool allocates for a microbatch writing positions below ``max_seq``."""
+    return max(min(-(-max_seq // round_to) * round_to, max_positions), max_seq)
+
+
+def make_pool(model: StageModel, batch: int, *, cuda_graphs: bool = False, options: KVPoolOptions | None = None,
+              stats=None) -> "CachePool":
+    """The stage's KV pool: swapping (``options.swapping``) or one buffer per microbatch in flight.
+    ``stats``: the worker's StreamStats; swaps are tallied there under the path "swap"."""
+    if options is not None and options.swapping:
+        from .swap import SwappingPool
+
+        return SwappingPool(model, batch, cuda_graphs=cuda_graphs, options=options, stats=stats)
+    return CachePool(model, batch, cuda_graphs=cuda_graphs, options=options)
+
 
 class CachePool:
-    def __init__(self, model: StageModel, batch: int, *, cuda_graphs: bool = False, round_to: int = 256) -> None:
+    swapping = False
+
+    def __init__(self, model: StageModel, batch: int, *, cuda_graphs: bool = False, round_to: int = 256,
+                 options: KVPoolOptions | None = None) -> None:
         if cuda_graphs and model.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device; this stage runs on {model.device}")
         self.model, self.batch, self.cuda_graphs, self.round_to = model, batch, cuda_graphs, round_to
+        self.options = options or KVPoolOptions()
+        self.inflight = self.options.inflight  # the leader admits this many microbatches (None: one per stage)
         self.free: list[Buffer] = []
         self.leases: dict[int, Lease] = {}
         self.allocated = 0  # buffers made so far (a test and the logs read it)
+        self.device_bytes = 0  # KV buffers held on the device now, and at most
+        self.peak_device_bytes = 0
         # One memory pool for every buffer's prefill graphs: a stage runs one prefill at a time.
         self.graph_pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
 
@@ -74,11 +131,13 @@ class CachePool:
             self.free.remove(buf)
         else:
             if self.free:  # too short for this microbatch: make room for a longer one instead
-                self.free.pop(0)
-            length = min(-(-max_seq // self.round_to) * self.round_to, self.model.cfg.max_positions)
-            buf = Buffer(self.model.new_cache(self.batch, max(length, max_seq)))
+                self.device_bytes -= self.free.pop(0).cache.nbytes()
+            length = buffer_positions(max_seq, self.model.cfg.max_positions, self.round_to)
+            buf = Buffer(self.model.new_cache(self.batch, length))
             self.allocated += 1
-        lease = Lease(buf, slots)
+            self.device_bytes += buf.cache.nbytes()
+            self.peak_device_bytes = max(self.peak_device_bytes, self.device_bytes)
+        lease = Lease(buf, slots, ubatch)
         self.leases[ubatch] = lease
         return lease
 
@@ -86,6 +145,41 @@ class CachePool:
         lease = self.leases.pop(ubatch, None)
         if lease is not None:
             self.free.append(lease.buffer)
+
+    # ---- memory: the start-up check, where a cache lives, the report ----------------------------------
+    def warm_buffers(self, stages: int) -> int:
+        """How many buffers a GPU warm-up allocates and captures: one per microbatch in flight."""
+        return self.inflight or stages
+
+    def plan(self, max_seq: int, names: dict[str, str] | None = None, who: str = "this stage") -> None:
+        """Before serving: check that the KV buffers of the microbatches in flight (with swapping: the
+        resident ones, and the host copies of the rest) fit the memory there is, for requests writing
+        positions below ``max_seq``; a ValueError says what is needed, what there is and what to change.
+        ``names``: what to call the options in the message (worker flags by default)."""
+        from .swap import budget_of, check_kv, kv_need
+
+        need = kv_need(self.model.cache_shape(self.batch, 1), self.model.dtype, ubatch=self.batch,
+                       max_seq=max_seq, max_positions=self.model.cfg.max_positions, round_to=self.round_to,
+                       inflight=self.inflight or 1, swapping=self.swapping, resident=self.options.resident)
+        budget, source = budget_of(self.options.budget_bytes, self.model.device, names)
+        problems = check_kv(need, budget, source, names=names, who=who)
+        if problems:
+            raise ValueError("; ".join(problems))
+        self.planned = need
+
+    def cache_of(self, ubatch: int) -> torch.Tensor:
+        """The whole KV buffer ``[layers, 2, batch, heads, positions, head_dim]`` holding ``ubatch``'s cache
+        (its first ``slots`` slots), wherever it lives (here: always its device buffer)."""
+        return self.leases[ubatch].buffer.cache.data
+
+    def make_resident(self, ubatch: int) -> Lease:
+        """``ubatch``'s lease with its cache in a device buffer (always so without swapping)."""
+        return self.leases[ubatch]
+
+    def report(self) -> dict:
+        """What the pool used, for the worker's Stats (summary.json: workers.N.kv_pool)."""
+        return {"swapping": False, "inflight": self.inflight, "buffers": self.allocated,
+                "peak_device_kv_bytes": self.peak_device_bytes, "peak_host_swap_bytes": 0}
 
     @torch.no_grad()
     def prefill(self, lease: Lease, x: torch.Tensor, logits_index: torch.Tensor | None) -> torch.Tensor:
