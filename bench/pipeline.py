@@ -100,7 +100,11 @@ def model_overrides(model: str) -> list[str]:
         return ["model.source=hf_folder", f"+model.path={path.resolve()}", f"model.name={path.name}"]
     if path.suffix == ".gguf" and path.is_file():
         return ["model.source=gguf_file", f"+model.path={path.resolve()}", f"model.name={path.stem}"]
-    return [f"model={model}"]
+    from dejavu.model.registry import model_entry
+
+    # A shape-only entry (OPT-13B, BLOOM, ...) runs with random weights: the timings are what this bench measures.
+    shape_only = model_entry(model).get("source") == "shape_only"
+    return [f"model={model}", *(["model.weights=random"] if shape_only else [])]
 
 
 def entry_point() -> list[str]:
