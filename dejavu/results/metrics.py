@@ -197,6 +197,36 @@ def stage_utilization(workers: Mapping[str, Mapping[str, Any]]) -> dict[str, dic
             for s, g in sorted(groups.items())}
 
 
+def kv_memory(workers: Sequence[WorkerStats]) -> dict[str, Any] | None:
+    """Peak KV memory per worker that decodes (device buffers, and host swap space with swapping), and
+    with swapping the swaps: how many, bytes, seconds, the share of them hidden behind compute (1 - the
+    seconds the compute waited for a swap / the swaps' seconds) and the ratio of a swap (one microbatch
+    out, the next in) to a decode step, per worker and at worst (above 1 the compute waits: swapping loses)."""
+    pools = {str(w.worker): w.extra["kv_pool"] for w in workers if w.extra.get("kv_pool")}
+    if not pools:
+        return None
+    out: dict[str, Any] = {
+        "peak_device_kv_bytes": {w: p.get("peak_device_kv_bytes") for w, p in pools.items()},
+        "peak_host_swap_bytes": {w: p.get("peak_host_swap_bytes", 0) for w, p in pools.items()},
+        "peak_device_kv_bytes_max": max(p.get("peak_device_kv_bytes") or 0 for p in pools.values()),
+    }
+    swapping = [p for p in pools.values() if p.get("swapping")]
+    if swapping:
+        total = lambda k: sum(p.get(k) or 0 for p in swapping)  # noqa: E731
+        seconds, exposed = total("swap_s"), total("exposed_s")
+        ratios = {w: p.get("swap_to_step") for w, p in pools.items() if p.get("swapping")}
+        out["swap"] = {
+            "count": total("swaps_out") + total("swaps_in"), "swaps_out": total("swaps_out"),
+            "swaps_in": total("swaps_in"), "bytes": total("swap_out_bytes") + total("swap_in_bytes"),
+            "seconds": seconds, "exposed_s": exposed,
+            "hidden_share": min(1.0, max(0.0, 1.0 - exposed / seconds)) if seconds > 0 else None,
+            "swap_to_step": {w: r for w, r in ratios.items()},
+            "swap_to_step_max": max((r for r in ratios.values() if r is not None), default=None),
+            "peak_host_swap_bytes_total": total("peak_host_swap_bytes"),
+        }
+    return out
+
+
 def kv_streams(workers: Sequence[WorkerStats]) -> dict[str, dict[str, float]]:
     """Per streaming path: bytes and seconds summed over workers, and the resulting rate."""
     paths: dict[str, dict[str, float]] = {}
@@ -227,6 +257,8 @@ def summarize(records: Iterable[RequestRecord | Mapping[str, Any]],
     workers = utilization(evs, span, ws)
     for w in ws:
         workers[str(w.worker)]["peak_memory_bytes"] = w.peak_memory_bytes
+        if w.extra.get("kv_pool"):
+            workers[str(w.worker)]["kv_pool"] = w.extra["kv_pool"]
         if w.kv_bytes or w.kv_seconds:
             workers[str(w.worker)]["kv"] = {p: {"bytes": w.kv_bytes.get(p, 0), "seconds": w.kv_seconds.get(p, 0.0)}
                                             for p in sorted(set(w.kv_bytes) | set(w.kv_seconds))}
@@ -254,6 +286,9 @@ def summarize(records: Iterable[RequestRecord | Mapping[str, Any]],
         "kv_streams": kv_streams(ws),
         "outputs_sha256": outputs_sha256(recs),
     }
+    kv = kv_memory(ws)
+    if kv is not None:
+        summary["kv_memory"] = kv
     for k, v in (extra or {}).items():
         if k in summary:
             raise ValueError(f"extra summary key {k!r} collides with a computed one; rename it")
