@@ -49,6 +49,15 @@ KEY_METRICS: list[tuple[str, str]] = [
     ("bubble fraction (mean)", "bubble_fraction_mean"),
     ("makespan s", "makespan_s"),
 ]
+# Shown when a run has them (summary.json: kv_memory; microbatch swapping).
+KV_METRICS: list[tuple[str, str]] = [
+    ("peak device KV bytes (max)", "kv_memory/peak_device_kv_bytes_max"),
+    ("host swap bytes (total)", "kv_memory/swap/peak_host_swap_bytes_total"),
+    ("swaps", "kv_memory/swap/count"),
+    ("swap s", "kv_memory/swap/seconds"),
+    ("swap hidden share", "kv_memory/swap/hidden_share"),
+    ("swap / step (worst stage)", "kv_memory/swap/swap_to_step_max"),
+]
 DIGEST = "outputs_sha256"
 
 
@@ -203,7 +212,8 @@ def _fmt(v: Any) -> str:
 def metric_rows(runs: Sequence[RunSummary]) -> list[tuple[str, str]]:
     flats = [r.flat for r in runs]
     failure_keys = sorted({k for f in flats for k in f if k.startswith("failures/")})
-    return KEY_METRICS + [(k, k) for k in failure_keys]
+    kv = [(label, key) for label, key in KV_METRICS if any(key in f for f in flats)]
+    return KEY_METRICS + kv + [(k, k) for k in failure_keys]
 
 
 def render_table(runs: Sequence[RunSummary]) -> str:
