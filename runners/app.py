@@ -122,6 +122,8 @@ def log_to_wandb(cfg: Config, raw: DictConfig, run_dir: Path) -> None:
 
     group = wandb_group(cfg)
     tags = [*cfg.logger.tags, cfg.topology.name, cfg.runner.kind.value] + ([cfg.experiment] if cfg.experiment else [])
+    if isinstance(cfg.model, dict) and cfg.model.get("weights") == "random":
+        tags.append("random-weights")  # timings only: the outputs of a made-up model
     info = log_run(run_dir, config=OmegaConf.to_container(raw, resolve=True), mode=cfg.logger.mode.value,
                    project=cfg.logger.project, entity=cfg.logger.entity, group=group,
                    name=run_dir.name, tags=tags)
