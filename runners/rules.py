@@ -99,12 +99,11 @@ def weights_workload(cfg: Config, given: dict[str, str], problems: list[str], no
                             f"random token ids of workload.input_len tokens; drop {key}, or use "
                             f"model.weights=checkpoint with a model that has weights")
     if w.prompts is not None or w.prompts_file:
-        n = len(w.prompts) if w.prompts is not None else "the file's"
-        notes.append(f"model.weights=random: the prompts are random token ids ({w.num_requests or n} requests of "
+        n = w.num_requests or (len(w.prompts) if w.prompts else 8)
+        notes.append(f"model.weights=random: the prompts are random token ids ({n} requests of "
                      f"workload.input_len={w.input_len} tokens from workload.prompt_seed={w.prompt_seed}) instead "
                      f"of workload {w.kind.value}'s text prompts")
-        cfg = replace(cfg, workload=replace(w, prompts=None, prompts_file=None, chat_template=False,
-                                            num_requests=w.num_requests or (len(w.prompts) if w.prompts else 8)))
+        cfg = replace(cfg, workload=replace(w, prompts=None, prompts_file=None, chat_template=False, num_requests=n))
     return cfg
 
 
