@@ -135,6 +135,13 @@ def steady_state(stage: StageModel, pool: CachePool, b: int, positions: int, inf
     steps = rounds + warm
     prompt = positions - steps
     g = torch.Generator(device=device).manual_seed(1)
+    if pool.cuda_graphs:  # as a worker warms up: each device buffer's decode graph captured before serving
+        warm_leases = [pool.acquire(-1 - i, b, positions) for i in range(pool.warm_buffers(inflight))]
+        for lease in warm_leases:
+            pool.decode(lease, torch.zeros(b, 1, h, device=device, dtype=stage.dtype),
+                        torch.zeros(b, 1, dtype=torch.long), None)
+        for i in range(len(warm_leases)):
+            pool.release(-1 - i)
     leases = []
     dtype = stage.dtype
     for u in range(inflight):

@@ -144,3 +144,30 @@ def test_worker_flags():
                       (["--inflight_ubatches", "0"], "--inflight_ubatches")):
         with pytest.raises(ValueError, match=name):
             check_options(WorkerOptions(**vars(worker_parser().parse_args(["--ckpt_path", "x", *bad]))))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["llama-gqa-bias", "opt-pre"])
+def test_swapping_with_cuda_graphs_gives_the_engine_tokens(tiny_checkpoint, name):
+    folder = tiny_checkpoint(name)
+    cfg = resolve_model(str(folder)).config
+    stage = build_stages(cfg, HFCheckpoint(folder), 1, dtype="fp32", device="cuda")[0]
+    ubatches = _ubatches(stage.cfg.vocab_size)
+    eng = Engine([stage], cuda_graphs=False)
+    want = {u: [g.output_ids for g in eng.generate(p, SamplingParams(max_new_tokens=NEW))]
+            for u, p in enumerate(ubatches)}
+    pool = SwappingPool(stage, 2, cuda_graphs=True, options=KVPoolOptions(swapping=True, resident=2, inflight=4))
+    pool.plan(40)
+    # As a worker warms up: capture the decode graph of each resident buffer once.
+    leases = [pool.acquire(-1 - i, 2, 40) for i in range(pool.warm_buffers(4))]
+    for lease in leases:
+        pool.decode(lease, torch.zeros(2, 1, dtype=torch.long), torch.zeros(2, 1, dtype=torch.long), None)
+    for i in range(len(leases)):
+        pool.release(-1 - i)
+    assert all(s.buffer.graph is not None for s in pool.slots)
+    graphs = [s.buffer.graph for s in pool.slots]
+    assert _serve(pool, ubatches, inflight=4) == want
+    assert [s.buffer.graph for s in pool.slots] == graphs  # swapped into, never re-captured
+    r = pool.report()
+    assert r["swaps_in"] > 0 and r["peak_device_kv_bytes"] == 2 * r["buffer_bytes"] and r["swap_in_GBps"] > 0
+    assert pool.host.pinned_allocs >= 1  # the host blocks were pinned at start-up (plan)
