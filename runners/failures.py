@@ -144,19 +144,37 @@ class FailureDriver:
                 self.procs.kill_host(ev["host"], "STOP" if sig == signal.SIGSTOP else "KILL")
                 return f"[runner] {sig.name} to every worker on host {ev['host']}\n"
             for t in ev["targets"]:
-                self.procs.signal(f"worker{t['rank']}", sig, pid=t.get("pid"))
+                self.procs.signal(f"worker{t['rank']}", sig, pid=t.get("pid"), host=t.get("host"))
             return "".join(f"[runner] {sig.name} to worker {t['rank']} (pid {t['pid']} on {t['host']})\n"
                            for t in ev["targets"])
         if kind == "restart":
             if self.cfg.failure.restart == RestartMode.manual:
-                return f"[runner] rank {ev['rank']} is to be restarted by hand (failure.restart=manual)\n"
+                return self.manual_restart(int(ev["rank"]), int(ev["generation"]))
             self.pending.append((time.monotonic() + self.cfg.failure.restart_delay_s, int(ev["rank"]),
                                  int(ev["generation"])))
             return (f"[runner] restarting worker {ev['rank']} on {ev.get('host')}"
                     + (f" in {self.cfg.failure.restart_delay_s:g} s" if self.cfg.failure.restart_delay_s else "") + "\n")
+        if kind == "lost":  # fencing: a hung or half-dead process of that rank must not come back to life
+            self.procs.signal(f"worker{ev['rank']}", signal.SIGKILL, pid=ev.get("pid"), host=ev.get("host"))
+            return ""
         if kind == "resumed":
             return ""
         return f"[runner] event {kind}\n"
+
+    def manual_restart(self, rank: int, generation: int) -> str:
+        """failure.restart=manual: the command that replaces the rank, as a script in the run folder."""
+        import shlex
+
+        proc = self.workers_by_rank[rank]
+        argv = ["python", "-u", "-m", self.plan.entry, proc.role, *proc.args, "--restart", "--failures", str(generation)]
+        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in proc.env.items())
+        script = f"restart_worker{rank}.sh"
+        text = (f"#!/bin/sh\n# Replaces worker {rank} of this run (failure generation {generation}) on {proc.host}.\n"
+                f"cd {shlex.quote(self.plan.proc_dir)} && exec env {env} {' '.join(shlex.quote(a) for a in argv)} "
+                f">> logs/{proc.name}.log 2>&1\n")
+        where = self.procs.write_file(proc.host, script, text)
+        return (f"[runner] failure.restart=manual: start worker {rank} again on {proc.host} yourself, within "
+                f"failure.recovery_timeout_s={self.cfg.failure.recovery_timeout_s:g} s: sh {where}\n")
 
     def tick(self) -> None:
         now = time.monotonic()

@@ -71,10 +71,20 @@ class LocalProcs:
             except subprocess.TimeoutExpired:
                 pass
 
-    def signal(self, name: str, sig: int, pid: int | None = None) -> None:
-        p = self.popen.get(name)
-        if p is not None and p.poll() is None:
-            _killpg(p.pid, sig)
+    def signal(self, name: str, sig: int, pid: int | None = None, host: str | None = None) -> None:  # noqa: ARG002
+        """Signal a process's group: the one with ``pid`` if given (a spare may have become that rank)."""
+        targets = [p for p in self.popen.values() if p.pid == pid]
+        if not targets and name in self.popen:
+            targets = [self.popen[name]]
+        for p in targets:
+            if p.poll() is None:
+                _killpg(p.pid, sig)
+
+    def write_file(self, host: str, name: str, text: str) -> str:  # noqa: ARG002 — every process is here
+        path = self.run_dir / name
+        path.write_text(text)
+        path.chmod(0o755)
+        return str(path)
 
     def restart(self, proc: Proc) -> None:
         """Start a process again under its name (its log goes on in the same file)."""

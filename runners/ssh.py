@@ -480,12 +480,25 @@ class SSHRunner:
         if errors:
             print("dejavu-run: " + "; ".join(errors))
 
-    def signal(self, name: str, sig: int, pid: int | None = None) -> None:
-        """Signal one process's group on its host (failure injection, or a hung rank before its restart)."""
+    def signal(self, name: str, sig: int, pid: int | None = None, host: str | None = None) -> None:
+        """Signal one process's group on its host (failure injection, or a hung rank before its restart);
+        by ``pid`` when given (a spare may have become that rank), else by the name's recorded group."""
         proc = next(p for p in self.plan.procs if p.name == name)
+        addr = host if host in self.proc_dirs else proc.host
+        if pid is not None:
+            # Every process we start leads its own group (setsid); the group id is the recorded pid.
+            self.sh(addr, f"kill -{int(sig)} -- -{int(pid)} 2>/dev/null || kill -{int(sig)} {int(pid)} 2>/dev/null; true",
+                    check=False)
+            return
         d = q(self.proc_dirs[proc.host])
         self.sh(proc.host, f"g=$(cat {d}/logs/{q(name)}.pid 2>/dev/null) && kill -{int(sig)} -- -$g 2>/dev/null; true",
                 check=False)
+
+    def write_file(self, host: str, name: str, text: str) -> str:
+        path = f"{self.proc_dirs[host]}/{name}"
+        self.conn(host).put(io.BytesIO(text.encode()), path)
+        self.sh(host, f"chmod +x {q(path)}", check=False)
+        return f"{host}:{path}"
 
     def restart(self, proc) -> None:
         """Start one process again on its host, over the same connection."""

@@ -89,7 +89,10 @@ def run_controller(opts: ControllerOptions, *, plots: bool = True, log=None) -> 
                      "weights": weights_record(opts),
                      "wall_s": time.perf_counter() - t0}}
     if result.failures is not None:
+        from .recovery import recovery_summary
+
         extra["failures"] = result.failures
+        extra["recovery"] = recovery_summary(result.failures, result.worker_stats)
         extra["run"]["fault_tolerance"] = {"with_ft": opts.with_ft, "max_restarts": opts.max_restarts}
     summary = write_results(run_dir, result.records, result.events, result.worker_stats, opts.to_config(),
                             extra=extra, plots=plots)

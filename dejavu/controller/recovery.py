@@ -184,6 +184,8 @@ class FaultTolerance:
         ctl.log(f"FAILURE (generation {g}): {labels}: {cause}")
         for r in ranks:
             w = ctl.workers[r]
+            # Fencing: whatever is left of it (a hung process) is killed before anything takes its place.
+            emit({"event": "lost", "rank": r, "pid": w.hello.pid, "host": w.hello.host, "generation": g})
             w.lost_host, w.hello, w.ready = w.hello.host, None, None
             self.stores.pop(r, None)
         self.restarts += len(ranks)
@@ -229,7 +231,7 @@ class FaultTolerance:
             return
         if ctl.now() > rec.deadline:
             missing = [r for r in range(ctl.topo.world_size) if r not in rec.rejoined]
-            where = ", ".join(f"rank {r} on host {getattr(ctl.workers[r], 'lost_host', None) or '?'}"
+            where = ", ".join(f"rank {r} on host {ctl.workers[r].lost_host or (ctl.workers[r].hello.host if ctl.workers[r].hello else '?')}"
                               + (" (no process came back)" if ctl.workers[r].hello is None else " (did not rejoin)")
                               for r in missing)
             ctl.fail(f"recovery of failure generation {rec.generation} did not finish within "
@@ -312,6 +314,32 @@ class FaultTolerance:
         for r in range(self.ctl.topo.world_size):
             self.ctl.send(f"w{r}".encode(), msg)
 
-    def summary(self) -> list[dict]:
-        return [f.to_dict() for f in self.records]
+    def summary(self, run_start: float) -> list[dict]:
+        """Failure records with times on the run's clock (seconds since every worker was ready)."""
+        out = []
+        for f in self.records:
+            d = f.to_dict()
+            for k in ("injected_s", "detected_s", "resumed_s"):
+                if d[k] is not None:
+                    d[k] = round(d[k] - run_start, 4)
+            out.append(d)
+        return out
+
+
+def recovery_summary(failures: list[dict], worker_stats: dict) -> dict:
+    """summary.json's ``recovery``: the failures in aggregate and what replication cost, per run."""
+    def mean(key: str):
+        vals = [f[key] for f in failures if f.get(key) is not None]
+        return round(sum(vals) / len(vals), 4) if vals else None
+
+    rep_bytes = rep_s = 0.0
+    for st in worker_stats.values():
+        for tally in (st.get("extra", {}).get("streams", {}) or {}).get("replication", {}).values():
+            rep_bytes += tally.get("bytes", 0)
+            rep_s += tally.get("seconds", 0.0)
+    return {"failures": len(failures), "detection_s_mean": mean("detection_s"), "recovery_s_mean": mean("recovery_s"),
+            "downtime_s_total": round(sum(f["downtime_s"] or 0.0 for f in failures), 4),
+            "tokens_recomputed": sum(f["tokens_recomputed"] for f in failures),
+            "restarts": [f["restart"] for f in failures],
+            "replication_bytes": int(rep_bytes), "replication_s": round(rep_s, 4)}
 

@@ -91,6 +91,9 @@ class Controller:
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 1000)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished worker raises, not drops
+        # A replacement connects under its rank's identity while its hung predecessor's connection may
+        # still be open: the newer connection takes the identity over.
+        self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         address = f"tcp://{opts.controller_ip}:{opts.port}"
         try:
             self.sock.bind(address)
@@ -446,7 +449,7 @@ class Controller:
             stats[w.rank] = worker_stats(w, self.topo)
         res = RunResult(ok, [self.records[i] for i in sorted(self.records)], events, stats, error)
         if self.ft is not None:
-            res.failures = self.ft.summary()
+            res.failures = self.ft.summary(start)
         return res
 
     def close(self) -> None:
@@ -459,6 +462,7 @@ def worker_stats(w: WorkerInfo, topo: Topology) -> dict:
     role = topo.role(w.rank)
     out = {"worker": w.rank, "stage": role.name, "tp_rank": role.tp_rank, "peak_memory_bytes": s.peak_memory_bytes,
            "extra": {"bytes_sent": s.bytes_sent, "bytes_received": s.bytes_received, "seconds": s.time_in,
+                     "streams": s.streams,
                      "items": s.items, "load_s": w.ready.load_s if w.ready else None,
                      "host": w.hello.host if w.hello else None}}
     if topo.disaggregated and role.pipeline == "token":

@@ -58,6 +58,16 @@ KV_METRICS: list[tuple[str, str]] = [
     ("swap hidden share", "kv_memory/swap/hidden_share"),
     ("swap / step (worst stage)", "kv_memory/swap/swap_to_step_max"),
 ]
+# Shown when a run survived failures (summary.json: recovery).
+FT_METRICS: list[tuple[str, str]] = [
+    ("failures", "recovery/failures"),
+    ("detection s (mean)", "recovery/detection_s_mean"),
+    ("recovery s (mean)", "recovery/recovery_s_mean"),
+    ("downtime s (total)", "recovery/downtime_s_total"),
+    ("tokens recomputed", "recovery/tokens_recomputed"),
+    ("replication bytes", "recovery/replication_bytes"),
+    ("replication s", "recovery/replication_s"),
+]
 DIGEST = "outputs_sha256"
 
 
@@ -112,7 +122,7 @@ def _hydra_overrides(run_dir: Path) -> list[str]:
 
 def key_metrics(summary: Mapping[str, Any]) -> dict[str, Any]:
     flat = flatten(summary)
-    keys = [k for _, k in KEY_METRICS] + sorted(k for k in flat if k.startswith("failures/")) + [DIGEST]
+    keys = [k for _, k in KEY_METRICS] + [k for _, k in FT_METRICS if k in flat] + [DIGEST]
     return {k: flat.get(k) for k in keys}
 
 
@@ -211,9 +221,9 @@ def _fmt(v: Any) -> str:
 
 def metric_rows(runs: Sequence[RunSummary]) -> list[tuple[str, str]]:
     flats = [r.flat for r in runs]
-    failure_keys = sorted({k for f in flats for k in f if k.startswith("failures/")})
     kv = [(label, key) for label, key in KV_METRICS if any(key in f for f in flats)]
-    return KEY_METRICS + kv + [(k, k) for k in failure_keys]
+    ft = [(label, key) for label, key in FT_METRICS if any(key in f for f in flats)]
+    return KEY_METRICS + kv + ft
 
 
 def render_table(runs: Sequence[RunSummary]) -> str:

@@ -113,6 +113,27 @@ def stage_timeline(workers: Mapping[str, Mapping[str, Any]], span_s: float, path
     return path
 
 
+def latency_vs_arrival(records: Sequence[RequestRecord], failures: Sequence[Mapping[str, Any]], path: Path) -> Path:
+    """Each request's end-to-end latency against its arrival, failures marked (the paper's Figures 10/11)."""
+    fig = Figure(figsize=(7, 3.6), layout="constrained")
+    ax = fig.subplots()
+    done = [r for r in records if r.finish_s is not None]
+    ax.scatter([r.arrival_s for r in done], [r.finish_s - r.arrival_s for r in done], s=12, label="request")
+    for i, f in enumerate(failures):
+        at = f.get("injected_s") if f.get("injected_s") is not None else f.get("detected_s")
+        if at is not None:
+            ax.axvline(at, color="tab:red", ls="--", lw=1, label="failure" if i == 0 else None)
+        if f.get("resumed_s") is not None:
+            ax.axvline(f["resumed_s"], color="tab:green", ls=":", lw=1, label="serving resumes" if i == 0 else None)
+    ax.set(xlabel="arrival (s)", ylabel="latency (s)", title="latency by arrival" + (f", {len(failures)} failure(s)"
+                                                                                     if failures else ""))
+    ax.grid(alpha=0.3)
+    if done or failures:
+        ax.legend(fontsize=8)
+    fig.savefig(path, dpi=100)
+    return path
+
+
 def write_plots(plot_dir: str | Path, records: Iterable[RequestRecord | Mapping[str, Any]],
                 summary: Mapping[str, Any]) -> list[Path]:
     plot_dir = Path(plot_dir)
@@ -121,4 +142,5 @@ def write_plots(plot_dir: str | Path, records: Iterable[RequestRecord | Mapping[
     span = summary["span_s"]["end"] - summary["span_s"]["start"]
     return [latency_cdf(recs, plot_dir / "latency_cdf.png"),
             throughput_over_time(recs, plot_dir / "throughput.png"),
-            stage_timeline(summary["workers"], span, plot_dir / "stage_timeline.png")]
+            stage_timeline(summary["workers"], span, plot_dir / "stage_timeline.png"),
+            latency_vs_arrival(recs, summary.get("failures") or [], plot_dir / "latency_vs_arrival.png")]

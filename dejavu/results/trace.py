@@ -52,8 +52,15 @@ def chrome_trace(events: Iterable[StageEvent | Mapping[str, Any]], span: tuple[f
         for row, tid in tids.items():
             out.append({"ph": "M", "name": "thread_name", "pid": w, "tid": tid, "args": {"name": row}})
             out.append({"ph": "M", "name": "thread_sort_index", "pid": w, "tid": tid, "args": {"sort_index": tid}})
+    for f in (metadata or {}).get("failures", []):  # failures and recoveries: instants on the whole trace
+        ranks = ", ".join(map(str, f.get("ranks", [])))
+        for name, key in ((f"failure of worker {ranks} detected", "detected_s"), ("serving resumes", "resumed_s"),
+                          (f"failure of worker {ranks} injected", "injected_s")):
+            if f.get(key) is not None:
+                out.append({"ph": "i", "s": "g", "name": name, "cat": "failure", "pid": 0, "tid": 0,
+                            "ts": _us(f[key]), "args": {k: v for k, v in f.items() if not isinstance(v, (list, dict))}})
     return {"traceEvents": out, "displayTimeUnit": "ms",
-            "otherData": {"span_s": list(span), **(metadata or {})}}
+            "otherData": {"span_s": list(span), **{k: v for k, v in (metadata or {}).items() if k != "failures"}}}
 
 
 def write_trace(path: str | Path, events: Iterable[StageEvent | Mapping[str, Any]], span: tuple[float, float],

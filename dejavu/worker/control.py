@@ -57,7 +57,9 @@ class ControlClient:
 
     def _hello(self, world_size: int, timeout_s: float) -> None:
         sent = time.perf_counter()
-        self.main.send(to_msg(Hello(self.rank, world_size, os.getpid(), socket.gethostname(), sent,
+        # DEJAVU_HOST: the host-list address the runner started us as (SSH runner), else our name.
+        host = os.environ.get("DEJAVU_HOST") or socket.gethostname()
+        self.main.send(to_msg(Hello(self.rank, world_size, os.getpid(), host, sent,
                                     restart=self.restart, generation=self.generation)))
         if not self.main.poll(int(timeout_s * 1000)):
             raise ControllerUnreachable(

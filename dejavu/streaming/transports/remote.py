@@ -128,6 +128,20 @@ class ReplicaStore:
         self._thread.join(timeout=5)
 
 
+class _Acked(Pending):
+    """A put in flight; done (without waiting) once the store has acknowledged it."""
+
+    __slots__ = ("_fut",)
+
+    def __init__(self, fut: Future, keep: tuple) -> None:
+        super().__init__(fut.result, keep=keep)
+        self._fut = fut
+
+    @property
+    def done(self) -> bool:
+        return self._done or self._fut.done()
+
+
 class RemoteHostTransport(Transport):
     """Client of peers' replica stores; ``peer`` is an index into ``addresses``."""
 
@@ -197,7 +211,7 @@ class RemoteHostTransport(Transport):
         meta = dict(meta or {}, dtype=dtype_name(src.dtype), shape=list(src.shape))
         data = memoryview(as_bytes(host).numpy())
         fut = self._submit(address, {"op": "put", "key": key, "meta": meta, "nbytes": nbytes(src)}, [data], ready.wait)
-        return Pending(lambda: fut.result(), keep=(host,))
+        return _Acked(fut, keep=(host,))
 
     def fetch(self, key: str, out: torch.Tensor, *, peer: int = -1, tag: int = 0) -> Pending:
         fut = self._submit(self._address(key, peer), {"op": "get", "key": key})
