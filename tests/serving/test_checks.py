@@ -78,10 +78,9 @@ def test_malformed_trace_files_are_named(model, tmp_path, content, needle):
 
 
 def test_worker_flags_refused_or_unknown():
-    for flag in ("swapping", "restart"):
-        with pytest.raises(ValueError, match=f"--{flag}.*not yet supported"):
-            check_options(WorkerOptions(ckpt_path="x", **{flag: True}))
-    with pytest.raises(ValueError, match="--failures is not yet supported"):
+    with pytest.raises(ValueError, match="--resident_buffers must be >= 2"):
+        check_options(WorkerOptions(ckpt_path="x", swapping=True, resident_buffers=1))
+    with pytest.raises(ValueError, match="--failures F goes with --restart"):
         check_options(WorkerOptions(ckpt_path="x", failures=1))
     with pytest.raises(ValueError, match="--backend 'tcp' is unknown; expected one of gloo, nccl, mpi"):
         check_options(WorkerOptions(ckpt_path="x", backend="tcp"))

@@ -116,12 +116,12 @@ def test_worker_dying_mid_run_ends_the_run_with_records(model, tmp_path):
 
 
 def test_refused_worker_flag_reaches_the_controller(model, tmp_path):
-    run = run_serving(tmp_path, model, token=1, ubatch=UBATCH, worker_args=["--swapping"],
+    run = run_serving(tmp_path, model, token=1, ubatch=UBATCH, worker_args=["--swapping", "--resident_buffers", "1"],
                       controller_args=["--num_requests", "2"], timeout=60)
     assert run.worker_rcs == [2]
-    assert "not yet supported" in run.log("worker0")
+    assert "--resident_buffers must be >= 2" in run.log("worker0")
     log = run.log("controller")
-    assert run.controller_rc == 1 and "worker 0 (stage0" in log and "--swapping" in log
+    assert run.controller_rc == 1 and "worker 0 (stage0" in log and "--resident_buffers" in log
     assert "heartbeats" not in log  # it said why it stopped: not reported as lost
 
 
