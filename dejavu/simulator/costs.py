@@ -138,3 +138,51 @@ class WholeModelCosts:
 
     def kv_bytes(self, stage, b, tokens):
         return self.kv_bytes_per_microbatch / self.token_stages
+
+
+class RunCosts:
+    """Step costs read off a real run's own timeline (``events.jsonl``): the median prefill, decode and
+    KV-receive (``stream``) interval of each stage. With them the simulator is checked against the run
+    under the very conditions the run met (a shared machine's load included): what is left to compare is
+    the model of scheduling, queueing and hand-offs. Data-plane latencies come from ``comm`` (a profile's)."""
+
+    def __init__(self, run_dir, prompt_stages: int, token_stages: int, comm: CommTiming | None = None,
+                 hidden_size: int = 0, act_bytes: int = 4) -> None:
+        import statistics
+
+        from ..results.writer import load_events
+
+        by: dict[tuple[str, str], list[float]] = {}
+        for e in load_events(run_dir):
+            if e.kind in ("prefill", "decode", "stream"):
+                by.setdefault((e.stage, e.kind), []).append(e.end_s - e.start_s)
+        self.median = {k: statistics.fmean(v) for k, v in by.items()}  # the mean: totals are what add up
+        self.disagg = prompt_stages > 0
+        self.comm = comm
+        self.feedback_s = comm.feedback_s if comm else 0.0
+        self.submit_s = 0.0
+        self._act = hidden_size * act_bytes
+
+    def _name(self, pipeline: str, stage: int) -> str:
+        return f"{pipeline}{stage}" if self.disagg else f"stage{stage}"
+
+    def _get(self, pipeline: str, stage: int, kind: str) -> float:
+        key = (self._name(pipeline, stage), kind)
+        if key not in self.median:
+            raise ValueError(f"the run has no {kind} interval on {key[0]}")
+        return self.median[key]
+
+    def prefill(self, pipeline, stage, b, prompt_len):
+        return self._get(pipeline, stage, "prefill")
+
+    def decode(self, pipeline, stage, b, ctx):
+        return self._get(pipeline, stage, "decode")
+
+    def hop(self, pipeline, stage, b, tokens):
+        return self.comm.hop(b * tokens * self._act) if self.comm else 0.0
+
+    def kv(self, stage, b, prompt_len):
+        return self._get("token", stage, "stream")
+
+    def kv_bytes(self, stage, b, tokens):
+        return 0.0

@@ -74,6 +74,9 @@ class SimSetup:
     ubatch_size: int
     costs: Costs
     kv_window: int = 2  # KVSender's window: hand-overs a prompt stage may have outstanding
+    # A send between stages completes only once the next stage posts its receive, i.e. is free (gloo's and
+    # NCCL's blocking send/recv; the real stages receive only between items). False: sends are buffered.
+    rendezvous: bool = True
     swap: SwapModel | None = None
     failures: FailureModel | None = None
     trace: bool = True  # keep every interval: Chrome trace and prompt-induced bubbles
@@ -125,7 +128,7 @@ class _Ub:
 
 class _Stage:
     __slots__ = ("pipeline", "index", "name", "worker", "last", "queue", "busy", "blocked_on", "outstanding",
-                 "busy_s")
+                 "busy_s", "senders", "sending")
 
     def __init__(self, pipeline: str, index: int, name: str, worker: int, last: bool) -> None:
         self.pipeline, self.index, self.name, self.worker, self.last = pipeline, index, name, worker, last
@@ -134,6 +137,8 @@ class _Stage:
         self.blocked_on: int | None = None  # prompt stage waiting for this microbatch's hand-over to land
         self.outstanding: deque = deque()  # prompt stage: hand-overs not yet landed
         self.busy_s = {"prefill": 0.0, "decode": 0.0, "stream": 0.0}
+        self.senders: deque = deque()  # upstream stages blocked sending to this one (rendezvous)
+        self.sending: tuple | None = None  # (item, hop seconds, since): this stage is blocked in a send
 
 
 def group(requests: Sequence[SimRequest], ubatch_size: int) -> list[list[SimRequest]]:
@@ -256,6 +261,13 @@ class Simulator:
             return
         if st.index == 0:
             item = self._leader_item(st)
+        elif self.setup.rendezvous:
+            if st.senders:  # receive from the blocked sender: the transfer takes its hop time
+                sender = st.senders.popleft()
+                item, hop, _ = sender.sending
+                st.busy = True
+                self.at(self.now + hop, self._handoff, sender, st, item)
+            return
         else:
             item = st.queue.popleft() if st.queue else None
         if item is not None:
@@ -280,6 +292,7 @@ class Simulator:
         else:  # admit: receive this stage's layers of the KV cache, then the first token step
             kv = c.kv(st.index, ub.b, ub.P)
             self._busy(st, "stream", t, t + kv, ub.id)
+            self.at(t + kv, self._received, ub)  # the prompt side's sends of this stage's layers complete
             d = kv
             if ub.n_max > 1:
                 step_d = self._step(st, ub, ub.P)
@@ -299,13 +312,15 @@ class Simulator:
 
     def _finish(self, st: _Stage, item) -> None:
         kind, ub, step = item
-        if kind == "admit":
-            ub.received += 1
-            if ub.received == self.setup.token_stages:
-                self._landed(ub)
         if not st.last:
             tokens = ub.P if kind == "prefill" else 1
             hop = self.c.hop(st.pipeline, st.index, ub.b, tokens) if (kind != "admit" or ub.n_max > 1) else 0.0
+            if self.setup.rendezvous:
+                st.sending = (item, hop, self.now)
+                nxt = (self.prompt if st.pipeline == "prompt" else self.token)[st.index + 1]
+                nxt.senders.append(st)
+                self._try(nxt)
+                return
             if hop > 0:
                 self._busy(st, "send", self.now, self.now + hop, ub.id)
             self.at(self.now + hop, self._sent, st, item)
@@ -318,8 +333,19 @@ class Simulator:
         elif kind == "prefill" or ub.n_max > 1:
             emitted = 0 if kind == "prefill" else (1 if kind == "admit" else step + 1)
             self._emit(ub, emitted)
-            self.at(self.now + self.c.feedback_s, self._feedback, ub, emitted)
+            # A one-stage pipeline's sampler is its leader: the feedback stays in the process.
+            latency = self.c.feedback_s if len(self.token) > 1 else 0.0
+            self.at(self.now + latency, self._feedback, ub, emitted)
         self._free(st, item)
+
+    def _handoff(self, sender: _Stage, st: _Stage, item) -> None:
+        """The rendezvous send is done: the receiver starts the item, the sender is free."""
+        _, _, since = sender.sending
+        sender.sending = None
+        self._busy(sender, "send", since, self.now, item[1].id)
+        st.busy = False
+        self._start(st, item)
+        self._free(sender, item)
 
     def _sent(self, st: _Stage, item) -> None:
         nxt = (self.prompt if st.pipeline == "prompt" else self.token)[st.index + 1]
@@ -339,6 +365,11 @@ class Simulator:
                 return
         st.busy = False
         self._try(st)
+
+    def _received(self, ub: _Ub) -> None:
+        ub.received += 1
+        if ub.received == self.setup.token_stages:
+            self._landed(ub)
 
     def _landed(self, ub: _Ub) -> None:
         for st in self.prompt:
@@ -406,7 +437,8 @@ class Simulator:
         self.lost_s += down
         for st in self.prompt + self.token:
             st.queue.clear()
-            st.busy, st.blocked_on = False, None
+            st.senders.clear()
+            st.busy, st.blocked_on, st.sending = False, None, None
             st.outstanding.clear()
             if self.setup.trace:
                 self.intervals.append(SimInterval(st.worker, st.name, "failure", self.now, self.now + down))
@@ -503,7 +535,7 @@ class Simulator:
         by_stage: dict[str, list[tuple[float, float]]] = {}
         prefill: dict[str, list[tuple[float, float]]] = {}
         for i in self.intervals:
-            if i.kind in ("prefill", "decode", "stream", "send"):
+            if i.kind in ("prefill", "decode", "stream"):  # a stage blocked in a send idles, as in the runs' metrics
                 by_stage.setdefault(i.stage, []).append((i.start_s, i.end_s))
             if i.kind == "prefill":
                 prefill.setdefault(i.stage, []).append((i.start_s, i.end_s))
