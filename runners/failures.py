@@ -166,7 +166,8 @@ class FailureDriver:
         import shlex
 
         proc = self.workers_by_rank[rank]
-        argv = ["python", "-u", "-m", self.plan.entry, proc.role, *proc.args, "--restart", "--failures", str(generation)]
+        python = getattr(self.procs, "interpreter", lambda host: "python3")(proc.host)
+        argv = [python, "-u", "-m", self.plan.entry, proc.role, *proc.args, "--restart", "--failures", str(generation)]
         env = " ".join(f"{k}={shlex.quote(v)}" for k, v in proc.env.items())
         script = f"restart_worker{rank}.sh"
         text = (f"#!/bin/sh\n# Replaces worker {rank} of this run (failure generation {generation}) on {proc.host}.\n"

@@ -80,6 +80,9 @@ class LocalProcs:
             if p.poll() is None:
                 _killpg(p.pid, sig)
 
+    def interpreter(self, host: str) -> str:  # noqa: ARG002 — every process is here
+        return sys.executable
+
     def write_file(self, host: str, name: str, text: str) -> str:  # noqa: ARG002 — every process is here
         path = self.run_dir / name
         path.write_text(text)

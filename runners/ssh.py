@@ -494,6 +494,9 @@ class SSHRunner:
         self.sh(proc.host, f"g=$(cat {d}/logs/{q(name)}.pid 2>/dev/null) && kill -{int(sig)} -- -$g 2>/dev/null; true",
                 check=False)
 
+    def interpreter(self, host: str) -> str:
+        return self.hosts[host].python
+
     def write_file(self, host: str, name: str, text: str) -> str:
         path = f"{self.proc_dirs[host]}/{name}"
         self.conn(host).put(io.BytesIO(text.encode()), path)

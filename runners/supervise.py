@@ -156,7 +156,24 @@ def failure_report(out: Outcome, procs: ProcessSet, run_dir, *, echoed: bool = T
     when its output was not already echoed)."""
     lines = [f"the run failed (run folder: {run_dir}):"] + [f"  - {p}" for p in out.problems]
     for name in dict.fromkeys([*out.failed, *([] if echoed else ["controller"])]):
-        tail = procs.log_tail(name, 20 if name in out.failed else 8)
+        tail = without_tracebacks(procs.log_tail(name, 60 if name in out.failed else 8))
+        tail = "\n".join(tail.splitlines()[-(12 if name in out.failed else 8):])
         if tail.strip():
-            lines.append(f"--- last lines of {name}'s log (logs/{name}.log) ---\n{tail.rstrip()}")
+            lines.append(f"--- last lines of {name}'s log (logs/{name}.log; tracebacks are there) ---\n{tail.rstrip()}")
     return "\n".join(lines)
+
+
+def without_tracebacks(text: str) -> str:
+    """A log's lines minus Python tracebacks (the console gets the account; the log keeps the details)."""
+    out, inside = [], False
+    for line in text.splitlines():
+        if line.startswith("Traceback (most recent call last)"):
+            inside = True
+            out.append("    (traceback: see the log)")
+            continue
+        if inside:
+            if line.startswith((" ", "\t")) or not line.strip():
+                continue
+            inside = False  # the exception line closes it; keep it, it says what went wrong
+        out.append(line)
+    return "\n".join(out)

@@ -138,7 +138,7 @@ class FaultTolerance:
     def at_fault_point(self, rank: int) -> None:
         inj = self.armed.pop(rank, None)
         if inj is not None and self.injections and self.injections[0] is inj:
-            self.fire(inj, [rank])
+            self.fire(inj, inj.ranks if inj.host else [rank])
 
     def fire(self, inj: Injection, ranks: list[int]) -> None:
         self.injections.pop(0)
@@ -207,6 +207,8 @@ class FaultTolerance:
                 how.append("manual")
                 ctl.log(f"waiting for rank {r} to be restarted by hand: dejavu worker <its flags> --rank {r} "
                         f"--restart --failures {g} (within {self.opts.recovery_timeout_s:.0f} s)")
+                emit({"event": "restart", "rank": r, "generation": g, "host": rec.hosts[ranks.index(r)],
+                      "manual": True})
             else:
                 how.append("runner")
                 emit({"event": "restart", "rank": r, "generation": g, "host": rec.hosts[ranks.index(r)]})

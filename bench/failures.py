@@ -1,0 +1,168 @@
+"""Fault tolerance: the same workload with 0, 1, 2 and 3 failures, with DéjàVu's replication and without.
+
+Each point is a real `dejavu-run` (controller + workers as processes); a failure is a SIGKILL of a worker
+mid-decode from the runner, which restarts it. With ``failure.with_ft=true`` the stages replicate their
+KV caches into their successors' host memory and a failure resumes from the last replicated step; without
+it (the paper's baseline) every unfinished request starts again from its prompt. Printed side by side:
+completion time, p50/p99 latency, detection and recovery time, tokens recomputed, and the replication
+overhead on failure-free throughput (with_ft vs not, failure-free, same run of this script):
+
+    python bench/failures.py                                   # tiny random Llama, 3 CPU stages
+    python bench/failures.py --model smollm2-135m --requests 16 --output-len 32
+    python bench/failures.py --device cuda --model opt-1.3b    # several stage processes sharing one GPU (gloo)
+    python bench/failures.py --failures 0,1 --out /tmp/f.json  # smoke
+
+Goals (the issue's): replication overhead <= 2% of failure-free throughput; one failure costs at most the
+restart time + 10% of the failure-free completion time with replication, and clearly less than without.
+Every run must give the failure-free run's outputs (the script exits 1 if not).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pipeline import entry_point, model_overrides, tiny_llama  # noqa: E402
+from report import write_json  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+PRESETS = {0: "none", 1: "kill_one", 2: "kill_two", 3: "kill_three"}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--model", default=None, help="registry name, HF folder or .gguf (default: a tiny random Llama)")
+    p.add_argument("--stages", type=int, default=3, help="baseline pipeline stages (workers)")
+    p.add_argument("--failures", default="0,1,2,3", help="failure counts to run (0..3)")
+    p.add_argument("--requests", type=int, default=16)
+    p.add_argument("--input-len", type=int, default=32)
+    p.add_argument("--output-len", type=int, default=32)
+    p.add_argument("--ubatch-size", type=int, default=2)
+    p.add_argument("--rps", type=float, default=None, help="Poisson arrivals (default: all at t=0)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda (workers share the GPU; the data plane is gloo)")
+    p.add_argument("--heartbeat-timeout", type=float, default=3.0)
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
+    p.add_argument("--out", default="results/bench/failures.json")
+    a = p.parse_args(argv)
+    a.failures = [int(x) for x in a.failures.split(",")]
+    if any(n not in PRESETS for n in a.failures):
+        p.error(f"--failures: each count must be one of {sorted(PRESETS)}")
+    return a
+
+
+def run_point(a, model: list[str], failures: int, with_ft: bool, run_dir: Path) -> dict:
+    work = (["workload=poisson", f"workload.rps={a.rps}"] if a.rps else
+            ["workload=fixed", "workload.prompts=null", "workload.chat_template=false"])
+    cmd = [*entry_point(), *model, "topology=baseline", f"topology.num_peers={a.stages}",
+           f"topology.num_token_peers={a.stages}", f"topology.ubatch_size={a.ubatch_size}", *work,
+           f"workload.num_requests={a.requests}", f"workload.input_len={a.input_len}",
+           f"workload.output_len={a.output_len}", f"failure={PRESETS[failures]}", f"failure.with_ft={str(with_ft).lower()}",
+           "failure.heartbeat_interval_s=0.25", f"failure.heartbeat_timeout_s={a.heartbeat_timeout}",
+           f"backend.device={a.device}", "logger=none", "print_answers=false", "runner.echo=false",
+           f"runner.timeout_s={a.timeout}", f"hydra.run.dir={run_dir}"]
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=a.timeout + 60)
+    summary = run_dir / "summary.json"
+    if r.returncode != 0 or not summary.exists():
+        raise RuntimeError(f"run failed (exit {r.returncode}): {' '.join(cmd)}\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
+    s = json.loads(summary.read_text())
+    s["_wall_s"] = time.perf_counter() - t0
+    return s
+
+
+def row(failures: int, with_ft: bool, s: dict) -> dict:
+    rec = s.get("recovery") or {}
+    fails = s.get("failures") or []
+    return {"failures": failures, "with_ft": with_ft, "completion_s": s.get("makespan_s"),
+            "throughput_tok_s": s["throughput"]["output_tokens_per_s"],
+            "latency_p50_s": s["latency_s"]["p50"], "latency_p99_s": s["latency_s"]["p99"],
+            "detection_s": rec.get("detection_s_mean"), "recovery_s": rec.get("recovery_s_mean"),
+            "downtime_s": rec.get("downtime_s_total"), "tokens_recomputed": rec.get("tokens_recomputed", 0),
+            "replication_bytes": rec.get("replication_bytes", 0), "restarts": [f["restart"] for f in fails],
+            "outputs_sha256": s["outputs_sha256"]}
+
+
+def table(rows: list[dict]) -> str:
+    def num(v, fmt="{:.3g}"):
+        return "-" if v is None else fmt.format(v)
+
+    head = ["failures", "replication", "completion s", "tok/s", "p50 s", "p99 s", "detect s", "recover s",
+            "tokens recomputed", "replicated MB"]
+    lines = [head]
+    for r in rows:
+        lines.append([str(r["failures"]), "with_ft" if r["with_ft"] else "none", num(r["completion_s"]),
+                      num(r["throughput_tok_s"]), num(r["latency_p50_s"]), num(r["latency_p99_s"]),
+                      num(r["detection_s"]), num(r["recovery_s"]), str(r["tokens_recomputed"]),
+                      num((r["replication_bytes"] or 0) / 1e6)])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines)
+
+
+def goals(rows: list[dict]) -> dict:
+    """The issue's goals, from this run's rows (None where a needed point was not run)."""
+    by = {(r["failures"], r["with_ft"]): r for r in rows}
+    out: dict = {}
+    if (0, True) in by and (0, False) in by:
+        overhead = 1 - by[(0, True)]["throughput_tok_s"] / by[(0, False)]["throughput_tok_s"]
+        out["replication_overhead"] = overhead
+        out["replication_overhead_ok"] = overhead <= 0.02
+    if (1, True) in by and (0, True) in by:
+        base = by[(0, True)]["completion_s"]
+        one = by[(1, True)]
+        restart = one["recovery_s"] or 0.0
+        out["one_failure_extra_s"] = one["completion_s"] - base
+        out["one_failure_budget_s"] = restart + (one["detection_s"] or 0.0) + 0.10 * base
+        out["one_failure_ok"] = out["one_failure_extra_s"] <= out["one_failure_budget_s"]
+        if (1, False) in by:
+            out["one_failure_baseline_extra_s"] = by[(1, False)]["completion_s"] - base
+            out["less_than_baseline"] = out["one_failure_extra_s"] < out["one_failure_baseline_extra_s"]
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    a = parse_args(argv)
+    out = Path(a.out)
+    runs_dir = out.with_suffix("") / time.strftime("%Y-%m-%d_%H-%M-%S")
+    tmp = None
+    if a.model is None:
+        tmp = Path(tempfile.mkdtemp(prefix="dejavu-bench-"))
+        model = model_overrides(str(tiny_llama(tmp / "tiny-llama")))
+    else:
+        model = model_overrides(a.model)
+    rows = []
+    try:
+        for n in a.failures:
+            for with_ft in (True, False):
+                run_dir = (runs_dir / f"{n}-failures-{'ft' if with_ft else 'baseline'}").resolve()
+                print(f"{n} failure(s), {'with' if with_ft else 'without'} replication ...", flush=True)
+                rows.append(row(n, with_ft, run_point(a, model, n, with_ft, run_dir)))
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    digests = {r["outputs_sha256"] for r in rows}
+    g = goals(rows)
+    print(f"\n== {a.stages} stages on {a.device}, {a.requests} requests, input {a.input_len} / output "
+          f"{a.output_len}, ubatch {a.ubatch_size}\n{table(rows)}")
+    for k, v in g.items():
+        print(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}")
+    print("outputs_sha256 " + ("equal across runs" if len(digests) == 1 else f"DIFFER: {sorted(digests)}"))
+    result = {"args": vars(a), "rows": rows, "goals": g, "digests_equal": len(digests) == 1}
+    write_json(out, result)
+    print(f"wrote {out} (run folders under {runs_dir})")
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        res = main()
+    except RuntimeError as e:
+        sys.exit(f"bench/failures.py: {e}")
+    sys.exit(0 if res["digests_equal"] else 1)
