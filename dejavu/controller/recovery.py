@@ -48,6 +48,7 @@ class Injection:
     step: int = 0  # decode step, with phase=decode
     signal: str = "kill"  # kill | stop (a hang)
     fired_s: float | None = None
+    pending_ranks: set | None = None  # fired at these, not yet found dead
 
     @classmethod
     def from_dict(cls, d: dict) -> "Injection":
@@ -176,8 +177,12 @@ class FaultTolerance:
         g = self.generation
         hosts = [ctl.workers[r].hello.host for r in ranks]
         inj = self._last_injection
-        injected = inj.fired_s if inj is not None and inj.fired_s is not None else None
-        self._last_injection = None
+        injected = None
+        if inj is not None and inj.fired_s is not None and set(ranks) & set(inj.ranks):
+            injected = inj.fired_s
+            inj.pending_ranks = set(inj.ranks if inj.pending_ranks is None else inj.pending_ranks) - set(ranks)
+            if not inj.pending_ranks:  # a host's workers may be found dead one by one
+                self._last_injection = None
         rec = FailureRecord(g, ranks, hosts, cause, injected, ctl.now())
         self.records.append(rec)
         labels = ", ".join(ctl.workers[r].label(ctl.topo) for r in ranks)

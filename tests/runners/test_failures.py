@@ -222,6 +222,10 @@ def test_host_kill_on_the_ssh_runner_restarts_there(sshd, ckpt, reference, tmp_p
     hosts.write_text("127.0.0.1\n127.0.0.2\n127.0.0.2\n")
     r, out = run(tmp_path, "ssh", [*sshd.overrides(hosts), "cluster.setup=pythonpath", *model(ckpt), *workload(),
                                    *BASELINE3, "failure=kill_one", "failure.failures=[{host: 127.0.0.2, phase: decode, step: 4}]"])
-    s = check_recovered(r, out, reference[False])
-    assert sorted(s["failures"][0]["ranks"]) == [1, 2] and s["failures"][0]["hosts"] == ["127.0.0.2", "127.0.0.2"]
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    # Both workers of the host die at once; the controller may find them in one generation or two.
+    s = check_recovered(r, out, reference[False], failures=len(summary(out)["failures"]))
+    assert sorted(r for f in s["failures"] for r in f["ranks"]) == [1, 2]
+    assert {h for f in s["failures"] for h in f["hosts"]} == {"127.0.0.2"}
+    assert all(f["detection_s"] is not None for f in s["failures"])
     assert "every worker on host 127.0.0.2" in r.stdout
