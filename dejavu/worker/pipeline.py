@@ -330,7 +330,7 @@ class StageWorker:
             out = self.pool.prefill(ub.lease, x, index)
             ub.prompt = True
             if self.replicator is not None:
-                self.replicator.prompt(ub.id, ub.cache, ub.lens, ub.max_seq)
+                self.replicator.prompt(ub.id, ub.lease.cache, ub.lens, ub.max_seq)
         self.event("prefill", t0, ub.id)
         self.forward(meta, out)
         if self.role.is_last and self.is_sampler:
@@ -360,7 +360,7 @@ class StageWorker:
             return
         ub.prompt = True
         if self.replicator is not None:
-            self.replicator.prompt(ub.id, ub.cache, ub.lens, ub.max_seq)
+            self.replicator.prompt(ub.id, ub.lease.cache, ub.lens, ub.max_seq)
         self.decode(meta, x, ub)
 
     def decode(self, meta: dict, x: torch.Tensor, ub: Ubatch) -> None:
@@ -372,7 +372,7 @@ class StageWorker:
         out = self.pool.decode(ub.lease, x, positions, index)
         ub.written = k + 1
         if self.replicator is not None:
-            self.replicator.step(ub.id, ub.cache, k, positions.view(-1).tolist())
+            self.replicator.step(ub.id, ub.lease.cache, k, positions.view(-1).tolist())  # lease: swapping rebinds it
         self.event("decode", t0, ub.id)
         self.forward(meta, out)
         if self.is_sampler:

@@ -177,9 +177,13 @@ class Recovery:
             self.w.forget(u)
         rep = self.w.replicator
         if rep is not None and self.rank in resume.resend:
+            from ..model.kv_cache import KVCache
+
             for u, ub in sorted(self.w.states.items()):
                 if ub.prompt:
-                    rep.prompt(u, ub.cache, ub.lens, ub.max_seq, steps=ub.written)
+                    # Wherever it lives now: a resident buffer, or its host block when swapped out.
+                    cache = KVCache.from_tensor(self.w.pool.cache_of(u)[:, :, : len(ub.lens)])
+                    rep.prompt(u, cache, ub.lens, ub.max_seq, steps=ub.written)
         if self.w.role.is_leader and self.w.role.pipeline == "token":
             self.w.initial_items = [({**it, "kind": "resume"},
                                      torch.tensor([o[-1] for o in it["outputs"]]).view(-1, 1)) for it in resume.items]

@@ -119,7 +119,8 @@ def restore_from_holder(pool: CachePool, model, rank: int, tp_rank: int, tp: int
             info = entry["meta"]
             if info is None:
                 continue  # steps without their prompt cannot be used
-            lease = pool.acquire(u, int(info["slots"]), int(info["max_seq"]))
+            pool.acquire(u, int(info["slots"]), int(info["max_seq"]))
+            lease = pool.make_resident(u)  # with swapping: in a device buffer, copied out when evicted
             part = partition(model, tp_rank, tp, lease.cache.shape.batch)
             restore(lease.cache.data, part, transport, prefix=prefix(rank, u), peer=holder, stats=stats, path="recovery")
             n = int(info["steps"])

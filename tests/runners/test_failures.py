@@ -229,3 +229,13 @@ def test_host_kill_on_the_ssh_runner_restarts_there(sshd, ckpt, reference, tmp_p
     assert {h for f in s["failures"] for h in f["hosts"]} == {"127.0.0.2"}
     assert all(f["detection_s"] is not None for f in s["failures"])
     assert "every worker on host 127.0.0.2" in r.stdout
+
+
+def test_swapping_composes_with_fault_tolerance(ckpt, reference, tmp_path):
+    """Three microbatches in flight, two resident buffers: caches swap in and out while a stage is killed;
+    the replacement restores into the swapping pool and a survivor's swapped-out cache is a cache like
+    any other."""
+    r, out = run(tmp_path, "swap", [*model(ckpt), *workload(), *BASELINE3, "topology.swapping=true",
+                                    "topology.inflight_ubatches=3", "topology.resident_buffers=2", "failure=kill_one"])
+    s = check_recovered(r, out, reference[False])
+    assert s["kv_memory"]["swap"]["count"] > 0
