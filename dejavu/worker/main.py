@@ -230,7 +230,11 @@ def run_worker(opts: WorkerOptions) -> int:
         max_seq = opts.max_seq_len or min(cfg.max_positions, 2048)
         if worker.pool is not None:  # the KV caches in flight fit (swapping: the resident ones, and the host's)
             worker.pool.plan(max_seq, who=f"worker {rank} ({role.name})")
-        worker.warm_up(max_seq)
+        if recoverable and topo.tp > 1:
+            # Its TP group exists only once the first generation's rendezvous is done: no forward before.
+            log("no warm-up: a recoverable TP stage compiles its kernels on its first work items")
+        else:
+            worker.warm_up(max_seq)
         store = None
         if opts.with_ft:
             from ..streaming.transports.remote import ReplicaStore
