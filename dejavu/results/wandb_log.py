@@ -106,6 +106,11 @@ def log_run(run_dir: str | Path, summary: Mapping[str, Any] | None = None, confi
     try:
         run.summary.update(flatten(scrub(dict(summary))))
         payload: dict[str, Any] = {"requests": request_table(run_dir)}
+        if summary.get("failures"):  # one row per failure generation (fault-tolerant runs)
+            cols = [k for k in summary["failures"][0] if not isinstance(summary["failures"][0][k], (dict,))]
+            payload["failures"] = wandb.Table(columns=cols, data=[[str(f.get(c)) if isinstance(f.get(c), list)
+                                                                  else f.get(c) for c in cols]
+                                                                 for f in summary["failures"]])
         for png in sorted((run_dir / PLOTS).glob("*.png")):
             payload[f"plots/{png.stem}"] = wandb.Image(str(png))
         run.log(payload)
