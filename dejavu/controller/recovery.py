@@ -187,6 +187,8 @@ class FaultTolerance:
         self.records.append(rec)
         labels = ", ".join(ctl.workers[r].label(ctl.topo) for r in ranks)
         ctl.log(f"FAILURE (generation {g}): {labels}: {cause}")
+        if ctl.progress is not None:
+            ctl.progress.set_status(f"failure {g} detected (worker {', '.join(map(str, ranks))}), recovering")
         for r in ranks:
             w = ctl.workers[r]
             # Fencing: whatever is left of it (a hung process) is killed before anything takes its place.
@@ -314,6 +316,8 @@ class FaultTolerance:
                 f"(from steps {sorted({it['step'] for it in items}) or '-'}), {len(restarted)} start again from "
                 f"their prompts; {recomputed} tokens to recompute; recovery took {now - last.detected_s:.2f} s")
         emit({"event": "resumed", "generation": rec.generation})
+        if ctl.progress is not None:
+            ctl.progress.set_status(f"serving resumed after failure {rec.generation}")
 
     def start(self) -> None:
         """Generation 0 begins: every worker learns the replica stores' addresses."""

@@ -50,13 +50,23 @@ class Progress:
             self.tokens = self.tokens if tokens is None else tokens
             self._maybe_draw()
 
+    status = ""  # e.g. "RECOVERING from failure 1": shown while set (fault tolerance)
+
+    def set_status(self, text: str) -> None:
+        """A word on what the run is doing now (a failure detected, serving resumed); drawn at once."""
+        with self._lock:
+            self.status = text
+            if self.enabled:
+                self._draw()
+
     def line(self) -> str:
         elapsed = self._clock() - self._start
         rate = self.tokens / elapsed if elapsed > 0 else 0.0
         m, s = divmod(int(elapsed), 60)
         failed = f" ({self.failed} failed)" if self.failed else ""
+        status = f" | {self.status}" if self.status else ""
         return (f"[{self._label}] {self.done}/{self.total} requests{failed} | {self.tokens} tokens | "
-                f"{rate:.1f} tok/s | {m:02d}:{s:02d} elapsed")
+                f"{rate:.1f} tok/s | {m:02d}:{s:02d} elapsed{status}")
 
     def close(self) -> None:
         """Draw the final state and end the line."""
