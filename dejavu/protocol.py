@@ -87,6 +87,7 @@ class Heartbeat:
     seq: int
     time_s: float  # controller clock
     progress: int = 0  # work items processed so far (for a progress deadline)
+    replicated: dict = field(default_factory=dict)  # --with_ft: ubatch -> last step its holder acknowledged
 
 
 @message

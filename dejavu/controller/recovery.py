@@ -69,6 +69,7 @@ class FailureRecord:
     ubatches_resumed: int = 0
     ubatches_restarted: int = 0
     restored_bytes: int = 0
+    replicated_steps: dict = field(default_factory=dict)  # ubatch -> last step replicated on every stage
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -184,6 +185,8 @@ class FaultTolerance:
             if not inj.pending_ranks:  # a host's workers may be found dead one by one
                 self._last_injection = None
         rec = FailureRecord(g, ranks, hosts, cause, injected, ctl.now())
+        if self.opts.with_ft:
+            rec.replicated_steps = self.replicated_everywhere()
         self.records.append(rec)
         labels = ", ".join(ctl.workers[r].label(ctl.topo) for r in ranks)
         ctl.log(f"FAILURE (generation {g}): {labels}: {cause}")
@@ -220,6 +223,13 @@ class FaultTolerance:
                 how.append("runner")
                 emit({"event": "restart", "rank": r, "generation": g, "host": rec.hosts[ranks.index(r)]})
         rec.restart = "+".join(sorted(set(how)))
+
+    def replicated_everywhere(self) -> dict[int, int]:
+        """Per microbatch, the last step every decoding stage's holder has acknowledged (heartbeats)."""
+        ranks = self.ctl.topo.decoding_ranks()
+        seen = [self.ctl.workers[r].replicated for r in ranks]
+        common = set.intersection(*(set(int(u) for u in s) for s in seen)) if seen else set()
+        return {u: min(int(s.get(u, s.get(str(u), -2))) for s in seen) for u in sorted(common)}
 
     def replacement_hello(self, rank: int) -> None:
         self.recovering and self.recovering.waiting.discard(rank)

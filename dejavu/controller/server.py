@@ -45,6 +45,7 @@ class WorkerInfo:
     last_heartbeat: float = 0.0  # controller clock
     errors: list[Error] = field(default_factory=list)
     lost_host: str | None = None  # where its last process ran, once it failed
+    replicated: dict = field(default_factory=dict)  # ubatch -> last step its replica holder acknowledged
 
     def label(self, topo: Topology) -> str:
         r = topo.role(self.rank)
@@ -152,6 +153,7 @@ class Controller:
         if isinstance(msg, Heartbeat):
             if rank in self.workers and self.workers[rank].hello is not None:
                 self.workers[rank].last_heartbeat = self.now()
+                self.workers[rank].replicated = msg.replicated
                 self.send(identity, HeartbeatAck(msg.seq, self.now()))
             return
         if isinstance(msg, Hello) and msg.spare:

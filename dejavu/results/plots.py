@@ -143,4 +143,6 @@ def write_plots(plot_dir: str | Path, records: Iterable[RequestRecord | Mapping[
     return [latency_cdf(recs, plot_dir / "latency_cdf.png"),
             throughput_over_time(recs, plot_dir / "throughput.png"),
             stage_timeline(summary["workers"], span, plot_dir / "stage_timeline.png"),
-            latency_vs_arrival(recs, summary.get("failures") or [], plot_dir / "latency_vs_arrival.png")]
+            latency_vs_arrival(recs, [f for f in summary.get("failures") or [] if isinstance(f, Mapping)]
+                               if isinstance(summary.get("failures"), list) else [],
+                               plot_dir / "latency_vs_arrival.png")]

@@ -52,7 +52,10 @@ def chrome_trace(events: Iterable[StageEvent | Mapping[str, Any]], span: tuple[f
         for row, tid in tids.items():
             out.append({"ph": "M", "name": "thread_name", "pid": w, "tid": tid, "args": {"name": row}})
             out.append({"ph": "M", "name": "thread_sort_index", "pid": w, "tid": tid, "args": {"sort_index": tid}})
-    for f in (metadata or {}).get("failures", []):  # failures and recoveries: instants on the whole trace
+    failures = (metadata or {}).get("failures")
+    for f in failures if isinstance(failures, list) else []:  # failures and recoveries: instants on the trace
+        if not isinstance(f, dict):
+            continue
         ranks = ", ".join(map(str, f.get("ranks", [])))
         for name, key in ((f"failure of worker {ranks} detected", "detected_s"), ("serving resumes", "resumed_s"),
                           (f"failure of worker {ranks} injected", "injected_s")):

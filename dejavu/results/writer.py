@@ -90,7 +90,7 @@ def write_results(run_dir: str | Path, records: Iterable[RequestRecord | Mapping
     _atomic_write(run_dir / REQUESTS, "".join(json.dumps(r.to_dict()) + "\n" for r in recs))
     _atomic_write(run_dir / EVENTS, "".join(json.dumps(e.to_dict()) + "\n" for e in evs))
     span = (summary["span_s"]["start"], summary["span_s"]["end"])
-    write_trace(run_dir / TRACE, evs, span, {"failures": summary["failures"]} if summary.get("failures") else None)
+    write_trace(run_dir / TRACE, evs, span, {"failures": summary["failures"]} if isinstance(summary.get("failures"), list) else None)
     _atomic_write(run_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
     if plots:  # last: the numbers are on disk even if plotting fails
         from .plots import write_plots

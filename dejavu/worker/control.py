@@ -46,6 +46,7 @@ class ControlClient:
         self.main.connect(address)
         self.offset = 0.0  # worker clock + offset = controller clock
         self.progress = 0  # work items done; the heartbeat reports it
+        self.replicated: dict[int, int] = {}  # ubatch -> last replicated step acknowledged (the heartbeat reports it)
         self._hb_thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._hello(world_size, connect_timeout_s)
@@ -121,7 +122,7 @@ class ControlClient:
         interval_ms = max(1, int(self.heartbeat_interval_s * 1000))
         while not self._stop.is_set():
             seq += 1
-            sock.send(to_msg(Heartbeat(self.rank, seq, self.now(), self.progress)))
+            sock.send(to_msg(Heartbeat(self.rank, seq, self.now(), self.progress, dict(self.replicated))))
             deadline = time.perf_counter() + self.heartbeat_interval_s
             while (left := deadline - time.perf_counter()) > 0 and not self._stop.is_set():
                 if not sock.poll(min(interval_ms, max(1, int(left * 1000)))):

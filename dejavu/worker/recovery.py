@@ -168,7 +168,7 @@ class Recovery:
         from .replication import Replicator
 
         self.w.replicator = Replicator(self.rank, holder, address, self.w.model, self.w.role.tp_rank,
-                                       self.w.topo.tp, self.w.kv_stats)
+                                       self.w.topo.tp, self.w.kv_stats, acked=self.ctl.replicated)
 
     def _apply(self, resume: Resume) -> None:
         self.stores = {int(k): v for k, v in resume.stores.items()}

@@ -43,12 +43,16 @@ def model_layers(model) -> tuple[int, int]:
 class Replicator:
     """One stage's replication into its holder's store."""
 
-    def __init__(self, rank: int, holder: int, address: str, model, tp_rank: int, tp: int, stats: StreamStats) -> None:
+    def __init__(self, rank: int, holder: int, address: str, model, tp_rank: int, tp: int, stats: StreamStats,
+                 acked: dict | None = None) -> None:
         self.rank, self.holder, self.model, self.tp_rank, self.tp = rank, holder, model, tp_rank, tp
         self.stats = stats
         self.transport = RemoteHostTransport({holder: address})
         self.in_flight: deque = deque()  # (ubatch, step, Handle); step -1 is the prompt
-        self.acked: dict[int, int] = {}  # ubatch -> last step (or -1: the prompt) its holder acknowledged
+        # ubatch -> last step (-1: the prompt) its holder acknowledged; shared with the heartbeat, which
+        # tells the controller.
+        self.acked: dict[int, int] = {} if acked is None else acked
+        self.acked.clear()
 
     def _part(self, cache: KVCache) -> Partition:
         return partition(self.model, self.tp_rank, self.tp, cache.shape.batch)
