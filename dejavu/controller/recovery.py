@@ -105,6 +105,7 @@ class FaultTolerance:
         self.ubatches: dict[int, list] = {}  # microbatch -> its requests (in slot order)
         self.last_step: dict[int, int] = {}  # microbatch -> last decode step whose tokens arrived
         self.stale_tokens = 0
+        self._last_injection: Injection | None = None  # fired, its targets not all found dead yet
 
     # ---- bookkeeping while serving -------------------------------------------------------------------
     def submitted(self, ubatch: int, requests: list) -> None:
@@ -126,16 +127,12 @@ class FaultTolerance:
             for r in nxt.ranks:
                 w = self.ctl.workers[r]
                 if r not in self.armed and w.ready is not None and \
-                        self.ctl.send(f"hb{r}".encode(), self._arm_msg(nxt)):
+                        self.ctl.send(f"hb{r}".encode(), Arm(nxt.phase, nxt.step)):
                     self.armed[r] = nxt
             return
         if (nxt.after_tokens is not None and tokens_total >= nxt.after_tokens) or \
                 (nxt.after_s is not None and now_run_s >= nxt.after_s):
             self.fire(nxt, nxt.ranks)
-
-    @staticmethod
-    def _arm_msg(inj: Injection) -> Arm:
-        return Arm(inj.phase, inj.step)
 
     def at_fault_point(self, rank: int) -> None:
         inj = self.armed.pop(rank, None)
@@ -159,8 +156,6 @@ class FaultTolerance:
         emit({"event": "inject", "signal": inj.signal, "host": inj.host, "targets": targets,
               "generation": self.generation})
         self._last_injection = inj
-
-    _last_injection: Injection | None = None
 
     # ---- failures ------------------------------------------------------------------------------------
     def lose(self, ranks: list[int], cause: str) -> None:
