@@ -193,6 +193,8 @@ RULES: list[Rule] = [
                                                           "system_site_packages", "pip_args")),
     *((f"logger.{k}", _wandb) for k in ("mode", "project", "entity", "tags")),
     ("model.weights_seed", _random_weights),
+    ("topology.resident_buffers", lambda c: None if c.topology.swapping else
+     "topology.swapping=false (every microbatch in flight has its own KV buffer); it needs topology.swapping=true"),
     ("planner", _auto_topology),
 ]
 

@@ -158,3 +158,10 @@ def test_the_figure_9_preset_keeps_the_kv_budget():
                                                        "topology.ubatch_size=4"])
     with pytest.raises(Exception, match="topology.swapping=true"):
         check(bad)
+
+
+def test_resident_buffers_without_swapping_has_no_effect_and_is_refused():
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["topology.resident_buffers=3"])
+    with pytest.raises(ConfigError, match="it needs topology.swapping=true"):
+        check(cfg, overrides=["topology.resident_buffers=3"])
