@@ -68,8 +68,8 @@ def test_auto_memory_floor_and_tensor_parallelism():
 ])
 def test_auto_refuses_bad_inputs_naming_the_key(overrides, needle):
     base = ["topology=auto", "model=opt-1.3b", "model.weights=random", "backend.weights_data_type=fp16", *SIZES]
-    if not any(o.startswith("planner.") for o in overrides):
-        base += GIVEN
+    if not any(o.startswith(("planner.prompt_time_s", "planner.profile")) for o in overrides):
+        base += GIVEN  # times given: no quick profile of OPT-1.3B on this CPU
     assert needle in problems(*base, *overrides)
 
 
