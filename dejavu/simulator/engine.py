@@ -246,6 +246,7 @@ class Simulator:
                 self.pending.popleft()
                 if not drop:
                     self.active.add(ub.id)
+                    ub.phase = "token"
                 self.first_admit_s = self.now if self.first_admit_s is None else self.first_admit_s
                 self.last_admit_s = self.now
                 if self.full_since is None and len(self.active) >= self.capacity:
