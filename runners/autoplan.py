@@ -153,7 +153,9 @@ def _quick_cpu_profile(cfg: Config, model, P: int, N: int, machines: int):
                            threads=threads, full_model=False, log=lambda s: None)
     Y = prof.prompt_time(t.ubatch_size, P)
     T = prof.token_time(t.ubatch_size, ctx)
-    return Y, T, f"a quick profile of {model.name} on this CPU ({threads} thread(s), {cfg.backend.inference_data_type})", []
+    notes = ([f"profiled on the launching machine, not on the hosts of cluster.hosts_file: give planner.profile "
+              f"(`dejavu profile` on a host) for their times"] if cfg.cluster.hosts_file else [])
+    return Y, T, f"a quick profile of {model.name} on this CPU ({threads} thread(s), {cfg.backend.inference_data_type})", notes
 
 
 def _memory(cfg: Config, machines: int) -> tuple[float | None, str]:
