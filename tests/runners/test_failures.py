@@ -239,3 +239,19 @@ def test_swapping_composes_with_fault_tolerance(ckpt, reference, tmp_path):
                                     "topology.inflight_ubatches=3", "topology.resident_buffers=2", "failure=kill_one"])
     s = check_recovered(r, out, reference[False])
     assert s["kv_memory"]["swap"]["count"] > 0
+
+
+def test_a_dead_worker_without_fault_tolerance_leaves_tracebacks_in_the_logs_only(ckpt, tmp_path):
+    """No failure config: the run ends at a worker's death, the console says which worker and where the
+    logs are; the survivors' tracebacks (gloo's connection reset) stay in their log files."""
+    r, out = run(tmp_path, "dead", [*model(ckpt), *workload(), *BASELINE3,
+                                    "+cluster.env.DEJAVU_FAULT='rank=1,at=decode,step=2,how=exit'"])
+    assert r.returncode != 0
+    console = r.stdout + r.stderr
+    assert "worker 1" in console and "logs/" in console
+    assert "Traceback (most recent call last)" not in console
+    logs = " ".join(p.read_text(errors="replace") for p in (out / "logs").glob("worker*.log"))
+    if "Traceback (most recent call last)" in logs:  # a survivor raised before the controller's abort came
+        assert "traceback: see the log" in console or "tracebacks are there" in console
+    recs = [json.loads(line) for line in (out / "requests.jsonl").read_text().splitlines()]
+    assert {rec["status"] for rec in recs} <= {"ok", "failed", "unfinished"} and len(recs) == REQUESTS
