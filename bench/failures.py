@@ -1,7 +1,7 @@
 """Fault tolerance: the same workload with 0, 1, 2 and 3 failures, with DéjàVu's replication and without.
 
 Each point is a real `dejavu-run` (controller + workers as processes); a failure is a SIGKILL of a worker
-mid-decode from the runner, which restarts it. With ``failure.with_ft=true`` the stages replicate their
+mid-decode from the runner (at evenly spaced decode steps of the workload), which restarts it. With ``failure.with_ft=true`` the stages replicate their
 KV caches into their successors' host memory and a failure resumes from the last replicated step; without
 it (the paper's baseline) every unfinished request starts again from its prompt. Printed side by side:
 completion time, p50/p99 latency, detection and recovery time, tokens recomputed, and the replication
@@ -67,6 +67,7 @@ def run_point(a, model: list[str], failures: int, with_ft: bool, run_dir: Path) 
            f"topology.num_token_peers={a.stages}", f"topology.ubatch_size={a.ubatch_size}", *work,
            f"workload.num_requests={a.requests}", f"workload.input_len={a.input_len}",
            f"workload.output_len={a.output_len}", f"failure={PRESETS[failures]}", f"failure.with_ft={str(with_ft).lower()}",
+           *scenario_override(failures, a.output_len),
            "failure.heartbeat_interval_s=0.25", f"failure.heartbeat_timeout_s={a.heartbeat_timeout}",
            f"backend.device={a.device}", "logger=none", "print_answers=false", "runner.echo=false",
            f"runner.timeout_s={a.timeout}", f"hydra.run.dir={run_dir}"]
@@ -78,6 +79,16 @@ def run_point(a, model: list[str], failures: int, with_ft: bool, run_dir: Path) 
     s = json.loads(summary.read_text())
     s["_wall_s"] = time.perf_counter() - t0
     return s
+
+
+def scenario_override(failures: int, output_len: int) -> list[str]:
+    """The presets' failures moved to evenly spaced decode steps of this workload (the last worker, then
+    worker 1, alternating), so a failure lands mid-generation whatever --output-len is."""
+    if failures == 0:
+        return []
+    specs = [f"{{rank: {-1 if i % 2 == 0 else 1}, phase: decode, step: {(i + 1) * output_len // (failures + 1)}}}"
+             for i in range(failures)]
+    return [f"failure.failures=[{', '.join(specs)}]"]
 
 
 def row(failures: int, with_ft: bool, s: dict) -> dict:
