@@ -20,19 +20,16 @@ Every run must give the failure-free run's outputs (the script exits 1 if not).
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pipeline import entry_point, model_overrides, tiny_llama  # noqa: E402
+from pipeline import entry_point, model_overrides, run_and_read, tiny_llama  # noqa: E402
 from report import write_json  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 PRESETS = {0: "none", 1: "kill_one", 2: "kill_two", 3: "kill_three"}
 
 
@@ -71,14 +68,7 @@ def run_point(a, model: list[str], failures: int, with_ft: bool, run_dir: Path) 
            "failure.heartbeat_interval_s=0.25", f"failure.heartbeat_timeout_s={a.heartbeat_timeout}",
            f"backend.device={a.device}", "logger=none", "print_answers=false", "runner.echo=false",
            f"runner.timeout_s={a.timeout}", f"hydra.run.dir={run_dir}"]
-    t0 = time.perf_counter()
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=a.timeout + 60)
-    summary = run_dir / "summary.json"
-    if r.returncode != 0 or not summary.exists():
-        raise RuntimeError(f"run failed (exit {r.returncode}): {' '.join(cmd)}\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
-    s = json.loads(summary.read_text())
-    s["_wall_s"] = time.perf_counter() - t0
-    return s
+    return run_and_read(cmd, run_dir, a.timeout)
 
 
 def scenario_override(failures: int, output_len: int) -> list[str]:

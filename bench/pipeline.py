@@ -123,8 +123,13 @@ def run_point(a, model: list[str], prompt: int, token: int, sizes: tuple[int, in
            f"workload.input_len={sizes[0]}", f"workload.output_len={sizes[1]}", f"backend={a.backend}",
            *([f"backend.device={a.device}"] if a.device else []), "logger=none", "print_answers=false",
            "runner.echo=false", f"runner.timeout_s={a.timeout}", f"hydra.run.dir={run_dir}"]
+    return run_and_read(cmd, run_dir, a.timeout)
+
+
+def run_and_read(cmd: list[str], run_dir: Path, timeout: float) -> dict:
+    """Run one `dejavu-run` command line; its summary.json (raises with the run's output if it failed)."""
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=a.timeout + 60)
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout + 60)
     summary = run_dir / "summary.json"
     if r.returncode != 0 or not summary.exists():
         raise RuntimeError(f"run failed (exit {r.returncode}): {' '.join(cmd)}\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
