@@ -255,3 +255,37 @@ def test_a_dead_worker_without_fault_tolerance_leaves_tracebacks_in_the_logs_onl
         assert "traceback: see the log" in console or "tracebacks are there" in console
     recs = [json.loads(line) for line in (out / "requests.jsonl").read_text().splitlines()]
     assert {rec["status"] for rec in recs} <= {"ok", "failed", "unfinished"} and len(recs) == REQUESTS
+
+
+def test_another_rank_fails_during_recovery(ckpt, reference, tmp_path):
+    """Worker 2 is killed by the scenario; while the runner waits to restart it (restart_delay_s), worker 1
+    is killed too (by hand, from outside). The recovery starts over for both and ends with the same tokens;
+    worker 1's replicas died with worker 2's store, so its microbatches come back through the prompts."""
+    import re
+
+    out = tmp_path / "during"
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    env.pop("DEJAVU_PROGRESS", None)
+    p = subprocess.Popen([sys.executable, "-m", "runners.app", *model(ckpt), *workload(), *BASELINE3,
+                          "failure=kill_one", "failure.restart_delay_s=3", f"hydra.run.dir={out}"],
+                         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen, pid1, killed = [], None, False
+    try:
+        for line in p.stdout:
+            seen.append(line)
+            m = re.search(r"worker 1 \(stage1 on \S+ pid (\d+)\) ready", line)
+            if m:
+                pid1 = int(m.group(1))
+            if "FAILURE (generation 1)" in line and pid1 and not killed:
+                os.killpg(pid1, signal.SIGKILL)  # each worker leads its own process group
+                killed = True
+        p.wait(timeout=240)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    text = "".join(seen)
+    assert killed and p.returncode == 0, text[-3000:]
+    s = summary(out)
+    assert s["outputs_sha256"] == reference[False] and all_ok(out)
+    assert sorted(r for f in s["failures"] for r in f["ranks"]) == [1, 2]
+    assert "FAILURE (generation 2)" in text
