@@ -90,7 +90,7 @@ class Recovery:
             self.dp.close()
             self.dp = None
         if self.w.replicator is not None:
-            self.w.replicator.close()
+            self.w.replicator.close(wait=False)  # its holder may be the dead one: never wait on it
             self.w.replicator = None
         self.w.initial_items = []
         self.log(f"reset for failure generation {self.ctl.reset_generation}: caches kept, rejoining")
@@ -160,6 +160,8 @@ class Recovery:
 
     # ---- replication ---------------------------------------------------------------------------------
     def _make_replicator(self) -> None:
+        if self.w.replicator is not None:
+            self.w.replicator.close(wait=False)
         self.w.replicator = None
         holder = self.w.topo.replica_holder(self.rank)
         address = self.stores.get(holder) if holder is not None else None

@@ -93,8 +93,8 @@ class Replicator:
             self.stats.add(PATH, self.transport.name, h.nbytes, h.seconds or 0.0)
             self.acked[u] = max(self.acked.get(u, -2), k)
 
-    def close(self) -> None:
-        self.transport.close()
+    def close(self, wait: bool = True) -> None:
+        self.transport.close(wait=wait)
 
 
 def restore_from_holder(pool: CachePool, model, rank: int, tp_rank: int, tp: int, holder: int, address: str,

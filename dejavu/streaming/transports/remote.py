@@ -242,10 +242,13 @@ class RemoteHostTransport(Transport):
         reply, _ = self._submit(self._address(prefix, peer), {"op": "keys", "prefix": prefix}).result()
         return list(reply["keys"]), list(reply["metas"])
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Stop the I/O thread after the requests queued so far; ``wait=False``: do not wait for it (its
+        peer may be dead, and a request in flight then takes up to ``timeout_s``)."""
         if self._thread.is_alive():
             self._jobs.put(None)
-            self._thread.join(timeout=5)
+            if wait:
+                self._thread.join(timeout=5)
 
 
 def main(argv: list[str] | None = None) -> None:
