@@ -22,6 +22,8 @@ from .schema import RunnerConf
 class LocalProcs:
     """A ProcessSet of local subprocesses; `controller_name` is the one whose output is echoed."""
 
+    cheap_poll = True  # polling is a waitpid and a file read: the supervisor may poll often
+
     def __init__(self, run_dir: Path, controller_name: str = "controller", stop_grace_s: float = 5.0) -> None:
         self.run_dir = Path(run_dir)
         self.controller_name = controller_name

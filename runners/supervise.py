@@ -92,6 +92,9 @@ def supervise(procs: ProcessSet, rc: RunnerConf, *, controller: str = "controlle
     """``driver``: a ``runners.failures.FailureDriver`` when the run survives failures; then a worker's
     exit is the controller's to handle (it restarts the rank through the driver), not the run's end."""
     echo = echo or (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+    # A run that survives failures acts on the controller's events: where polling is cheap (local
+    # processes), look often, so a kill or a restart is not late by a whole poll interval.
+    poll_s = min(rc.poll_s, 0.1) if driver is not None and getattr(procs, "cheap_poll", False) else rc.poll_s
     out = Outcome()
     start = time.monotonic()
     ended_at: float | None = None  # when the controller ended, or a worker failed
@@ -137,7 +140,7 @@ def supervise(procs: ProcessSet, rc: RunnerConf, *, controller: str = "controlle
             if now - start > rc.timeout_s:
                 out.problems.append(f"the run exceeded runner.timeout_s={rc.timeout_s}s; stopped every process")
                 break
-            time.sleep(rc.poll_s)
+            time.sleep(poll_s)
     except KeyboardInterrupt:
         out.interrupted = True
         out.problems.append("interrupted (Ctrl-C / SIGTERM); stopped every process")
