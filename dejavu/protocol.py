@@ -152,6 +152,15 @@ class Rejoin:
     restore_s: float = 0.0
 
 
+@message
+class ProcessGone:
+    """From the runner: a worker's process exited (it saw the exit); faster than the heartbeat deadline."""
+
+    rank: int
+    pid: int
+    exit_code: int
+
+
 # ---- controller -> worker ------------------------------------------------------------------------------
 
 @message

@@ -21,6 +21,7 @@ import time
 from dataclasses import replace
 
 from dejavu.controller.recovery import EVENT_PREFIX
+from dejavu.protocol import ProcessGone, to_msg
 
 from .schema import BackendName, Config, RestartMode, RunnerKind
 
@@ -122,6 +123,8 @@ class FailureDriver:
         self.pending: list[tuple[float, int, int]] = []  # (when, rank, generation) restarts to do
         self.restarts = 0
         self.workers_by_rank = {w.rank: w for w in plan.workers}
+        self.reported: set[tuple[str, int]] = set()  # (process name, pid) exits told to the controller
+        self._sock = None  # a ZeroMQ DEALER to the controller (typed msgpack messages, as the workers')
 
     def filter(self, text: str) -> str:
         """The controller's output with every event line acted on and replaced by a readable one."""
@@ -176,6 +179,37 @@ class FailureDriver:
         where = self.procs.write_file(proc.host, script, text)
         return (f"[runner] failure.restart=manual: start worker {rank} again on {proc.host} yourself, within "
                 f"failure.recovery_timeout_s={self.cfg.failure.recovery_timeout_s:g} s: sh {where}\n")
+
+    def seen_exits(self, states: dict[str, int | None]) -> None:
+        """A worker process that exited is reported to the controller at once (its heartbeats would
+        take the deadline to go missing). Only where the runner knows the worker's own pid (local)."""
+        for name, code in states.items():
+            pid = self.procs.pid(name) if code not in (None, 0) and hasattr(self.procs, "pid") else None
+            if pid is None or (name, pid) in self.reported:
+                continue
+            self.reported.add((name, pid))
+            rank = next((w.rank for w in [*self.plan.workers] if w.name == name), None)
+            if rank is not None:
+                self._tell_controller(ProcessGone(rank, pid, int(code)))
+
+    def _tell_controller(self, msg) -> None:
+        import zmq
+
+        if self._sock is None:
+            env = self.plan.controller.env
+            self._sock = zmq.Context.instance().socket(zmq.DEALER)
+            self._sock.setsockopt(zmq.IDENTITY, b"runner")
+            self._sock.setsockopt(zmq.LINGER, 0)
+            self._sock.connect(f"tcp://{env['DEJAVU_CONTROLLER_IP']}:{env['DEJAVU_CONTROLLER_PORT']}")
+        try:
+            self._sock.send(to_msg(msg), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # the controller is gone or busy: its heartbeat deadline still finds the worker
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close(0)
+            self._sock = None
 
     def tick(self) -> None:
         now = time.monotonic()

@@ -82,6 +82,11 @@ class LocalProcs:
             if p.poll() is None:
                 _killpg(p.pid, sig)
 
+    def pid(self, name: str) -> int | None:
+        """The process's own pid (the worker's, as it says hello with): started directly, not via a shell."""
+        p = self.popen.get(name)
+        return p.pid if p is not None else None
+
     def interpreter(self, host: str) -> str:  # noqa: ARG002 — every process is here
         return sys.executable
 

@@ -108,6 +108,7 @@ def supervise(procs: ProcessSet, rc: RunnerConf, *, controller: str = "controlle
             if text and rc.echo:
                 echo(text)
             if driver is not None:
+                driver.seen_exits(states)
                 driver.tick()
             now = time.monotonic()
             ctl = states.get(controller)
@@ -145,6 +146,8 @@ def supervise(procs: ProcessSet, rc: RunnerConf, *, controller: str = "controlle
         out.interrupted = True
         out.problems.append("interrupted (Ctrl-C / SIGTERM); stopped every process")
     finally:
+        if driver is not None:
+            driver.close()
         with no_interrupts():
             procs.stop()
             text = procs.new_output()

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import zmq
 
-from ..protocol import (Abort, Error, FaultPoint, Heartbeat, HeartbeatAck, Hello, PeerLost, ProtocolError, Ready,
+from ..protocol import (Abort, Error, FaultPoint, Heartbeat, HeartbeatAck, Hello, PeerLost, ProcessGone, ProtocolError, Ready,
                         Rejoin, Shutdown, Stats, Submit, Tokens, Welcome, from_msg, to_msg)
 from ..records import Request, RequestRecord, StageEvent
 from ..worker.topology import Topology
@@ -221,6 +221,10 @@ class Controller:
         elif isinstance(msg, Rejoin):
             if self.ft is not None:
                 self.ft.rejoined(msg)
+        elif isinstance(msg, ProcessGone):
+            self.log(f"the runner saw worker {rank}'s process (pid {msg.pid}) exit with code {msg.exit_code}")
+            if self.ft is not None and w.hello is not None and w.hello.pid == msg.pid:
+                self.ft.lose([rank], f"its process exited (code {msg.exit_code}; the runner saw it)")
         elif isinstance(msg, PeerLost):
             self.log(f"{w.label(self.topo)} lost its data plane (generation {msg.generation}): {msg.message[:160]}")
             self.suspect()
