@@ -34,7 +34,7 @@ class ControlClient:
         self.restart, self.generation = restart, generation
         # Fault tolerance: the newest Reset's generation (the heartbeat thread takes it in).
         self.reset_generation = generation
-        self.reset_event = threading.Event()
+        self._reset = threading.Condition()
         self.welcome: Welcome | None = None
         self.armed: tuple[str, int] | None = None  # failure scenario: (phase, decode step) to park at
         self._send_lock = threading.Lock()  # the serving thread and the recovery both send on ``main``
@@ -81,6 +81,12 @@ class ControlClient:
         self.controller_timeout_s = msg.controller_timeout_s
         self._hb_thread = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
         self._hb_thread.start()
+
+    def wait_for_reset(self, after: int) -> int:
+        """Block until a Reset past generation ``after`` has come; its generation."""
+        with self._reset:
+            self._reset.wait_for(lambda: self.reset_generation > after)
+            return self.reset_generation
 
     # ---- main socket ----------------------------------------------------------------------------------
     def send(self, msg) -> None:
@@ -137,10 +143,11 @@ class ControlClient:
                     continue
                 if isinstance(msg, Reset):
                     if msg.generation > self.reset_generation:
-                        self.reset_generation = msg.generation
+                        with self._reset:
+                            self.reset_generation = msg.generation
+                            self._reset.notify_all()
                         print(f"[worker {self.rank}] reset to failure generation {msg.generation}: "
                               f"{msg.reason}", flush=True)
-                        self.reset_event.set()
                     continue
                 if isinstance(msg, Abort):
                     print(f"[worker {self.rank}] aborted by the controller: {msg.reason}", file=sys.stderr, flush=True)

@@ -26,6 +26,7 @@ import time
 
 import torch
 
+from ..model.kv_cache import KVCache
 from ..protocol import PeerLost, Rejoin, Resume, Submit
 from .pipeline import Stale, StageWorker
 
@@ -82,8 +83,7 @@ class Recovery:
     def _drop_generation(self, wait_for: int | None = None) -> int:
         """Wait for the Reset past ``wait_for`` (if not here yet), abandon the old generation; the new one."""
         if wait_for is not None:
-            while self.ctl.reset_generation <= wait_for:
-                self.ctl.reset_event.wait(0.5)
+            self.ctl.wait_for_reset(wait_for)
         if self.w.stale is not None:
             self.w.stale.set()
         if self.dp is not None:
@@ -179,8 +179,6 @@ class Recovery:
             self.w.forget(u)
         rep = self.w.replicator
         if rep is not None and self.rank in resume.resend:
-            from ..model.kv_cache import KVCache
-
             for u, ub in sorted(self.w.states.items()):
                 if ub.prompt:
                     # Wherever it lives now: a resident buffer, or its host block when swapped out.
