@@ -84,7 +84,6 @@ class FailureRecord:
 class Recovering:
     generation: int
     deadline: float
-    waiting: set[int]  # ranks with no process yet
     rejoined: dict = field(default_factory=dict)  # rank -> Rejoin
 
 
@@ -104,7 +103,6 @@ class FaultTolerance:
         self.ubatch_of: dict[int, int] = {}  # request id -> microbatch
         self.ubatches: dict[int, list] = {}  # microbatch -> its requests (in slot order)
         self.last_step: dict[int, int] = {}  # microbatch -> last decode step whose tokens arrived
-        self.stale_tokens = 0
         self._last_injection: Injection | None = None  # fired, its targets not all found dead yet
 
     # ---- bookkeeping while serving -------------------------------------------------------------------
@@ -199,8 +197,7 @@ class FaultTolerance:
                      f"{self.opts.max_restarts} allows ({self.restarts}); the run ends")
             return
         ctl.broadcast(Reset(g, ranks, cause), heartbeat_socket=True)
-        waiting = set(ranks) | (self.recovering.waiting if self.recovering else set())
-        self.recovering = Recovering(g, ctl.now() + self.opts.recovery_timeout_s, waiting)
+        self.recovering = Recovering(g, ctl.now() + self.opts.recovery_timeout_s)
         how = []
         for r in ranks:
             if self.spares:
@@ -225,9 +222,6 @@ class FaultTolerance:
         seen = [self.ctl.workers[r].replicated for r in ranks]
         common = set.intersection(*(set(int(u) for u in s) for s in seen)) if seen else set()
         return {u: min(int(s.get(u, s.get(str(u), -2))) for s in seen) for u in sorted(common)}
-
-    def replacement_hello(self, rank: int) -> None:
-        self.recovering and self.recovering.waiting.discard(rank)
 
     def rejoined(self, msg) -> None:
         if self.recovering is None or msg.generation != self.recovering.generation:

@@ -184,7 +184,6 @@ class Controller:
                 if not msg.restart:
                     self.send(identity, Abort(f"rank {rank} is being replaced; start a replacement with --restart"))
                     return
-                self.ft.replacement_hello(rank)
                 self.log(f"replacement for rank {rank} connected from {msg.host} pid {msg.pid}")
             w.hello, w.last_heartbeat = msg, self.now()
             if msg.world_size not in (-1, self.topo.world_size):
@@ -214,8 +213,7 @@ class Controller:
         elif isinstance(msg, Tokens):
             if self.ft is not None:
                 if msg.generation < self.ft.generation or self.ft.recovering is not None:
-                    self.ft.stale_tokens += len(msg.tokens)  # computed before the failure: recomputed
-                    return
+                    return  # computed by an abandoned generation: the resume recomputes them
                 self.ft.tokens(msg.ubatch, msg.step)
             self.on_tokens(msg)
         elif isinstance(msg, Rejoin):

@@ -118,13 +118,17 @@ class CachePool:
         # One memory pool for every buffer's prefill graphs: a stage runs one prefill at a time.
         self.graph_pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
 
-    def acquire(self, ubatch: int, slots: int, max_seq: int) -> Lease:
-        """A buffer for microbatch ``ubatch`` of ``slots`` requests writing positions below ``max_seq``."""
+    def check_lease(self, ubatch: int, slots: int) -> None:
+        """What every pool refuses: a second lease for a microbatch, or more requests than a buffer's slots."""
         if ubatch in self.leases:
             raise ValueError(f"microbatch {ubatch} already holds a KV buffer")
         if not 1 <= slots <= self.batch:
             raise ValueError(f"microbatch {ubatch} has {slots} requests; the KV buffers hold 1..{self.batch} "
                              f"(--ubatch_size)")
+
+    def acquire(self, ubatch: int, slots: int, max_seq: int) -> Lease:
+        """A buffer for microbatch ``ubatch`` of ``slots`` requests writing positions below ``max_seq``."""
+        self.check_lease(ubatch, slots)
         fits = [b for b in self.free if b.cache.shape.max_seq >= max_seq]
         if fits:
             buf = min(fits, key=lambda b: b.cache.shape.max_seq)

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from .dataplane import ACT, CHANNEL_NAMES, DataPlane, _pack, _unpack, kv_pairs, side_pairs
 from .topology import Topology
-from ..streaming.transports.base import DONE, Pending, Transport, as_bytes, host_copy
+from ..streaming.transports.dist import DistTransport
 
 
 def _group(store, prefix: str, rank: int, size: int, timeout: timedelta, nccl: bool = False):
@@ -180,26 +180,22 @@ class GroupAllReduce:
         return t
 
 
-class GroupTransport(Transport):
-    """The streaming library's point-to-point transport over a process-group object (the KV hand-over)."""
+class GroupTransport(DistTransport):
+    """The streaming library's point-to-point transport over a process-group object (the KV hand-over):
+    ``DistTransport`` with the group's own send/recv instead of torch.distributed's registered groups."""
 
     def __init__(self, group, *, nccl: bool) -> None:
+        # Not DistTransport.__init__: it asks torch.distributed about a registered group.
         self.group, self.on_gpu = group, nccl
-        self.name = "dist-nccl" if nccl else "dist-gloo"
+        self.backend = "nccl" if nccl else "gloo"
+        self.name = f"dist-{self.backend}"
 
-    def flush(self, key: str, src: torch.Tensor, *, peer: int = -1, tag: int = 0, meta: dict | None = None) -> Pending:
-        if self.on_gpu:
-            payload, ready = src.contiguous(), DONE
-        else:
-            payload, ready = host_copy(src)
-        ready.wait()
-        work = self.group.send([as_bytes(payload)], peer, tag)
-        return Pending(work.wait, keep=(payload,))
+    def _check_peer(self, key: str, peer: int) -> None:
+        if not 0 <= peer < self.group.size():
+            raise ValueError(f"chunk {key!r}: peer rank {peer} is not a rank of the group (size {self.group.size()})")
 
-    def fetch(self, key: str, out: torch.Tensor, *, peer: int = -1, tag: int = 0) -> Pending:
-        direct = out.is_contiguous() and out.is_cuda == self.on_gpu
-        buf = out if direct else torch.empty(out.shape, dtype=out.dtype, device=out.device if self.on_gpu else "cpu")
-        work = self.group.recv([as_bytes(buf)], peer, tag)
-        if direct:
-            return Pending(work.wait, keep=(buf,))
-        return Pending(work.wait, then=lambda: out.copy_(buf), keep=(buf,))
+    def _isend(self, buf: torch.Tensor, peer: int, tag: int):
+        return self.group.send([buf], peer, tag)
+
+    def _irecv(self, buf: torch.Tensor, peer: int, tag: int):
+        return self.group.recv([buf], peer, tag)

@@ -356,11 +356,7 @@ class SwappingPool(CachePool):
 
     # ---- leases ---------------------------------------------------------------------------------------
     def acquire(self, ubatch: int, slots: int, max_seq: int) -> Lease:
-        if ubatch in self.leases:
-            raise ValueError(f"microbatch {ubatch} already holds a KV buffer")
-        if not 1 <= slots <= self.batch:
-            raise ValueError(f"microbatch {ubatch} has {slots} requests; the KV buffers hold 1..{self.batch} "
-                             f"(--ubatch_size)")
+        self.check_lease(ubatch, slots)
         self._allocate(max(max_seq, self.options.max_seq or 0))
         lease = Lease(self.slots[0].buffer, slots, ubatch, own_cache=True)
         self.leases[ubatch] = lease

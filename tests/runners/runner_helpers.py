@@ -53,13 +53,23 @@ def wait_listening(addr: str, port: int, timeout: float = 10.0) -> None:
     raise RuntimeError(f"sshd did not start listening on {addr}:{port}")
 
 
+def _run_env(env: dict[str, str] | None) -> dict[str, str]:
+    e = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1", **(env or {})}
+    e.pop("DEJAVU_PROGRESS", None)
+    return e
+
+
 def dejavu_run(args: list[str], *, env: dict[str, str] | None = None, timeout: float = 240,
                cwd: Path = REPO) -> subprocess.CompletedProcess:
     """`dejavu-run ARGS` as the user types it (python -m runners.app, the console script's target)."""
-    e = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1", **(env or {})}
-    e.pop("DEJAVU_PROGRESS", None)
-    return subprocess.run([sys.executable, "-m", "runners.app", *args], cwd=cwd, env=e, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "runners.app", *args], cwd=cwd, env=_run_env(env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def dejavu_run_started(args: list[str], *, env: dict[str, str] | None = None, cwd: Path = REPO) -> subprocess.Popen:
+    """`dejavu-run ARGS` started in the background, its output (stdout and stderr) readable as it comes."""
+    return subprocess.Popen([sys.executable, "-m", "runners.app", *args], cwd=cwd, env=_run_env(env),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def launch_record(run_dir: Path) -> dict:

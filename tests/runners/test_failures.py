@@ -13,12 +13,11 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
-from runner_helpers import REPO, dejavu_run, leftover_processes
+from runner_helpers import dejavu_run, dejavu_run_started, leftover_processes
 
 from test_config import problems
 
@@ -159,11 +158,8 @@ def test_tensor_parallel_shard_killed(ckpt, reference, tmp_path):
 
 def test_manual_restart_with_the_seeds_flags(ckpt, reference, tmp_path):
     out = tmp_path / "manual"
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
-    env.pop("DEJAVU_PROGRESS", None)
-    p = subprocess.Popen([sys.executable, "-m", "runners.app", *model(ckpt), *workload(), *BASELINE3,
-                          "failure=kill_one", "failure.restart=manual", f"hydra.run.dir={out}"],
-                         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    p = dejavu_run_started([*model(ckpt), *workload(), *BASELINE3, "failure=kill_one", "failure.restart=manual",
+                            f"hydra.run.dir={out}"])
     script = out / "restart_worker2.sh"
     try:
         deadline = time.monotonic() + 120
@@ -264,11 +260,8 @@ def test_another_rank_fails_during_recovery(ckpt, reference, tmp_path):
     import re
 
     out = tmp_path / "during"
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
-    env.pop("DEJAVU_PROGRESS", None)
-    p = subprocess.Popen([sys.executable, "-m", "runners.app", *model(ckpt), *workload(), *BASELINE3,
-                          "failure=kill_one", "failure.restart_delay_s=3", f"hydra.run.dir={out}"],
-                         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    p = dejavu_run_started([*model(ckpt), *workload(), *BASELINE3, "failure=kill_one", "failure.restart_delay_s=3",
+                            f"hydra.run.dir={out}"])
     seen, pid1, killed = [], None, False
     try:
         for line in p.stdout:

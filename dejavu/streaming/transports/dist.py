@@ -24,6 +24,12 @@ class DistTransport(Transport):
         self.name = f"dist-{self.backend}"
         self.on_gpu = self.backend == "nccl"
 
+    def _isend(self, buf: torch.Tensor, peer: int, tag: int):
+        return dist.isend(buf, dst=peer, group=self.group, tag=tag)
+
+    def _irecv(self, buf: torch.Tensor, peer: int, tag: int):
+        return dist.irecv(buf, src=peer, group=self.group, tag=tag)
+
     def _check_peer(self, key: str, peer: int) -> None:
         if not 0 <= peer < dist.get_world_size():
             raise ValueError(f"chunk {key!r}: peer rank {peer} is not a rank of the process group "
@@ -37,7 +43,7 @@ class DistTransport(Transport):
         else:
             payload, ready = host_copy(src)
         ready.wait()
-        work = dist.isend(as_bytes(payload), dst=peer, group=self.group, tag=tag)
+        work = self._isend(as_bytes(payload), peer, tag)
         return Pending(work.wait, keep=(payload,))
 
     def fetch(self, key: str, out: torch.Tensor, *, peer: int = -1, tag: int = 0) -> Pending:
@@ -46,7 +52,7 @@ class DistTransport(Transport):
         direct = out.is_contiguous() and out.is_cuda == want_cuda
         buf = out if direct else torch.empty(out.shape, dtype=out.dtype,
                                              device=out.device if want_cuda else "cpu")
-        work = dist.irecv(as_bytes(buf), src=peer, group=self.group, tag=tag)
+        work = self._irecv(as_bytes(buf), peer, tag)
         if direct:
             return Pending(work.wait, keep=(buf,))
         return Pending(work.wait, then=lambda: out.copy_(buf), keep=(buf,))
