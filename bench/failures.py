@@ -66,9 +66,14 @@ def run_point(a, model: list[str], failures: int, with_ft: bool, run_dir: Path) 
            f"workload.output_len={a.output_len}", f"failure={PRESETS[failures]}", f"failure.with_ft={str(with_ft).lower()}",
            *scenario_override(failures, a.output_len),
            "failure.heartbeat_interval_s=0.25", f"failure.heartbeat_timeout_s={a.heartbeat_timeout}",
-           f"backend.device={a.device}", "logger=none", "print_answers=false", "runner.echo=false",
+           f"backend.device={a.device}", *dtype_overrides(a.device), "logger=none", "print_answers=false", "runner.echo=false",
            f"runner.timeout_s={a.timeout}", f"hydra.run.dir={run_dir}"]
     return run_and_read(cmd, run_dir, a.timeout)
+
+
+def dtype_overrides(device: str) -> list[str]:
+    d = "fp16" if device.startswith("cuda") else "fp32"  # the GPU runs in the dtype a user serves in
+    return [f"backend.weights_data_type={d}", f"backend.inference_data_type={d}"]
 
 
 def scenario_override(failures: int, output_len: int) -> list[str]:

@@ -247,6 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
     a = parse_args(argv)
     device = torch.device(a.device)
     if device.type == "cuda":
+        device = torch.device("cuda", device.index or 0)  # "cuda" alone names no card for set_device
         torch.cuda.set_device(device)
     torch.set_grad_enabled(False)
     stage = build_stage(a, device)

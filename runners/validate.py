@@ -145,9 +145,15 @@ def check(raw: DictConfig | Config, *, resolve_model: bool = True, overrides: Se
     if b.device == "cuda" and r.kind != RunnerKind.ssh:  # remote GPUs are checked on each host
         gpus = _local_gpus()
         per_host = max((hosts.count(h) for h in set(hosts)), default=0)
-        if gpus < per_host:
-            problems.append(f"backend.device=cuda (backend={b.name.value}) needs {per_host} GPU(s) on this machine "
-                            f"(one per worker) but {gpus} are visible; use backend=gloo for CPU")
+        if gpus == 0:
+            problems.append(f"backend.device=cuda (backend={b.name.value}) but this machine has no visible GPU; "
+                            f"use backend.device=cpu")
+        elif gpus < per_host and b.name == BackendName.nccl:
+            # NCCL refuses two ranks on one GPU; gloo and MPI stage through host memory, so they can share.
+            problems.append(f"backend=nccl needs {per_host} GPU(s) on this machine (one per worker) but {gpus} "
+                            f"are visible; use backend=gloo to let workers share GPUs, or fewer workers")
+        elif gpus < per_host:
+            notes.append(f"{per_host} workers share {gpus} GPU(s) on this machine (worker i takes GPU i mod {gpus})")
     from dejavu.model.config import DTYPES
 
     for key in ("weights_data_type", "inference_data_type"):

@@ -230,12 +230,14 @@ def test_profiler_on_a_tiny_shape(tmp_path, capsys):
 def test_shipped_gpu_profiles_load_and_plan():
     from dejavu.planner.profile import shipped_profiles
 
-    paths = shipped_profiles()
-    if not paths:
-        pytest.skip("no GPU profiles kept in dejavu/planner/profiles/ yet")
-    for path in paths:
-        prof: Profile = load_profile(path)
+    names = {p.name[:-len(".json")] for p in shipped_profiles()}
+    assert {"opt-1.3b-h100", "llama-1b-h100", "opt-66b-h100"} <= names
+    for name in sorted(names):
+        prof: Profile = load_profile(name)  # by the shipped name, as `dejavu plan --profile NAME` takes it
         assert prof.device == "cuda" and prof.prompt_time(1, 128) > prof.token_time(1, 128)
+        model = name.rsplit("-", 1)[0]
+        assert plan_main(["--machines", "4", "--memory-gb", "80", "--model", model, "--input-len", "512",
+                          "--new-tokens", "64", "--ubatch-size", "4", "--profile", name]) in (0, None)
 
 
 # ---- synthetic traces ---------------------------------------------------------------------------------

@@ -168,8 +168,11 @@ def load_profile(path: str | Path, key: str = "profile") -> Profile:
 
 def find_shipped(name: str) -> Path | None:
     """A profile kept in the repository (dejavu/planner/profiles/NAME.json), by file stem."""
-    p = PROFILES_DIR / f"{Path(name).stem}.json"
-    return p if p.is_file() and "/" not in name else None
+    if "/" in name:
+        return None
+    # "opt-1.3b-h100" has no suffix to strip (Path.stem would cut at ".3b"); "x.json" has one.
+    p = PROFILES_DIR / (name if name.endswith(".json") else f"{name}.json")
+    return p if p.is_file() else None
 
 
 def shipped_profiles() -> list[Path]:

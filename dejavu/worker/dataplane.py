@@ -83,6 +83,7 @@ class TorchDataPlane(DataPlane):
 
         self.dist, self.topo, self.rank, self.world_size = dist, topo, rank, topo.world_size
         self.device = device
+        self._wire = device if backend == "nccl" else torch.device("cpu")
         # One group, two transports: CPU tensors (headers) go over gloo, CUDA tensors over NCCL.
         spec = "gloo" if backend == "gloo" else "cpu:gloo,cuda:nccl"
         for var in ("MASTER_ADDR", "MASTER_PORT"):
@@ -145,8 +146,9 @@ class TorchDataPlane(DataPlane):
 
     def send(self, dst, meta, tensors=(), channel=ACT):
         t0 = time.perf_counter()
-        # Payloads travel from this rank's device (the receiver allocates on its own): CUDA -> NCCL.
-        tensors = [t.to(self.device).contiguous() for t in tensors]
+        # With NCCL, payloads travel from this rank's device; gloo takes host tensors only (a CUDA tensor
+        # fails its send with "Bad address"), so GPU workers on gloo stage through host memory.
+        tensors = [t.to(self._wire).contiguous() for t in tensors]
         self._send_header(dst, _pack(meta, tensors), channel)
         for t in tensors:
             self.dist.send(t, dst, tag=channel)
@@ -158,9 +160,9 @@ class TorchDataPlane(DataPlane):
         meta, specs = _unpack(self._recv_header(src, channel))
         tensors = []
         for dtype, shape in specs:
-            t = torch.empty(shape, dtype=dtype, device=self.device)
+            t = torch.empty(shape, dtype=dtype, device=self._wire)
             self.dist.recv(t, src, tag=channel)
-            tensors.append(t)
+            tensors.append(t.to(self.device))
         self._count(self.bytes_received, channel, tensors)
         self.seconds[CHANNEL_NAMES[channel] + "_recv"] += time.perf_counter() - t0
         return meta, tensors

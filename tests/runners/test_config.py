@@ -211,3 +211,17 @@ def test_gpu_workers_get_the_longest_request_as_their_kv_buffer_length(tmp_path,
     entries = json.loads(open(compose_cfg("workload=trace").workload.input_sizes_file).read())
     assert trace[trace.index("--max_seq_len") + 1] == str(max(p + g for p, g in entries))
     assert "--max_seq_len" not in worker_args("backend=gloo")  # CPU workers size buffers as requests come
+
+
+def test_gloo_workers_may_share_a_gpu_but_nccl_ranks_may_not(monkeypatch):
+    """NCCL refuses two ranks on one GPU; gloo stages through host memory, so its workers share the card
+    (how the GPU machine with one card runs a 3-stage pipeline)."""
+    import runners.validate
+
+    monkeypatch.setattr(runners.validate, "_local_gpus", lambda: 1)
+    gloo = check(compose_cfg("backend.device=cuda", "topology.num_peers=3", "topology.num_token_peers=3"))
+    assert any("3 workers share 1 GPU" in n for n in gloo.notes)
+    msg = problems("backend=nccl", "topology.num_peers=3", "topology.num_token_peers=3")
+    assert "backend=nccl needs 3 GPU(s)" in msg and "backend=gloo" in msg
+    monkeypatch.setattr(runners.validate, "_local_gpus", lambda: 0)
+    assert "no visible GPU" in problems("backend.device=cuda")
