@@ -135,6 +135,16 @@ def goals(rows: list[dict]) -> dict:
     return out
 
 
+def result_of(a, runs: dict[tuple[int, bool], list[dict]], complete: bool) -> dict:
+    """Each point's median run by completion time (the same run's numbers stay together), and the goals."""
+    rows = [dict(sorted(rs, key=lambda r: r["completion_s"])[len(rs) // 2]) for rs in runs.values()]
+    for r in rows:
+        r["completion_s_all"] = [x["completion_s"] for x in runs[(r["failures"], r["with_ft"])]]
+    digests = sorted({r["outputs_sha256"] for rs in runs.values() for r in rs})
+    return {"args": vars(a), "complete": complete, "rows": rows, "goals": goals(rows), "digests": digests,
+            "digests_equal": len(digests) == 1}
+
+
 def main(argv: list[str] | None = None) -> dict:
     a = parse_args(argv)
     out = Path(a.out)
@@ -154,21 +164,18 @@ def main(argv: list[str] | None = None) -> dict:
                     print(f"round {k + 1}/{a.rounds}: {n} failure(s), {'with' if with_ft else 'without'} "
                           f"replication ...", flush=True)
                     runs.setdefault((n, with_ft), []).append(row(n, with_ft, run_point(a, model, n, with_ft, run_dir)))
+                    # After every run, so a bench cut short (a timeout, a failed point) keeps what it measured.
+                    write_json(out, result_of(a, runs, complete=False))
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-    # Each point's median run by completion time (the same run's numbers stay together).
-    rows = [sorted(rs, key=lambda r: r["completion_s"])[len(rs) // 2] for rs in runs.values()]
-    for r in rows:
-        r["completion_s_all"] = [x["completion_s"] for x in runs[(r["failures"], r["with_ft"])]]
-    digests = {r["outputs_sha256"] for rs in runs.values() for r in rs}
-    g = goals(rows)
+    result = result_of(a, runs, complete=True)
+    rows, g, digests = result["rows"], result["goals"], result["digests"]
     print(f"\n== {a.stages} stages on {a.device}, {a.requests} requests, input {a.input_len} / output "
           f"{a.output_len}, ubatch {a.ubatch_size}, median of {a.rounds} round(s)\n{table(rows)}")
     for k, v in g.items():
         print(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}")
     print("outputs_sha256 " + ("equal across runs" if len(digests) == 1 else f"DIFFER: {sorted(digests)}"))
-    result = {"args": vars(a), "rows": rows, "goals": g, "digests_equal": len(digests) == 1}
     write_json(out, result)
     print(f"wrote {out} (run folders under {runs_dir})")
     return result
