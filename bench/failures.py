@@ -11,6 +11,7 @@ overhead on failure-free throughput (with_ft vs not, failure-free, same run of t
     python bench/failures.py --model smollm2-135m --requests 16 --output-len 32
     python bench/failures.py --device cuda --model opt-1.3b    # several stage processes sharing one GPU (gloo)
     python bench/failures.py --failures 0,1 --out /tmp/f.json  # smoke
+    python bench/failures.py --failures 0,1 --spares 1         # with_ft takes a hot spare instead of a restart
 
 Goals (the issue's): replication overhead <= 2% of failure-free throughput; one failure costs at most the
 restart time + 10% of the failure-free completion time with replication, and clearly less than without.
@@ -45,6 +46,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ubatch-size", type=int, default=2)
     p.add_argument("--rps", type=float, default=None, help="Poisson arrivals (default: all at t=0)")
     p.add_argument("--device", default="cpu", help="cpu | cuda (workers share the GPU; the data plane is gloo)")
+    p.add_argument("--spares", type=int, default=0,
+                   help="hot spares for the with_ft runs (failure.spares): a failure takes one instead of "
+                        "waiting for a restarted process to load its stage; the baseline still restarts")
     p.add_argument("--heartbeat-timeout", type=float, default=3.0)
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
     p.add_argument("--rounds", type=int, default=1,
@@ -54,6 +58,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.failures = [int(x) for x in a.failures.split(",")]
     if any(n not in PRESETS for n in a.failures):
         p.error(f"--failures: each count must be one of {sorted(PRESETS)}")
+    if a.spares < 0:
+        p.error(f"--spares={a.spares} must be >= 0")
     return a
 
 
@@ -65,6 +71,7 @@ def run_point(a, model: list[str], failures: int, with_ft: bool, run_dir: Path) 
            f"workload.num_requests={a.requests}", f"workload.input_len={a.input_len}",
            f"workload.output_len={a.output_len}", f"failure={PRESETS[failures]}", f"failure.with_ft={str(with_ft).lower()}",
            *scenario_override(failures, a.output_len),
+           *([f"failure.spares={a.spares}"] if with_ft and a.spares else []),
            "failure.heartbeat_interval_s=0.25", f"failure.heartbeat_timeout_s={a.heartbeat_timeout}",
            f"backend.device={a.device}", *dtype_overrides(a.device), "logger=none", "print_answers=false", "runner.echo=false",
            f"runner.timeout_s={a.timeout}", f"hydra.run.dir={run_dir}"]
@@ -103,13 +110,13 @@ def table(rows: list[dict]) -> str:
         return "-" if v is None else fmt.format(v)
 
     head = ["failures", "replication", "completion s", "tok/s", "p50 s", "p99 s", "detect s", "recover s",
-            "tokens recomputed", "replicated MB"]
+            "tokens recomputed", "replicated MB", "back by"]
     lines = [head]
     for r in rows:
         lines.append([str(r["failures"]), "with_ft" if r["with_ft"] else "none", num(r["completion_s"]),
                       num(r["throughput_tok_s"]), num(r["latency_p50_s"]), num(r["latency_p99_s"]),
                       num(r["detection_s"]), num(r["recovery_s"]), str(r["tokens_recomputed"]),
-                      num((r["replication_bytes"] or 0) / 1e6)])
+                      num((r["replication_bytes"] or 0) / 1e6), ",".join(r["restarts"]) or "-"])
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines)
 
