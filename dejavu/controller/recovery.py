@@ -67,7 +67,8 @@ class FailureRecord:
     resumed_s: float | None = None
     tokens_recomputed: int = 0
     ubatches_resumed: int = 0
-    ubatches_restarted: int = 0
+    ubatches_restarted: int = 0  # had begun (a prompt somewhere, or tokens): their prompt is computed again
+    ubatches_requeued: int = 0  # were still waiting for a KV buffer: submitted again, nothing lost
     restored_bytes: int = 0
     replicated_steps: dict = field(default_factory=dict)  # ubatch -> last step replicated on every stage
 
@@ -251,7 +252,7 @@ class FaultTolerance:
 
     def resume(self, rec: Recovering) -> None:
         ctl = self.ctl
-        items, drop, restarted = [], [], []
+        items, drop, restarted, requeued = [], [], [], []
         held = {r: {s["ubatch"]: s for s in m.state} for r, m in rec.rejoined.items()}
         decoding = ctl.topo.decoding_ranks()
         recomputed = 0
@@ -265,7 +266,8 @@ class FaultTolerance:
             have = [held[r].get(u) for r in decoding]
             if T is None or any(h is None or not h["prompt"] for h in have):
                 drop.append(u)
-                restarted.append(u)
+                begun = T is not None or any(u in held[r] for r in held) or any(ctl._steps[r.id] for r in live)
+                (restarted if begun else requeued).append(u)
                 for r in live:  # its tokens come again from the prompt
                     recomputed += len(ctl._steps[r.id])
                     ctl._steps[r.id].clear()
@@ -299,7 +301,7 @@ class FaultTolerance:
         msg = Resume(rec.generation, dict(self.stores), items, drop, resend)
         for r in range(ctl.topo.world_size):
             ctl.send(f"w{r}".encode(), msg)
-        for u in restarted:
+        for u in sorted(restarted + requeued):  # in submission order, as they first came
             ctl.send(f"w{ctl.topo.entry_rank}".encode(), ctl.submission(u, self.ubatches[u]))
         now = ctl.now()
         for f in self.records:
@@ -309,11 +311,13 @@ class FaultTolerance:
         last.tokens_recomputed += recomputed
         last.ubatches_resumed += len(items)
         last.ubatches_restarted += len(restarted)
+        last.ubatches_requeued += len(requeued)
         self.recovering = None
         ctl.last_progress = now
         ctl.log(f"serving resumes (generation {rec.generation}): {len(items)} microbatches continue "
                 f"(from steps {sorted({it['step'] for it in items}) or '-'}), {len(restarted)} start again from "
-                f"their prompts; {recomputed} tokens to recompute; recovery took {now - last.detected_s:.2f} s")
+                f"their prompts" + (f", {len(requeued)} not yet begun are queued again" if requeued else "") +
+                f"; {recomputed} tokens to recompute; recovery took {now - last.detected_s:.2f} s")
         emit({"event": "resumed", "generation": rec.generation})
         if ctl.progress is not None:
             ctl.progress.set_status(f"serving resumed after failure {rec.generation}")

@@ -188,4 +188,4 @@ class Recovery:
             self.w.initial_items = [({**it, "kind": "resume"},
                                      torch.tensor([o[-1] for o in it["outputs"]]).view(-1, 1)) for it in resume.items]
         self.log(f"resuming generation {resume.generation}: {len(resume.items)} microbatches continue, "
-                 f"{len(resume.drop)} start again from their prompts")
+                 f"{len(resume.drop)} dropped (the controller submits their requests again)")

@@ -96,6 +96,9 @@ def test_kill_mid_decode_resumes_from_replicas_and_the_baseline_recomputes(ckpt,
     s = check_recovered(r, out, reference[False])
     f = s["failures"][0]
     assert f["ranks"] == [2] and f["restart"] == "runner" and f["ubatches_resumed"] >= 1
+    # Every microbatch that had begun resumes; one still waiting for a KV buffer is only queued again.
+    assert f["ubatches_restarted"] == 0
+    assert f["ubatches_resumed"] + f["ubatches_requeued"] == REQUESTS // UBATCH
     # Resumed from the last replicated step: at most the pipeline's depth of steps per request recomputed.
     assert f["tokens_recomputed"] <= 3 * UBATCH * f["ubatches_resumed"]
     assert f["restored_bytes"] > 0 and s["recovery"]["replication_bytes"] > 0
