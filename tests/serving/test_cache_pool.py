@@ -10,34 +10,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dejavu.engine import Engine, build_stages
-from dejavu.model.registry import resolve_model
-from dejavu.model.weights import HFCheckpoint
-from dejavu.sampling import SamplingParams, sample
+from dejavu.engine import Engine
+from dejavu.sampling import SamplingParams
 from dejavu.worker.cache_pool import CachePool
-
-
-def _stage(folder, device="cpu"):
-    cfg = resolve_model(str(folder)).config
-    return build_stages(cfg, HFCheckpoint(folder), 1, dtype="fp32", device=device)[0]
+from pool_harness import decode, one_stage, prefill
 
 
 def _greedy_through_pool(pool: CachePool, ubatch: int, prompts: list[list[int]], new: int) -> list[list[int]]:
     """Prefill and decode one microbatch the way a single-stage worker does, through a leased buffer."""
-    model = pool.model
-    b, t = len(prompts), max(map(len, prompts))
-    lens = torch.tensor([len(p) for p in prompts])
-    lease = pool.acquire(ubatch, b, int(lens.max()) + new)
-    tokens = torch.zeros(b, t, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        tokens[i, : len(p)] = torch.tensor(p)
-    logits = pool.prefill(lease, tokens, lens - 1)
-    outs = [[tok] for tok in sample(logits, [SamplingParams()] * b, 0)]
+    lease, lens, outs = prefill(pool, ubatch, prompts, new)
     for k in range(new - 1):
-        x = torch.tensor([o[-1] for o in outs]).view(b, 1)
-        logits = pool.decode(lease, x, (lens + k).view(b, 1), torch.zeros(b, dtype=torch.long))
-        for o, tok in zip(outs, sample(logits, [SamplingParams()] * b, k + 1)):
-            o.append(tok)
+        decode(pool, lease, lens, k, outs)
     pool.release(ubatch)
     return outs
 
@@ -60,12 +43,12 @@ def _check(stage, pool: CachePool) -> None:
 
 
 def test_reused_and_partly_filled_buffers_give_the_engine_tokens(tiny_checkpoint):
-    stage = _stage(tiny_checkpoint("llama-gqa-bias"))
+    stage = one_stage(tiny_checkpoint("llama-gqa-bias"))
     _check(stage, CachePool(stage, batch=4))
 
 
 def test_pool_refuses_what_does_not_fit(tiny_checkpoint):
-    stage = _stage(tiny_checkpoint("opt-pre"))
+    stage = one_stage(tiny_checkpoint("opt-pre"))
     pool = CachePool(stage, batch=2, round_to=16)
     assert pool.acquire(0, 2, 16).cache.shape.max_seq == 16
     with pytest.raises(ValueError, match="already holds"):
@@ -83,7 +66,7 @@ def test_pool_refuses_what_does_not_fit(tiny_checkpoint):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name", ["llama-gqa-bias", "opt-pre"])
 def test_graph_decode_in_pooled_buffers_gives_the_engine_tokens(tiny_checkpoint, name):
-    stage = _stage(tiny_checkpoint(name), device="cuda")
+    stage = one_stage(tiny_checkpoint(name), device="cuda")
     pool = CachePool(stage, batch=4, cuda_graphs=True)
     _check(stage, pool)
     # Every prefill was short: each ran through the buffer's one graph for its padded length (the

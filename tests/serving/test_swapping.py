@@ -10,21 +10,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dejavu.engine import Engine, build_stages
-from dejavu.model.registry import resolve_model
-from dejavu.model.weights import HFCheckpoint
-from dejavu.sampling import SamplingParams, sample
+from dejavu.engine import Engine
+from dejavu.sampling import SamplingParams
 from dejavu.streaming import StreamStats
 from dejavu.worker.cache_pool import CachePool, KVPoolOptions, make_pool
 from dejavu.worker.swap import SwappingPool, fmt_bytes
+from pool_harness import decode, one_stage, prefill
 
 MODEL = "llama-gqa-bias"
 NEW = 8
-
-
-def _stage(folder):
-    cfg = resolve_model(str(folder)).config
-    return build_stages(cfg, HFCheckpoint(folder), 1, dtype="fp32", device="cpu")[0]
 
 
 def _serve(pool, ubatches: list[list[list[int]]], inflight: int, new: int = NEW) -> dict[int, list[list[int]]]:
@@ -34,22 +28,11 @@ def _serve(pool, ubatches: list[list[list[int]]], inflight: int, new: int = NEW)
     while queue or active:
         while queue and len(active) < inflight:
             u = queue.pop(0)
-            prompts = ubatches[u]
-            b, t = len(prompts), max(map(len, prompts))
-            lens = torch.tensor([len(p) for p in prompts])
-            lease = pool.acquire(u, b, int(lens.max()) + new)
-            tokens = torch.zeros(b, t, dtype=torch.long)
-            for i, p in enumerate(prompts):
-                tokens[i, : len(p)] = torch.tensor(p)
-            outs[u] = [[tok] for tok in sample(pool.prefill(lease, tokens, lens - 1), [SamplingParams()] * b, 0)]
+            lease, lens, outs[u] = prefill(pool, u, ubatches[u], new)
             state[u], active = (lease, lens, 0), active + [u]
         u = active.pop(0)
         lease, lens, k = state[u]
-        b = len(lens)
-        x = torch.tensor([o[-1] for o in outs[u]]).view(b, 1)
-        logits = pool.decode(lease, x, (lens + k).view(b, 1), torch.zeros(b, dtype=torch.long))
-        for o, tok in zip(outs[u], sample(logits, [SamplingParams()] * b, k + 1)):
-            o.append(tok)
+        decode(pool, lease, lens, k, outs[u])
         state[u] = (lease, lens, k + 1)
         if k + 2 >= new:
             pool.release(u)
@@ -65,7 +48,7 @@ def _ubatches(vocab: int):
 
 
 def test_swapping_pool_gives_the_engine_tokens_with_two_resident_buffers(tiny_checkpoint):
-    stage = _stage(tiny_checkpoint(MODEL))
+    stage = one_stage(tiny_checkpoint(MODEL))
     ubatches = _ubatches(stage.cfg.vocab_size)
     eng = Engine([stage], cuda_graphs=False)
     want = {u: [g.output_ids for g in eng.generate(p, SamplingParams(max_new_tokens=NEW))]
@@ -90,7 +73,7 @@ def test_swapping_pool_gives_the_engine_tokens_with_two_resident_buffers(tiny_ch
 
 
 def test_a_swapped_out_cache_can_be_read_and_brought_back(tiny_checkpoint):
-    stage = _stage(tiny_checkpoint(MODEL))
+    stage = one_stage(tiny_checkpoint(MODEL))
     pool = SwappingPool(stage, 2, options=KVPoolOptions(swapping=True, resident=2, inflight=3))
     pool.plan(32)
     for u in range(3):  # each microbatch writes its own number into its cache during its turn
@@ -106,7 +89,7 @@ def test_a_swapped_out_cache_can_be_read_and_brought_back(tiny_checkpoint):
 
 
 def test_the_memory_plan_refuses_what_does_not_fit_with_the_numbers(tiny_checkpoint):
-    stage = _stage(tiny_checkpoint(MODEL))
+    stage = one_stage(tiny_checkpoint(MODEL))
     buf = stage.cache_shape(2, 128).numel() * 4  # one microbatch of 2 at 128 positions (the model's), fp32
     # Three in flight, room for two: refused without swapping, with the numbers and the way out.
     pool = CachePool(stage, 2, options=KVPoolOptions(inflight=3, budget_bytes=int(2.5 * buf)))
@@ -150,8 +133,7 @@ def test_worker_flags():
 @pytest.mark.parametrize("name", ["llama-gqa-bias", "opt-pre"])
 def test_swapping_with_cuda_graphs_gives_the_engine_tokens(tiny_checkpoint, name):
     folder = tiny_checkpoint(name)
-    cfg = resolve_model(str(folder)).config
-    stage = build_stages(cfg, HFCheckpoint(folder), 1, dtype="fp32", device="cuda")[0]
+    stage = one_stage(folder, device="cuda")
     ubatches = _ubatches(stage.cfg.vocab_size)
     eng = Engine([stage], cuda_graphs=False)
     want = {u: [g.output_ids for g in eng.generate(p, SamplingParams(max_new_tokens=NEW))]
