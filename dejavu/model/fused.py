@@ -570,10 +570,7 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 def _tma(x2: torch.Tensor, weight: torch.Tensor, k_per: int) -> tuple | None:
     """The tiling of ``skinny_tma`` where it applies and DEJAVU_MATMUL does not say "triton"."""
-    if not skinny_tma.wanted() or not skinny_tma.takes_rows(x2):  # TILES has no tiling past 32 rows
-        return None
-    tile = skinny_tma.tile(x2.shape[0])
-    return tile if skinny_tma.applies(x2, weight, k_per, tile[1]) else None
+    return skinny_tma.tiling(x2, weight, k_per) if skinny_tma.wanted() else None
 
 
 def skinny_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, act: int = 0,

@@ -10,7 +10,7 @@ since no kernel of a decode step writes the model's weights. The activations are
 The product is computed transposed, ``acc[n, m] = w[n, :] . x[m, :]``, so that the weight tile is the
 64-row operand of a warpgroup MMA and the few decode rows (padded to 8-32) are its narrow side.
 
-``fused.skinny_mm`` / ``fused.skinny_mm_split`` run it wherever it applies (``applies``) unless
+``fused.skinny_mm`` / ``fused.skinny_mm_split`` run it wherever it applies (``tiling``) unless
 ``DEJAVU_MATMUL=triton``. On an H200 it took 4-10% off every fp16 decode step of OPT-1.3B and Llama-1B at
 batch 1, 8 and 32 against the Triton kernel (docs/PERFORMANCE.md).
 
@@ -73,9 +73,13 @@ def takes_rows(x2: torch.Tensor) -> bool:
             and torch.cuda.get_device_capability(x2.device)[0] >= 9 and _readable(x2))
 
 
-def applies(x2: torch.Tensor, weight: torch.Tensor, k_per: int, block_k: int) -> bool:
-    """``takes_rows`` and a weight of x2's dtype that TMA can read, in whole K tiles."""
-    return takes_rows(x2) and weight.dtype == x2.dtype and k_per % block_k == 0 and _readable(weight)
+def tiling(x2: torch.Tensor, weight: torch.Tensor, k_per: int) -> tuple[int, int, int, int] | None:
+    """The ``tile`` for ``x2 @ weight.T`` where the kernel applies: ``takes_rows`` (so a row count that
+    ``TILES`` has a tiling for) and a weight of x2's dtype that TMA can read, in whole K tiles."""
+    if not takes_rows(x2):
+        return None
+    t = tile(x2.shape[0])
+    return t if weight.dtype == x2.dtype and k_per % t[1] == 0 and _readable(weight) else None
 
 
 if HAVE_GLUON:
