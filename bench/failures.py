@@ -12,6 +12,7 @@ overhead on failure-free throughput (with_ft vs not, failure-free, same run of t
     python bench/failures.py --device cuda --model opt-1.3b    # several stage processes sharing one GPU (gloo)
     python bench/failures.py --failures 0,1 --out /tmp/f.json  # smoke
     python bench/failures.py --failures 0,1 --spares 1         # with_ft takes a hot spare instead of a restart
+    python bench/failures.py --failures 0 --split-overhead     # + the recoverable data plane without replication
 
 Goals (the issue's): replication overhead <= 2% of failure-free throughput; one failure costs at most the
 restart time + 10% of the failure-free completion time with replication, and clearly less than without.
@@ -49,6 +50,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--spares", type=int, default=0,
                    help="hot spares for the with_ft runs (failure.spares): a failure takes one instead of "
                         "waiting for a restarted process to load its stage; the baseline still restarts")
+    p.add_argument("--split-overhead", action="store_true",
+                   help="also run the failure-free workload on the recoverable data plane without replication "
+                        "(failure.with_ft=false and a failure that never fires), to split the overhead of with_ft "
+                        "into the data plane's and the replication's")
     p.add_argument("--heartbeat-timeout", type=float, default=3.0)
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
     p.add_argument("--rounds", type=int, default=1,
@@ -63,14 +68,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return a
 
 
-def run_point(a, model: list[str], failures: int, with_ft: bool, run_dir: Path) -> dict:
+NEVER = "failure.failures=[{rank: -1, after_tokens: 1000000000}]"  # keeps the recoverable plane, never fires
+MODES = {"with_ft": "with_ft", "none": "none", "plane": "plane only"}  # the table's "replication" column
+
+
+def run_point(a, model: list[str], failures: int, mode: str, run_dir: Path) -> dict:
+    with_ft = mode == "with_ft"
     work = (["workload=poisson", f"workload.rps={a.rps}"] if a.rps else
             ["workload=fixed", "workload.prompts=null", "workload.chat_template=false"])
     cmd = [*entry_point(), *model, "topology=baseline", f"topology.num_peers={a.stages}",
            f"topology.num_token_peers={a.stages}", f"topology.ubatch_size={a.ubatch_size}", *work,
            f"workload.num_requests={a.requests}", f"workload.input_len={a.input_len}",
            f"workload.output_len={a.output_len}", f"failure={PRESETS[failures]}", f"failure.with_ft={str(with_ft).lower()}",
-           *scenario_override(failures, a.output_len),
+           *(scenario_override(failures, a.output_len) if mode != "plane" else [NEVER]),
            *([f"failure.spares={a.spares}"] if with_ft and a.spares else []),
            "failure.heartbeat_interval_s=0.25", f"failure.heartbeat_timeout_s={a.heartbeat_timeout}",
            f"backend.device={a.device}", *dtype_overrides(a.device), "logger=none", "print_answers=false", "runner.echo=false",
@@ -93,10 +103,10 @@ def scenario_override(failures: int, output_len: int) -> list[str]:
     return [f"failure.failures=[{', '.join(specs)}]"]
 
 
-def row(failures: int, with_ft: bool, s: dict) -> dict:
+def row(failures: int, mode: str, s: dict) -> dict:
     rec = s.get("recovery") or {}
     fails = s.get("failures") or []
-    return {"failures": failures, "with_ft": with_ft, "completion_s": s.get("makespan_s"),
+    return {"failures": failures, "mode": mode, "with_ft": mode == "with_ft", "completion_s": s.get("makespan_s"),
             "throughput_tok_s": s["throughput"]["output_tokens_per_s"],
             "latency_p50_s": s["latency_s"]["p50"], "latency_p99_s": s["latency_s"]["p99"],
             "detection_s": rec.get("detection_s_mean"), "recovery_s": rec.get("recovery_s_mean"),
@@ -113,7 +123,7 @@ def table(rows: list[dict]) -> str:
             "tokens recomputed", "replicated MB", "back by"]
     lines = [head]
     for r in rows:
-        lines.append([str(r["failures"]), "with_ft" if r["with_ft"] else "none", num(r["completion_s"]),
+        lines.append([str(r["failures"]), MODES[r["mode"]], num(r["completion_s"]),
                       num(r["throughput_tok_s"]), num(r["latency_p50_s"]), num(r["latency_p99_s"]),
                       num(r["detection_s"]), num(r["recovery_s"]), str(r["tokens_recomputed"]),
                       num((r["replication_bytes"] or 0) / 1e6), ",".join(r["restarts"]) or "-"])
@@ -123,30 +133,36 @@ def table(rows: list[dict]) -> str:
 
 def goals(rows: list[dict]) -> dict:
     """The issue's goals, from this run's rows (None where a needed point was not run)."""
-    by = {(r["failures"], r["with_ft"]): r for r in rows}
+    by = {(r["failures"], r["mode"]): r for r in rows}
     out: dict = {}
-    if (0, True) in by and (0, False) in by:
-        overhead = 1 - by[(0, True)]["throughput_tok_s"] / by[(0, False)]["throughput_tok_s"]
-        out["replication_overhead"] = overhead
-        out["replication_overhead_ok"] = overhead <= 0.02
-    if (1, True) in by and (0, True) in by:
-        base = by[(0, True)]["completion_s"]
-        one = by[(1, True)]
+
+    def cost(mode: str, against: str) -> float:
+        return 1 - by[(0, mode)]["throughput_tok_s"] / by[(0, against)]["throughput_tok_s"]
+
+    if (0, "with_ft") in by and (0, "none") in by:
+        out["replication_overhead"] = cost("with_ft", "none")
+        out["replication_overhead_ok"] = out["replication_overhead"] <= 0.02
+        if (0, "plane") in by:  # the split: the recoverable data plane alone, then the replication on top of it
+            out["plane_overhead"] = cost("plane", "none")
+            out["replication_over_plane"] = cost("with_ft", "plane")
+    if (1, "with_ft") in by and (0, "with_ft") in by:
+        base = by[(0, "with_ft")]["completion_s"]
+        one = by[(1, "with_ft")]
         restart = one["recovery_s"] or 0.0
         out["one_failure_extra_s"] = one["completion_s"] - base
         out["one_failure_budget_s"] = restart + (one["detection_s"] or 0.0) + 0.10 * base
         out["one_failure_ok"] = out["one_failure_extra_s"] <= out["one_failure_budget_s"]
-        if (1, False) in by:
-            out["one_failure_baseline_extra_s"] = by[(1, False)]["completion_s"] - base
+        if (1, "none") in by:
+            out["one_failure_baseline_extra_s"] = by[(1, "none")]["completion_s"] - base
             out["less_than_baseline"] = out["one_failure_extra_s"] < out["one_failure_baseline_extra_s"]
     return out
 
 
-def result_of(a, runs: dict[tuple[int, bool], list[dict]], complete: bool) -> dict:
+def result_of(a, runs: dict[tuple[int, str], list[dict]], complete: bool) -> dict:
     """Each point's median run by completion time (the same run's numbers stay together), and the goals."""
     rows = [dict(sorted(rs, key=lambda r: r["completion_s"])[len(rs) // 2]) for rs in runs.values()]
     for r in rows:
-        r["completion_s_all"] = [x["completion_s"] for x in runs[(r["failures"], r["with_ft"])]]
+        r["completion_s_all"] = [x["completion_s"] for x in runs[(r["failures"], r["mode"])]]
     digests = sorted({r["outputs_sha256"] for rs in runs.values() for r in rs})
     return {"args": vars(a), "complete": complete, "rows": rows, "goals": goals(rows), "digests": digests,
             "digests_equal": len(digests) == 1}
@@ -162,15 +178,14 @@ def main(argv: list[str] | None = None) -> dict:
         model = model_overrides(str(tiny_llama(tmp / "tiny-llama")))
     else:
         model = model_overrides(a.model)
-    runs: dict[tuple[int, bool], list[dict]] = {}
+    runs: dict[tuple[int, str], list[dict]] = {}
     try:
         for k in range(a.rounds):
             for n in a.failures:
-                for with_ft in (True, False):
-                    run_dir = (runs_dir / f"{n}-failures-{'ft' if with_ft else 'baseline'}-{k}").resolve()
-                    print(f"round {k + 1}/{a.rounds}: {n} failure(s), {'with' if with_ft else 'without'} "
-                          f"replication ...", flush=True)
-                    runs.setdefault((n, with_ft), []).append(row(n, with_ft, run_point(a, model, n, with_ft, run_dir)))
+                for mode in ("with_ft", "none", *(["plane"] if n == 0 and a.split_overhead else [])):
+                    run_dir = (runs_dir / f"{n}-failures-{mode}-{k}").resolve()
+                    print(f"round {k + 1}/{a.rounds}: {n} failure(s), {MODES[mode]} ...", flush=True)
+                    runs.setdefault((n, mode), []).append(row(n, mode, run_point(a, model, n, mode, run_dir)))
                     # After every run, so a bench cut short (a timeout, a failed point) keeps what it measured.
                     write_json(out, result_of(a, runs, complete=False))
     finally:

@@ -67,6 +67,10 @@ _ALIGN = 64  # bytes: step buffers are carved from one host block; keep each one
 _INTEGER = frozenset({torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8})
 
 
+def _landed_already() -> None:
+    pass
+
+
 def _round_up(n: int, to: int) -> int:
     return -(-n // to) * to
 
@@ -180,6 +184,7 @@ class StepReplicator:
         self._ring, self._box_ring = _Ring(depth, self.on_gpu), _Ring(box_depth, self.on_gpu)
         self._in_flight = 0
         self.steps = 0
+        self._last_slot = 0  # the step ring's slot of the step issued last (landed())
         self._checked = self._checked_flat = None  # the device positions tensor last checked, and its flat view
         self._compute = self._compute_raw = None  # the caller's stream, cached (see _compute_stream)
         if self.on_gpu:
@@ -312,12 +317,21 @@ class StepReplicator:
         self.steps = n + 1
         return n
 
+    def landed(self) -> Callable[[], None]:
+        """For the step just issued: a call that returns once its bytes are in its host buffer. Another
+        thread may make it (a transport's I/O thread that forwards the step to a peer). On a GPU it waits
+        for the ring slot's "done" event; if that slot was reused meanwhile, for the later step, which the
+        side stream finishes after this one."""
+        if not self.on_gpu:
+            return _landed_already
+        return self._ring.done[self._last_slot].synchronize
+
     def _step_on_gpu(self, key: str, positions, host: list[int] | None) -> None:
         self._check_current_device()
         if self._in_flight and self.transport.holds(key):
             self.wait()  # a re-sent key reuses (or frees) its host buffer: let every copy land first
         ring = self._ring
-        s = self._slot(ring)
+        s = self._last_slot = self._slot(ring)
         j, buf = self._destination(key, s)
         own = j is not None and j % self.depth == s  # landing buffer j has a graph through slot s
         if own and host is None and self._checked_ptr is not None and self._driver is not None \
@@ -363,9 +377,14 @@ class StepReplicator:
     def _step_on_cpu(self, key: str, host: list[int]) -> None:
         s = self._slot(self._ring)
         _, buf = self._destination(key, s)
-        self._host_np[s][:] = host
         start = time.perf_counter()
-        self._gather_into(s, buf)
+        # Straight into the host buffer, one strided copy per slot: on the CPU that beats the gather
+        # kernel several times over (each slot's rows are contiguous runs of head_dim).
+        out = buf[:self.data_bytes].view(self.cache.dtype).view(self.step_shape)
+        s0 = self.slots[0] - self.part.slots[0]
+        for i, p in enumerate(host):
+            out[i].copy_(self.cache[:, :, s0 + i, :, p])
+        buf[self.positions_at:self.positions_at + 8 * len(host)].view(torch.int64).copy_(torch.tensor(host))
         self._landed(self.data_bytes, time.perf_counter() - start)
 
     def _destination(self, key: str, s: int) -> tuple[int | None, torch.Tensor]:

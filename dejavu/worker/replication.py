@@ -17,10 +17,9 @@ from __future__ import annotations
 import re
 from collections import deque
 
-import torch
-
 from ..model.kv_cache import KVCache
-from ..streaming import Partition, StreamStats, replicate_box, replicate_step, restore
+from ..streaming import Partition, StepReplicator, StreamStats, replicate_box, restore
+from ..streaming.transports.local import LocalTransport
 from ..streaming.transports.remote import RemoteHostTransport
 from .cache_pool import CachePool
 
@@ -41,14 +40,25 @@ def model_layers(model) -> tuple[int, int]:
 
 
 class Replicator:
-    """One stage's replication into its holder's store."""
+    """One stage's replication into its holder's store.
+
+    A token step runs through a :class:`~dejavu.streaming.StepReplicator` per KV buffer (set up once: the
+    gather, a ring of staging buffers, host landing buffers and, on a GPU, a CUDA graph per landing
+    buffer), which lands the step's slice in a host buffer of ``self.landing`` without the stage's thread
+    waiting for anything; the transport's I/O thread then waits for the copy and sends the buffer, which
+    goes back to the ring once the holder has acknowledged it (:meth:`poll`)."""
+
+    DEPTH = 8  # token steps of one buffer whose device->host copies may be in flight at once
+    LANDING = 16  # host buffers per KV buffer: steps copied out, not yet acknowledged by the holder
 
     def __init__(self, rank: int, holder: int, address: str, model, tp_rank: int, tp: int, stats: StreamStats,
                  acked: dict | None = None) -> None:
         self.rank, self.holder, self.model, self.tp_rank, self.tp = rank, holder, model, tp_rank, tp
         self.stats = stats
         self.transport = RemoteHostTransport({holder: address})
-        self.in_flight: deque = deque()  # (ubatch, step, Handle); step -1 is the prompt
+        self.landing = LocalTransport(pin_memory=True)  # each step's bytes, until the holder has them
+        self._steppers: dict[tuple, StepReplicator] = {}
+        self.in_flight: deque = deque()  # (ubatch, step, handle, landing key or None); step -1 is the prompt
         # ubatch -> last step (-1: the prompt) its holder acknowledged; shared with the heartbeat, which
         # tells the controller.
         self.acked: dict[int, int] = {} if acked is None else acked
@@ -56,6 +66,19 @@ class Replicator:
 
     def _part(self, cache: KVCache) -> Partition:
         return partition(self.model, self.tp_rank, self.tp, cache.shape.batch)
+
+    def _stepper(self, cache: KVCache) -> StepReplicator:
+        """The step replicator of the buffer ``cache`` views (a pool's buffers are few and fixed; swapping
+        only rebinds a microbatch's cache to one of them). It keeps that buffer alive: a pool that replaces
+        a buffer by a longer one (a longer microbatch came) leaves the old one to this replicator, which
+        the next failure generation drops."""
+        data = cache.data
+        key = (data.data_ptr(), tuple(data.shape), tuple(data.stride()))
+        stepper = self._steppers.get(key)
+        if stepper is None:
+            stepper = StepReplicator(data, self._part(cache), self.landing, depth=self.DEPTH, reserve=self.LANDING)
+            self._steppers[key] = stepper
+        return stepper
 
     def prompt(self, ubatch: int, cache: KVCache, lens: list[int], max_seq: int, steps: int = 0) -> None:
         """The microbatch's cache up to its prompt (plus ``steps`` decode steps, on a re-send) as one chunk."""
@@ -65,35 +88,52 @@ class Replicator:
                            "steps": steps}}
         h = replicate_box(cache.data, part, part.box((0, end)), self.transport, key=prefix(self.rank, ubatch) + "p",
                           peer=self.holder, stats=None, path=PATH, meta=meta)
+        self._stepper(cache)  # set up now, before its first step, where a prefill was just paid for
         self._track(ubatch, steps - 1, h)
 
-    def step(self, ubatch: int, cache: KVCache, k: int, positions: list[int]) -> None:
-        """Decode step ``k``'s slice: slot i wrote position ``positions[i]``."""
-        part = self._part(cache)
-        h = replicate_step(cache.data, part, list(range(cache.shape.batch)), positions, self.transport,
-                           key=prefix(self.rank, ubatch) + f"t{k}", peer=self.holder, stats=None, path=PATH)
-        self._track(ubatch, k, h)
+    def step(self, ubatch: int, cache: KVCache, k: int, positions) -> None:
+        """Decode step ``k``'s slice: slot i wrote position ``positions[i]`` (host integers)."""
+        key = prefix(self.rank, ubatch) + f"t{k}"
+        if self.landing.holds(key):  # re-sent after a recovery while the first send is unacknowledged
+            self.wait()
+        stepper = self._stepper(cache)
+        stepper.step(positions, key=key)
+        chunk = self.landing.stored(key)
+        h = self.transport.put(key, chunk.data, chunk.meta, peer=self.holder, ready=stepper.landed())
+        self._track(ubatch, k, h, key)
 
     def drop(self, ubatch: int) -> None:
         self.acked.pop(ubatch, None)
         self.transport.drop_later(prefix(self.rank, ubatch), peer=self.holder)
 
-    def _track(self, ubatch: int, step: int, handle) -> None:
-        self.in_flight.append((ubatch, step, handle))
+    def _track(self, ubatch: int, step: int, handle, key: str | None = None) -> None:
+        self.in_flight.append((ubatch, step, handle, key))
         self.poll()
 
     def poll(self) -> None:
-        """Count what the holder has acknowledged (never waits)."""
+        """Count what the holder has acknowledged and give its landing buffers back (never waits)."""
         while self.in_flight and self.in_flight[0][2].done:
-            u, k, h = self.in_flight.popleft()
-            try:
-                h.wait()
-            except Exception:  # noqa: BLE001 — a holder that died: recovery re-sends everything
-                continue
-            self.stats.add(PATH, self.transport.name, h.nbytes, h.seconds or 0.0)
-            self.acked[u] = max(self.acked.get(u, -2), k)
+            self._retire(*self.in_flight.popleft())
+
+    def wait(self) -> None:
+        """Until every chunk sent so far is acknowledged (or failed)."""
+        while self.in_flight:
+            self._retire(*self.in_flight.popleft())
+
+    def _retire(self, u: int, k: int, h, key: str | None) -> None:
+        try:
+            h.wait()
+        except Exception:  # noqa: BLE001 — a holder that died: recovery re-sends everything
+            return
+        finally:
+            if key is not None:
+                self.landing.discard(key)  # its host buffer goes back to its step replicator
+        self.stats.add(PATH, self.transport.name, h.nbytes, h.seconds or 0.0)
+        self.acked[u] = max(self.acked.get(u, -2), k)
 
     def close(self, wait: bool = True) -> None:
+        for stepper in self._steppers.values():
+            stepper.wait()  # device copies into the landing buffers: they land whatever the holder does
         self.transport.close(wait=wait)
 
 

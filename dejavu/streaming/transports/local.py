@@ -106,6 +106,13 @@ class LocalTransport(Transport):
     def holds(self, key: str) -> bool:
         return key in self._store
 
+    def stored(self, key: str) -> Blob:
+        """The chunk under ``key`` as it is stored (its own host buffer, not a copy)."""
+        entry = self._store.get(key)
+        if entry is None:
+            raise ChunkError(f"chunk {key!r} is not in local host memory (was it flushed, or dropped?)")
+        return Blob(key, entry.meta, entry.buf)
+
     def flush(self, key: str, src: torch.Tensor, *, peer: int = -1, tag: int = 0,
               meta: dict | None = None) -> Pending:
         entry = self._entry(key, nbytes(src), self.pin_memory and src.is_cuda)

@@ -19,9 +19,10 @@ import itertools
 import queue
 import sys
 import threading
+import time
 import warnings
 from concurrent.futures import Future
-from typing import Mapping
+from typing import Callable, Mapping
 
 import msgpack
 import torch
@@ -129,23 +130,30 @@ class ReplicaStore:
 
 
 class _Acked(Pending):
-    """A put in flight; done (without waiting) once the store has acknowledged it."""
+    """A put in flight; done (without waiting) once the store has acknowledged it. ``seconds``: from the
+    request's submission to its acknowledgement (set by the I/O thread)."""
 
-    __slots__ = ("_fut",)
+    __slots__ = ("_fut", "nbytes")
 
-    def __init__(self, fut: Future, keep: tuple) -> None:
+    def __init__(self, fut: Future, keep: tuple, nbytes: int = 0) -> None:
         super().__init__(fut.result, keep=keep)
-        self._fut = fut
+        self._fut, self.nbytes = fut, nbytes
 
     @property
     def done(self) -> bool:
         return self._done or self._fut.done()
+
+    @property
+    def seconds(self) -> float:
+        f = self._fut
+        return f.result()[0]["seconds"] if f.done() and f.exception() is None else 0.0
 
 
 class RemoteHostTransport(Transport):
     """Client of peers' replica stores; ``peer`` is an index into ``addresses``."""
 
     name = "remote-host"
+    BATCH = 32  # requests sent back to back before their answers are read
 
     def __init__(self, addresses: Mapping[int, str], timeout_s: float = 30.0) -> None:
         self.addresses = dict(addresses)
@@ -164,54 +172,91 @@ class RemoteHostTransport(Transport):
         return self.addresses[peer]
 
     def _run(self) -> None:
+        """Requests go out in order; those queued together are sent back to back and their answers read
+        after (a store answers one connection in order), so a token step's put does not wait for the
+        previous one's round trip."""
         socks: dict[str, zmq.Socket] = {}
-        while True:
+        stop = False
+        while not stop:
             job = self._jobs.get()
             if job is None:
                 break
-            address, header, frames, ready, fut = job
-            try:
-                ready()  # the device->host copy of the chunk has landed
-                sock = socks.get(address)
-                if sock is None:
-                    sock = socks[address] = self._ctx.socket(zmq.DEALER)
-                    sock.setsockopt(zmq.LINGER, 0)
-                    sock.connect(address)
-                sock.send_multipart([msgpack.packb(header), *frames], copy=False)
-                while True:
-                    if not sock.poll(int(self.timeout_s * 1000)):
-                        # The reply may still come later; a fresh socket keeps it from being taken
-                        # for the answer to the next request.
-                        sock.close(0)
-                        del socks[address]
-                        raise TimeoutError(f"replica store at {address} did not answer {header['op']} of "
-                                           f"{header.get('key') or header.get('prefix')!r} within {self.timeout_s} s")
-                    head, *payload = sock.recv_multipart(copy=False)
-                    reply = msgpack.unpackb(head.bytes)
-                    if reply.get("id") == header["id"]:
-                        break
-                if "error" in reply:
-                    raise ChunkError(reply["error"])
-                fut.set_result((reply, payload))
-            except BaseException as e:
-                fut.set_exception(e)
+            batch = [job]
+            while len(batch) < self.BATCH:
+                try:
+                    job = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    stop = True
+                    break
+                batch.append(job)
+            sent = []
+            for address, header, frames, ready, fut, t0 in batch:
+                try:
+                    ready()  # the device->host copy of the chunk has landed
+                    sock = socks.get(address)
+                    if sock is None:
+                        sock = socks[address] = self._ctx.socket(zmq.DEALER)
+                        sock.setsockopt(zmq.LINGER, 0)
+                        sock.connect(address)
+                    sock.send_multipart([msgpack.packb(header), *frames], copy=False)
+                    sent.append((address, sock, header, fut, t0))
+                except BaseException as e:
+                    fut.set_exception(e)
+            for address, sock, header, fut, t0 in sent:
+                try:
+                    reply, payload = self._answer(socks, address, sock, header)
+                    reply["seconds"] = time.perf_counter() - t0
+                    fut.set_result((reply, payload))
+                except BaseException as e:
+                    fut.set_exception(e)
         for sock in socks.values():
             sock.close(0)
+
+    def _answer(self, socks: dict, address: str, sock, header: dict) -> tuple[dict, list]:
+        if socks.get(address) is not sock:
+            raise ChunkError(f"replica store at {address}: {header['op']} of "
+                             f"{header.get('key') or header.get('prefix')!r} was sent on a connection dropped "
+                             f"after an earlier request timed out")
+        while True:
+            if not sock.poll(int(self.timeout_s * 1000)):
+                # The reply may still come later; a fresh socket keeps it from being taken for the
+                # answer to the next request.
+                sock.close(0)
+                del socks[address]
+                raise TimeoutError(f"replica store at {address} did not answer {header['op']} of "
+                                   f"{header.get('key') or header.get('prefix')!r} within {self.timeout_s} s")
+            head, *payload = sock.recv_multipart(copy=False)
+            reply = msgpack.unpackb(head.bytes)
+            if reply.get("id") == header["id"]:
+                break
+        if "error" in reply:
+            raise ChunkError(reply["error"])
+        return reply, payload
 
     def _submit(self, address: str, header: dict, frames=(), ready=lambda: None) -> Future:
         fut: Future = Future()
         header["id"] = next(self._ids)
-        self._jobs.put((address, header, list(frames), ready, fut))
+        self._jobs.put((address, header, list(frames), ready, fut, time.perf_counter()))
         return fut
+
+    def put(self, key: str, data: torch.Tensor, meta: dict, *, peer: int = -1,
+            ready: Callable[[], None] = lambda: None) -> _Acked:
+        """Send the host bytes ``data`` (flat uint8) under ``key`` with ``meta`` as given, once ``ready()``
+        returns (called on the I/O thread: e.g. a wait for the device copy that fills ``data``). ``data``
+        must not change until the returned handle is done; its ``seconds`` then say how long the put took
+        from now to the store's acknowledgement."""
+        address = self._address(key, peer)
+        header = {"op": "put", "key": key, "meta": meta, "nbytes": data.numel()}
+        fut = self._submit(address, header, [memoryview(data.numpy())], ready)
+        return _Acked(fut, keep=(data,), nbytes=data.numel())
 
     def flush(self, key: str, src: torch.Tensor, *, peer: int = -1, tag: int = 0,
               meta: dict | None = None) -> Pending:
-        address = self._address(key, peer)
         host, ready = host_copy(src)
         meta = dict(meta or {}, dtype=dtype_name(src.dtype), shape=list(src.shape))
-        data = memoryview(as_bytes(host).numpy())
-        fut = self._submit(address, {"op": "put", "key": key, "meta": meta, "nbytes": nbytes(src)}, [data], ready.wait)
-        return _Acked(fut, keep=(host,))
+        return self.put(key, as_bytes(host), meta, peer=peer, ready=ready.wait)
 
     def fetch(self, key: str, out: torch.Tensor, *, peer: int = -1, tag: int = 0) -> Pending:
         fut = self._submit(self._address(key, peer), {"op": "get", "key": key})
