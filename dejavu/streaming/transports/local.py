@@ -41,6 +41,7 @@ class LocalTransport(Transport):
         # keeps one buffer per token step, so buffers are carved out of larger pinned blocks, and
         # dropped ones are reused.
         self._free: dict[int, list[torch.Tensor]] = {}
+        self._free_pageable: dict[int, list[torch.Tensor]] = {}  # reused too: fresh memory costs page faults
         self.pinned_batch_bytes = pinned_batch_bytes
         self.pinned_allocs = 0  # cudaHostAlloc calls so far (a benchmark checks none happen while timed)
 
@@ -63,7 +64,8 @@ class LocalTransport(Transport):
 
     def _buffer(self, size: int, pinned: bool) -> torch.Tensor:
         if not pinned:
-            return torch.empty(size, dtype=torch.uint8)
+            free = self._free_pageable.get(size)
+            return free.pop() if free else torch.empty(size, dtype=torch.uint8)
         free = self._free.get(size)
         if not free:
             self.reserve(size, max(1, self.pinned_batch_bytes // max(size, 1)))
@@ -73,8 +75,9 @@ class LocalTransport(Transport):
     def _release(self, entry: _Entry) -> None:
         if entry.on_release is not None:
             entry.on_release()
-        elif entry.buf.is_pinned():
-            self._free.setdefault(entry.buf.numel(), []).append(entry.buf)
+        else:
+            free = self._free if entry.buf.is_pinned() else self._free_pageable
+            free.setdefault(entry.buf.numel(), []).append(entry.buf)
 
     def _entry(self, key: str, size: int, pinned: bool) -> _Entry:
         entry = self._store.get(key)
