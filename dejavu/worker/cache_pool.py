@@ -213,6 +213,15 @@ class CachePool:
             graphs(input_buffer(self.model, self.batch, n), full,
                    torch.zeros(self.batch, dtype=torch.long) if self.model.is_last else None)
 
+    def positions_on_device(self, lease: Lease) -> torch.Tensor | None:
+        """The device tensor ``[slots, 1]`` that the lease's last decode step, a graph replay, read its
+        positions from (replication snapshots them there, with no host work), or None where steps run
+        eagerly. The same tensor object every step of a full buffer."""
+        graph = lease.buffer.graph
+        if graph is None:
+            return None
+        return graph.positions if lease.slots == graph.positions.shape[0] else graph.positions[: lease.slots]
+
     @torch.no_grad()
     def decode(self, lease: Lease, x: torch.Tensor, positions: torch.Tensor,
                logits_index: torch.Tensor | None) -> torch.Tensor:

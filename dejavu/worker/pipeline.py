@@ -372,7 +372,9 @@ class StageWorker:
         out = self.pool.decode(ub.lease, x, positions, index)
         ub.written = k + 1
         if self.replicator is not None:
-            self.replicator.step(ub.id, ub.lease.cache, k, positions.view(-1).tolist())  # lease: swapping rebinds it
+            # lease: swapping rebinds it. A graph-replayed step's positions are on the device already.
+            on_device = self.pool.positions_on_device(ub.lease)
+            self.replicator.step(ub.id, ub.lease.cache, k, positions.view(-1).tolist() if on_device is None else on_device)
         self.event("decode", t0, ub.id)
         self.forward(meta, out)
         if self.is_sampler:

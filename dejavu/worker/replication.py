@@ -92,7 +92,8 @@ class Replicator:
         self._track(ubatch, steps - 1, h)
 
     def step(self, ubatch: int, cache: KVCache, k: int, positions) -> None:
-        """Decode step ``k``'s slice: slot i wrote position ``positions[i]`` (host integers)."""
+        """Decode step ``k``'s slice: slot i wrote position ``positions[i]``: host integers, or a device
+        tensor that the compute stream has just read them from (snapshotted there, see StepReplicator)."""
         key = prefix(self.rank, ubatch) + f"t{k}"
         if self.landing.holds(key):  # re-sent after a recovery while the first send is unacknowledged
             self.wait()
