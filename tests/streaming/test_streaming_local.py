@@ -198,3 +198,31 @@ def test_torn_or_corrupt_disk_chunk_is_an_error_naming_the_chunk(tmp_path):
 def test_missing_local_chunk_names_the_key():
     with pytest.raises(ChunkError, match="'mb9/x' is not in local host memory"):
         LocalTransport().fetch("mb9/x", torch.empty(3))
+
+
+def test_queued_puts_go_out_back_to_back_and_each_is_acknowledged():
+    """Requests queued together are sent before their answers are read: 40 puts held behind one ``ready``
+    all land, in order (a drop queued after them finds them all), each with its own acknowledgement."""
+    import threading
+
+    from dejavu.streaming.transports.remote import ReplicaStore
+
+    RemoteHostTransport = remote_transport()
+    store = ReplicaStore()
+    gate = threading.Event()
+    try:
+        with RemoteHostTransport({1: store.address}, timeout_s=20) as transport:
+            data = [torch.full((64,), i, dtype=torch.uint8) for i in range(40)]
+            puts = [transport.put(f"b/{i}", d, {"i": i}, peer=1, ready=gate.wait if i == 0 else (lambda: None))
+                    for i, d in enumerate(data)]
+            dropped = transport.drop_later("b/", peer=1)
+            assert not any(p.done for p in puts)  # the first one's copy has not "landed" yet
+            threading.Timer(0.3, gate.set).start()
+            keys = transport.keys("b/", peer=1)  # queued behind the gate too: answered once it opens
+            for p in puts:
+                p.wait()
+                assert p.done and p.nbytes == 64 and p.seconds > 0
+            assert dropped.result()[0]["count"] == 40
+            assert keys == ([], [])  # asked after the drop, answered in order
+    finally:
+        store.close()
