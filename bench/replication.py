@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
             time.sleep(1e-4)
         drained_s = time.perf_counter() - t_last
         acked = rep.acked.get(0, -2) + 1
+        overflow = rep.overflow_steps
         tally = stats.as_dict().get("replication", {})
         rep.close()
     finally:
@@ -112,13 +113,13 @@ def main(argv: list[str] | None = None) -> dict:
            "step_bytes": step_bytes, "stage_us_p50": 1e6 * statistics.median(costs),
            "stage_us_mean": 1e6 * statistics.fmean(costs),
            "stage_share_of_step": statistics.fmean(costs) / (a.step_ms * 1e-3),
-           "loop_s": t_last - t_start, "drained_after_last_s": drained_s, "steps_acked": acked,
+           "loop_s": t_last - t_start, "drained_after_last_s": drained_s, "steps_acked": acked, "overflow_steps": overflow,
            "bytes_acked": sum(t["bytes"] for t in tally.values())}
     print(f"{'device':>8} {'slots':>5} {'step KB':>8} {'stage us p50':>12} {'mean':>7} {'of step':>8} "
-          f"{'acked':>9} {'drained ms':>10}")
+          f"{'acked':>9} {'drained ms':>10} {'overflow':>8}")
     print(f"{row['device']:>8} {a.slots:>5} {step_bytes / 1024:>8.0f} {row['stage_us_p50']:>12.1f} "
           f"{row['stage_us_mean']:>7.1f} {row['stage_share_of_step']:>8.2%} {acked:>4}/{steps:<4} "
-          f"{1e3 * drained_s:>10.1f}")
+          f"{1e3 * drained_s:>10.1f} {overflow:>8}")
     write_json(a.out, {"args": vars(a), "results": [row]})
     print(f"wrote {a.out}")
     if acked != steps:

@@ -140,6 +140,8 @@ class Recovery:
 
         def serve() -> None:
             try:
+                if self.w.device.type == "cuda":  # a new thread starts on GPU 0: this worker's may be another
+                    torch.cuda.set_device(self.w.device)
                 self.w.run()
             except BaseException as e:  # noqa: BLE001
                 box["error"] = e

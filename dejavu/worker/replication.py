@@ -48,15 +48,19 @@ class Replicator:
     waiting for anything; the transport's I/O thread then waits for the copy and sends the buffer, which
     goes back to the ring once the holder has acknowledged it (:meth:`poll`)."""
 
-    DEPTH = 8  # token steps of one buffer whose device->host copies may be in flight at once
-    LANDING = 16  # host buffers per KV buffer: steps copied out, not yet acknowledged by the holder
+    # A buffer's next step comes a pipeline round after its last (every stage in between), far longer
+    # than a copy or an acknowledgement takes: a few of each suffice. A step that finds no landing
+    # buffer free takes one from the transport's pinned pool (counted in overflow_steps).
+    DEPTH = 4  # token steps of one buffer whose device->host copies may be in flight at once
+    LANDING = 4  # host buffers per KV buffer (one CUDA graph each): steps not yet acknowledged
 
     def __init__(self, rank: int, holder: int, address: str, model, tp_rank: int, tp: int, stats: StreamStats,
                  acked: dict | None = None) -> None:
         self.rank, self.holder, self.model, self.tp_rank, self.tp = rank, holder, model, tp_rank, tp
         self.stats = stats
         self.transport = RemoteHostTransport({holder: address})
-        self.landing = LocalTransport(pin_memory=True)  # each step's bytes, until the holder has them
+        # Each step's bytes, until the holder has them (overflow: pinned in blocks of 8 MB, not 64).
+        self.landing = LocalTransport(pin_memory=True, pinned_batch_bytes=8 << 20)
         self._steppers: dict[tuple, StepReplicator] = {}
         self.in_flight: deque = deque()  # (ubatch, step, handle, landing key or None); step -1 is the prompt
         # ubatch -> last step (-1: the prompt) its holder acknowledged; shared with the heartbeat, which
@@ -102,6 +106,11 @@ class Replicator:
         chunk = self.landing.stored(key)
         h = self.transport.put(key, chunk.data, chunk.meta, peer=self.holder, ready=stepper.landed())
         self._track(ubatch, k, h, key)
+
+    @property
+    def overflow_steps(self) -> int:
+        """Steps that found none of their buffer's landing buffers free (the holder acknowledged slowly)."""
+        return sum(s.overflow_steps for s in self._steppers.values())
 
     def drop(self, ubatch: int) -> None:
         self.acked.pop(ubatch, None)
