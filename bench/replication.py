@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
             time.sleep(1e-4)
         drained_s = time.perf_counter() - t_last
         acked = rep.acked.get(0, -2) + 1
-        overflow = rep.overflow_steps
+        overflow = getattr(rep, "overflow_steps", 0)  # before step replicators: no landing buffers to run out of
         tally = stats.as_dict().get("replication", {})
         rep.close()
     finally:
