@@ -149,26 +149,26 @@ class StepReplicator:
             "step": {"layers": part.layers, "heads": part.heads, "slots": list(slots)},
             "positions_at": self.positions_at, "dtype": dtype_name(cache.dtype), "shape": list(self.step_shape)}
 
-        # The gather: out[b, l, kv, h, 0, :] = cache[l, kv, s0 + b, h, positions[b], :], with the
-        # positions as an expanded (stride 0) index: no index arithmetic tensor per step.
-        wide = _wide(cache)
-        self._src = wide[:, :, s0:s0 + n].permute(2, 0, 1, 3, 4, 5)  # [n, layers, kv, heads, max_seq, row]
-        out_shape = (n, layers, 2, heads, 1, wide.shape[-1])
-        self._staging, self._tails, self._index, self._out = [], [], [], []
-        for _ in range(depth):
-            buf = torch.zeros(self.step_bytes, dtype=torch.uint8, device=self.device)
-            tail = buf[self.positions_at:self.positions_at + 8 * n].view(torch.int64)
-            self._staging.append(buf)
-            self._tails.append(tail)
-            self._index.append(tail.view(n, 1, 1, 1, 1, 1).expand(out_shape))
-            self._out.append(buf[:self.data_bytes].view(wide.dtype).view(out_shape))
-        # Host-side positions: written on the host, then copied to the slot's tail (pinned on a GPU so
-        # the copy is async); on the CPU the staging tail is host memory already.
         if self.on_gpu:
+            # The gather: out[b, l, kv, h, 0, :] = cache[l, kv, s0 + b, h, positions[b], :], with the
+            # positions as an expanded (stride 0) index: no index arithmetic tensor per step.
+            wide = _wide(cache)
+            self._src = wide[:, :, s0:s0 + n].permute(2, 0, 1, 3, 4, 5)  # [n, layers, kv, heads, max_seq, row]
+            out_shape = (n, layers, 2, heads, 1, wide.shape[-1])
+            self._staging, self._tails, self._index, self._out = [], [], [], []
+            for _ in range(depth):
+                buf = torch.zeros(self.step_bytes, dtype=torch.uint8, device=self.device)
+                tail = buf[self.positions_at:self.positions_at + 8 * n].view(torch.int64)
+                self._staging.append(buf)
+                self._tails.append(tail)
+                self._index.append(tail.view(n, 1, 1, 1, 1, 1).expand(out_shape))
+                self._out.append(buf[:self.data_bytes].view(wide.dtype).view(out_shape))
+            # Host-side positions: written on the host, then copied to the slot's tail (pinned: async).
             self._host_pos = [torch.zeros(n, dtype=torch.int64, pin_memory=True) for _ in range(depth)]
+            self._host_np = [t.numpy() for t in self._host_pos]
         else:
-            self._host_pos = self._tails
-        self._host_np = [t.numpy() for t in self._host_pos]
+            # No staging on the CPU: a step copies its slots' rows straight into its host buffer.
+            self._slots_view = cache[:, :, s0:s0 + n]  # [layers, kv, n, heads, max_seq, head_dim]
 
         # Landing buffers (reserved host buffers, each a future stored step): free ones per staging slot,
         # the call that hands one back to its slot's free list, and (GPU) the graph that fills it.
@@ -381,9 +381,8 @@ class StepReplicator:
         # Straight into the host buffer, one strided copy per slot: on the CPU that beats the gather
         # kernel several times over (each slot's rows are contiguous runs of head_dim).
         out = buf[:self.data_bytes].view(self.cache.dtype).view(self.step_shape)
-        s0 = self.slots[0] - self.part.slots[0]
         for i, p in enumerate(host):
-            out[i].copy_(self.cache[:, :, s0 + i, :, p])
+            out[i].copy_(self._slots_view[:, :, i, :, p])
         buf[self.positions_at:self.positions_at + 8 * len(host)].view(torch.int64).copy_(torch.tensor(host))
         self._landed(self.data_bytes, time.perf_counter() - start)
 
@@ -402,7 +401,7 @@ class StepReplicator:
 
     def _gather_into(self, s: int, buf: torch.Tensor) -> None:
         torch.gather(self._src, 4, self._index[s], out=self._out[s])
-        buf.copy_(self._staging[s], non_blocking=self.on_gpu)  # the slice and its positions, one copy
+        buf.copy_(self._staging[s], non_blocking=True)  # the slice and its positions, one copy
 
     def box(self, box: Box, key: str) -> None:
         """Replicate ``box`` of the cache (e.g. one layer of the prompt's positions) under ``key``, through
